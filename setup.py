@@ -1,0 +1,38 @@
+"""llama_jax: train, fine-tune, evaluate and sample Llama 3 models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama_jax",
+    version="0.1.0",
+    description="Llama 3 / 3.1 / 3.2 in JAX and Flax: pretraining, fine-tuning, sampling.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llama_jax", "llama_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml_collections>=1.0",
+        "numpy>=2.0",
+        "safetensors>=0.4",
+        "tiktoken>=0.7",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.10",
+        "array_record>=0.8",
+        "pyarrow>=15",
+        "tqdm>=4.60",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # torch and transformers are references for the tests (and read Meta .pth files);
+        # torch==2.13.0 pins the CPU wheel.
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "transformers>=4.45"],
+        "meta": ["torch==2.13.0"],
+    },
+    entry_points={"console_scripts": ["llama3=llama_jax.cli:main"]},
+)
