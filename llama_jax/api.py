@@ -1,0 +1,151 @@
+"""`Llama3`: the class users import to load, run, save (and later generate from) a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax import convert, sharding
+from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.model import Transformer, init_params
+
+
+class Llama3:
+    """A Llama 3 family model: config, params on device, tokenizer.
+
+    Create with `Llama3.from_pretrained(path)` or `Llama3(model_path=path)`, where `path` is a
+    llama_jax model directory, a Hugging Face directory or a Meta directory.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        config: ModelConfig | None = None,
+        params: Any | None = None,
+        dtype: str | None = "bfloat16",
+        mesh: Mesh | None = None,
+        mesh_shape: Sequence[int] | None = None,
+        tokenizer: Any | None = None,
+    ):
+        """Loads `model_path`, or wraps an in-memory (config, params) pair.
+
+        Args:
+          model_path: a model directory (llama_jax, Hugging Face or Meta).
+          config, params: an in-memory model instead of a path (params may be numpy or jax).
+          dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None keeps the
+            checkpoint's dtype.
+          mesh / mesh_shape: where the params live; default one device. mesh_shape is
+            (data, fsdp, tensor) over all devices, one entry may be -1.
+          tokenizer: a `llama_jax.tokenizer.Tokenizer`; by default the tokenizer file found in
+            `model_path`, loaded on first use.
+        """
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; valid: {DTYPES}")
+        if (model_path is None) == (config is None):
+            raise ValueError("give either model_path or config (with params), not both/neither")
+        self.model_path = model_path
+        if model_path is not None:
+            np_dtype = None if dtype is None else jnp.dtype(dtype)
+            config, params = convert.load_any(model_path, np_dtype)
+        elif params is None:
+            raise ValueError("config was given without params")
+        if dtype is not None:
+            config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
+        if mesh is None:
+            mesh = (
+                sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+                if mesh_shape is None
+                else sharding.make_mesh(mesh_shape)
+            )
+        sharding.check_model_fits_mesh(config, mesh)
+        self.config: ModelConfig = config
+        self.mesh = mesh
+        self.param_shardings = self._param_shardings(config, mesh)
+        cast = jnp.dtype(config.param_dtype)
+        self.params = jax.device_put(
+            jax.tree.map(lambda a: np.asarray(a).astype(cast), params), self.param_shardings
+        )
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | None = "bfloat16", **kwargs: Any) -> Llama3:
+        """Loads a llama_jax, Hugging Face or Meta model directory."""
+        return cls(model_path=path, dtype=dtype, **kwargs)
+
+    @staticmethod
+    def _param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
+        abstract = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+        return sharding.logical_to_sharding(abstract, mesh)
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """The model directory's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from llama_jax.tokenizer import load_tokenizer
+
+            if self.model_path is None:
+                raise ValueError("this model was built in memory: pass tokenizer= to Llama3()")
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ forward
+    @functools.cached_property
+    def _forward(self):
+        model = Transformer(self.config)
+        with jax.set_mesh(self.mesh):
+            return jax.jit(lambda p, t: model.apply({"params": p}, t)[0])
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """int tokens [B, T] (or [T]) -> float32 logits [B, T, V] as numpy."""
+        tokens = np.asarray(tokens)
+        squeeze = tokens.ndim == 1
+        tokens = tokens[None] if squeeze else tokens
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(
+                f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}"
+            )
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        import flax.linen as nn
+
+        from llama_jax.sharding import LOGICAL_RULES
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            out = self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+        out = np.asarray(out, np.float32)
+        return out[0] if squeeze else out
+
+    # ------------------------------------------------------------------ saving
+    def host_params(self) -> Any:
+        """The params as host numpy arrays (gathered from every shard)."""
+        return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), self.params)
+
+    def save_pretrained(self, path: str, format: str = "llama_jax") -> None:
+        """Writes a llama_jax model directory, or a Hugging Face one with format="hf"."""
+        if format not in ("llama_jax", "hf"):
+            raise ValueError(f"format={format!r}; valid: 'llama_jax', 'hf'")
+        params = self.host_params()
+        src = self.model_path if self.model_path and os.path.isdir(self.model_path) else None
+        if format == "llama_jax":
+            convert.save_llama_jax(params, self.config, path, tokenizer_src=src)
+        else:
+            convert.save_hf(params, self.config, path)
+            if src:
+                convert.copy_tokenizer(src, path, convert.HF_EXTRA_FILES)

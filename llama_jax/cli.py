@@ -1,0 +1,60 @@
+"""The `llama3` command: argument parsing only; each subcommand calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 convert",
+        description="Convert a Hugging Face, Meta or llama_jax model directory.",
+    )
+    p.add_argument("--input", required=True, help="source model directory")
+    p.add_argument("--output", required=True, help="destination directory (new or empty)")
+    p.add_argument("--format", default="llama_jax", choices=["llama_jax", "hf"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="cast parameters (default: keep the checkpoint's dtype)",
+    )
+    args = p.parse_args(argv)
+    from llama_jax.convert import convert
+
+    config = convert(args.input, args.output, args.format, args.dtype)
+    print(
+        f"wrote {args.format} model ({config.param_count() / 1e6:.1f}M params, "
+        f"{config.param_dtype}) to {args.output}"
+    )
+    return 0
+
+
+def _tokenizer(argv: list[str]) -> int:
+    from llama_jax.tokenizer import cli_main
+
+    return cli_main(argv)
+
+
+COMMANDS = {
+    "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
+    "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: llama3 <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nllama3: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    fn, _ = COMMANDS[argv[0]]
+    return fn(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
