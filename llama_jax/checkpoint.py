@@ -7,7 +7,10 @@ crash never leaves a half-written `params/` that looks complete.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -54,3 +57,112 @@ def load_params(path: str, target: Any | None = None) -> Any:
 
 def _is_array_meta(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+# ----------------------------------------------------------------------------- training state
+_ITEMS = ("state", "data", "config")
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Steps whose checkpoint orbax committed completely (rename done, every item present)."""
+    if not os.path.isdir(directory):
+        return []
+    steps = []
+    for name in os.listdir(directory):
+        if name.isdigit() and _is_committed(os.path.join(directory, name)):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def _is_committed(step_dir: str) -> bool:
+    meta = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+    if not os.path.isfile(meta):
+        return False
+    try:
+        with open(meta) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not info.get("commit_timestamp_nsecs"):
+        return False
+    return all(os.path.isdir(os.path.join(step_dir, item)) for item in _ITEMS)
+
+
+def quarantine_uncommitted(directory: str) -> list[str]:
+    """Moves step directories that are not committed aside (never deletes them).
+
+    A half-written directory named like a step (a crash outside orbax's atomic rename, or a
+    copy interrupted by hand) would otherwise be taken for a checkpoint by orbax.
+    """
+    moved = []
+    if not os.path.isdir(directory):
+        return moved
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.isdigit() and not _is_committed(path):
+            dest = os.path.join(directory, f"{name}.uncommitted-{int(time.time())}")
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over `<run_dir>/checkpoints/<step>/{state,data,config}`.
+
+    Saves are asynchronous (orbax writes a temporary directory and renames it on commit);
+    `restore_latest` takes the newest committed step onto any mesh (the target's shardings).
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        if jax.process_index() == 0:
+            for path in quarantine_uncommitted(self.directory):
+                logging.getLogger("llama_jax.checkpoint").warning(
+                    "ignoring uncommitted checkpoint directory (moved to %s)", path
+                )
+        _sync("quarantine")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_saved: int | None = None
+
+    def latest_step(self) -> int | None:
+        steps = committed_steps(self.directory)
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+        if step == self._last_saved or step in committed_steps(self.directory):
+            return
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+        )
+        self._last_saved = step
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
+        """(state, data_state) of the newest committed step, or None for a fresh run."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -31,6 +31,34 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 train",
+        description="Train from an experiment config. Overrides: --config.KEY=VALUE, and "
+        "--data_path --valid_data_path --model_path (run dir) --num_gpus --batch_size "
+        "--learning_rate --num_epochs.",
+    )
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    args, rest = p.parse_known_args(argv)
+    from llama_jax import experiment
+
+    config = experiment.load_config(args.config)
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    if args.print_config:
+        print(config)
+        return 0
+    from llama_jax.train import train
+
+    result = train(config)
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    )
+    return 0
+
+
 def _tokenizer(argv: list[str]) -> int:
     from llama_jax.tokenizer import cli_main
 
@@ -38,6 +66,7 @@ def _tokenizer(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
     "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
 }

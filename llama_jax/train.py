@@ -1,0 +1,623 @@
+"""The trainer: one linear script from an experiment config to checkpoints in a run directory.
+
+The same code runs on one CPU, on 8 fake devices, and on many hosts (`jax.distributed`):
+
+  1. distributed init and mesh       5. one jitted train_step (explicit shardings, donation)
+  2. checks that fail fast           6. resume from the newest committed checkpoint
+  3. tokenizer (load or train)       7. the loop: async metrics, eval, checkpoints, SIGTERM
+  4. data iterators                  8. final checkpoint and validation loss
+
+The run directory is also a model directory (`config.json` + tokenizer file); its params are
+those of the newest committed checkpoint, so `Llama3.from_pretrained(run_dir)` works at any
+time during or after training.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from llama_jax import checkpoint, experiment, optim, sharding
+from llama_jax.config import ModelConfig
+from llama_jax.model import Transformer, init_params
+
+log = logging.getLogger("llama_jax.train")
+
+NAN_POLICIES = ("abort", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised (nan_policy=abort) when a step produced a non-finite loss or gradient."""
+
+
+# ============================================================================ 1. distributed
+def init_distributed(c: ml_collections.ConfigDict) -> None:
+    """jax.distributed for multi-host: explicit coordinator flags, else auto-detected clusters.
+
+    Must run before any other JAX call. CPU processes talk over gloo collectives.
+    """
+    if jax.distributed.is_initialized():
+        return
+    explicit = bool(c.coordinator_address)
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+    if not (explicit or slurm or tpu_pod):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        if c.num_processes <= 0 or c.process_id < 0:
+            raise ValueError(
+                "coordinator_address needs num_processes > 0 and process_id >= 0, got "
+                f"{c.num_processes} and {c.process_id}"
+            )
+        jax.distributed.initialize(
+            coordinator_address=c.coordinator_address,
+            num_processes=c.num_processes,
+            process_id=c.process_id,
+        )
+    else:
+        jax.distributed.initialize()
+
+
+def make_run_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    devices = jax.devices()
+    if c.num_devices:
+        if c.num_devices > len(devices):
+            raise ValueError(
+                f"num_devices={c.num_devices} requested but only {len(devices)} devices exist "
+                f"({devices[0].platform})"
+            )
+        if jax.process_count() > 1 and c.num_devices != len(devices):
+            raise ValueError("num_devices must be 0 (all) in a multi-process run")
+        devices = devices[: c.num_devices]
+    return sharding.make_mesh(tuple(c.mesh_shape), devices)
+
+
+# ============================================================================ 2. checks
+def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+    """Everything a user can get wrong, before any expensive work."""
+    sharding.check_model_fits_mesh(model_cfg, mesh)
+    if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
+        raise ValueError(
+            f"batch_size={c.batch_size} must be a multiple of grad_accum_steps={c.grad_accum_steps}"
+        )
+    sharding.check_batch_fits_mesh(c.batch_size // c.grad_accum_steps, mesh)
+    if c.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
+        )
+    if c.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={c.nan_policy!r}; valid: {NAN_POLICIES}")
+    if c.schedule not in optim.SCHEDULES:
+        raise ValueError(f"schedule={c.schedule!r}; valid: {optim.SCHEDULES}")
+    if c.num_steps <= 0 and c.num_epochs <= 0:
+        raise ValueError("set num_steps > 0, or num_steps = 0 and num_epochs > 0")
+    for name in ("data_path", "valid_data_path"):
+        value = c[name]
+        if value and not value.startswith(("tfds:", "shakespeare")):
+            import glob
+
+            if not glob.glob(os.path.expanduser(value.removeprefix("file:"))):
+                raise FileNotFoundError(f"{name}={value!r} does not exist")
+    if c.init_from and not os.path.isdir(c.init_from):
+        raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
+    # The run directory must be writable and, if it holds a model already, the same model.
+    os.makedirs(c.run_dir, exist_ok=True)
+    if not os.access(c.run_dir, os.W_OK):
+        raise PermissionError(f"run directory {c.run_dir} is not writable")
+    existing = os.path.join(c.run_dir, "config.json")
+    if os.path.isfile(existing):
+        with open(existing) as f:
+            old = ModelConfig.from_dict(json.load(f))
+        arch = (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "mlp_dim",
+            "head_dim",
+            "tie_embeddings",
+        )
+        diff = {
+            k: (getattr(old, k), getattr(model_cfg, k))
+            for k in arch
+            if getattr(old, k) != getattr(model_cfg, k)
+        }
+        if diff:
+            raise ValueError(
+                f"run directory {c.run_dir} holds a different model (field: (there, here)): "
+                f"{diff}; use a new run_dir"
+            )
+
+
+# ============================================================================ 3. tokenizer
+def get_tokenizer(c: ml_collections.ConfigDict):
+    """Loads tokenizer_path, or trains a SentencePiece model on the training split once."""
+    from llama_jax.tokenizer import load_tokenizer
+
+    if c.tokenizer_path:
+        return load_tokenizer(c.tokenizer_path)
+    tok_dir = os.path.join(c.run_dir, "tokenizer")
+    if os.path.isdir(tok_dir) and os.listdir(tok_dir):
+        return load_tokenizer(tok_dir)
+    from llama_jax.data import open_source
+    from llama_jax.tokenizer_train import train_tokenizer
+
+    corpus = os.path.join(c.run_dir, "tokenizer_corpus.txt")
+    if jax.process_index() == 0:
+        source = open_source(
+            c.data_path, split=c.train_split, data_dir=c.data_dir or None, text_field=c.text_field
+        )
+        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
+            for doc in source.documents():
+                f.write(doc.rstrip("\n") + "\n")
+        os.replace(corpus + ".tmp", corpus)
+        train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", seed=c.seed)
+        os.replace(tok_dir + ".tmp", tok_dir)
+        os.remove(corpus)
+    _sync_hosts("tokenizer")
+    return load_tokenizer(tok_dir)
+
+
+def _sync_hosts(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ============================================================================ 4. data
+def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelConfig):
+    from llama_jax.data import make_eval_iterator, make_train_iterator
+
+    common = dict(
+        seq_len=c.seq_len,
+        global_batch_size=c.batch_size,
+        mesh=mesh,
+        max_seq_len=model_cfg.max_seq_len,
+        add_bos=c.add_bos,
+        add_eos=c.add_eos,
+        data_dir=c.data_dir or None,
+        cache_dir=c.cache_dir or os.path.join(c.run_dir, "token_cache"),
+        text_field=c.text_field,
+    )
+    train_it = make_train_iterator(
+        c.data_path,
+        tokenizer,
+        seed=c.seed,
+        split=c.train_split,
+        num_epochs=None if c.num_steps > 0 else c.num_epochs,
+        **common,
+    )
+    eval_it = make_eval_iterator(
+        c.valid_data_path or c.data_path, tokenizer, split=c.valid_split, **common
+    )
+    return train_it, eval_it
+
+
+# ============================================================================ 5. state + step
+def make_optimizer(c: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    schedule = optim.make_schedule(
+        c.schedule,
+        c.learning_rate,
+        num_steps,
+        c.warmup_steps,
+        c.min_lr_ratio,
+        c.wsd_decay_fraction,
+    )
+    tx = optim.make_optimizer(
+        schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip
+    )
+    return tx, schedule
+
+
+def init_state(model_cfg: ModelConfig, tx, seed: int) -> dict:
+    """Boxed train state: params and optimizer state keep their logical axes."""
+    rng = jax.random.key(seed)
+    params = init_params(model_cfg, rng)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        # Threaded through every step and checkpointed, for stochastic training features
+        # (dropout, sampled objectives); the Llama objective itself draws nothing.
+        "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+    }
+
+
+def loss_terms(params, batch, model: Transformer, z_loss: float):
+    """Summed masked next-token NLL, summed z-loss and the mask count of one (micro)batch."""
+    logits, _ = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    nll = jnp.sum((logz - target_logit) * mask)
+    zl = z_loss * jnp.sum(jnp.square(logz) * mask)
+    return nll, zl, jnp.sum(mask)
+
+
+def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.ConfigDict):
+    model = Transformer(model_cfg)
+    accum = c.grad_accum_steps
+    nan_step = c.debug_nan_step
+
+    def micro_grads(params, mb):
+        def f(p):
+            nll, zl, n = loss_terms(p, mb, model, c.z_loss)
+            return nll + zl, (nll, n)
+
+        (_, (nll, n)), g = jax.value_and_grad(f, has_aux=True)(params)
+        return g, nll, n
+
+    def train_step(state, batch):
+        params = state["params"]
+        if accum == 1:
+            grads, nll, ntok = micro_grads(params, batch)
+        else:
+            # Strided microbatches: rows i*A + a form microbatch a, so each device keeps
+            # contributing its own rows to every microbatch (no resharding).
+            mbs = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                batch,
+            )
+
+            def body(carry, mb):
+                g, nll, n = micro_grads(params, mb)
+                return jax.tree.map(jnp.add, carry, (g, nll, n)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+            (grads, nll, ntok), _ = jax.lax.scan(body, zeros, mbs)
+        denom = jnp.maximum(ntok, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll / denom
+        if nan_step >= 0:  # fault injection for tests
+            poison = jnp.where(state["step"] == nan_step, jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step changes nothing but the step counter (skip), or is reported and
+        # the run stops (abort); either way no non-finite value reaches the state.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(
+                jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+            ),
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "tokens": ntok,
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: ModelConfig):
+    model = Transformer(model_cfg)
+
+    def eval_step(params, batch):
+        nll, _, n = loss_terms(params, batch, model, 0.0)
+        return nll, n
+
+    return eval_step
+
+
+def measure_peak_flops(seconds: float = 1.0) -> float:
+    """float32 matmul FLOP/s of one device (the MFU denominator when peak_flops is 0)."""
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ============================================================================ the trainer
+def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    c = ml_collections.ConfigDict(c)
+    init_distributed(c)
+    mesh = make_run_mesh(c)
+    model_cfg = experiment.model_config(c)
+    check_config(c, model_cfg, mesh)
+    is_main = jax.process_index() == 0
+    rules = sharding.LOGICAL_RULES
+
+    # ------------------------------------------------------------------ 3-4. tokenizer, data
+    tokenizer = get_tokenizer(c)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+            f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
+    train_it, eval_it = make_data(c, tokenizer, mesh, model_cfg)
+    num_steps = c.num_steps if c.num_steps > 0 else train_it.num_steps
+    if is_main:
+        _write_run_files(c, model_cfg, tokenizer)
+
+    # ------------------------------------------------------------------ 5. state and step
+    tx, schedule = make_optimizer(c, num_steps)
+    abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed))
+    state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model_cfg, tx, schedule, c),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_cfg),
+        in_shardings=(state_shardings["params"], batch_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    # ------------------------------------------------------------------ 6. resume or init
+    ckpt = checkpoint.TrainCheckpointer(
+        os.path.join(c.run_dir, "checkpoints"),
+        keep=c.keep_checkpoints,
+        async_save=c.async_checkpointing,
+    )
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        nn.unbox(abstract),
+        state_shardings,
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            state, data_state = restored
+            train_it.set_state(data_state)
+            log.info("resumed from step %d", int(state["step"]))
+        else:
+            state = jax.jit(
+                lambda: nn.unbox(init_state(model_cfg, tx, c.seed)), out_shardings=state_shardings
+            )()
+            if c.init_from:
+                state["params"] = _load_init_params(c.init_from, model_cfg, state_shardings)
+    start_step = int(state["step"])
+
+    # ------------------------------------------------------------------ 7. the loop
+    tokens_per_step = c.batch_size * c.seq_len
+    flops_per_token = model_cfg.flops_per_token(c.seq_len)
+    peak = c.peak_flops or measure_peak_flops()
+    writer = _MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
+    stop = _StopSignal()
+    pending: collections.deque = collections.deque()
+    window: list[dict] = []
+    t_window = time.perf_counter()
+    bar = _progress(c, start_step, num_steps) if is_main else None
+    final: dict[str, Any] = {}
+    step = start_step
+    aborted = None
+
+    def drain(all_: bool = False):
+        """Fetches metrics of finished steps (all but the newest unless all_)."""
+        nonlocal aborted
+        while pending and (all_ or len(pending) > 1):
+            s, m = pending.popleft()
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            window.append(m)
+            if not m["finite"]:
+                log.warning("step %d: non-finite loss or gradient (%s)", s, c.nan_policy)
+                if writer:
+                    writer.write(s, {"nonfinite_step": 1.0, "loss": m["loss"]})
+                if c.nan_policy == "abort" and aborted is None:
+                    aborted = s
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        total = jnp.zeros(()), jnp.zeros(())
+        for i, batch in enumerate(eval_it):
+            if c.eval_batches and i >= c.eval_batches:
+                break
+            total = jax.tree.map(jnp.add, total, eval_step(state["params"], batch))
+        nll, n = (float(x) for x in jax.device_get(total))
+        loss = nll / max(n, 1.0)
+        out = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0)), "valid_tokens": n}
+        if writer:
+            writer.write(at_step, out)
+        log.info(
+            "step %d: validation loss %.4f, perplexity %.2f", at_step, loss, out["valid_perplexity"]
+        )
+        return out
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        try:
+            while step < num_steps:
+                batch = next(train_it)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                step += 1
+                drain()
+                if aborted is not None:
+                    break
+                if step % c.log_every == 0 or step == num_steps:
+                    drain(all_=True)
+                    now = time.perf_counter()
+                    row = _summarise(
+                        window, now - t_window, tokens_per_step, flops_per_token, peak * mesh.size
+                    )
+                    window, t_window = [], now
+                    if writer and row:
+                        writer.write(step, row)
+                    if bar is not None and row:
+                        bar.set_postfix(
+                            loss=f"{row['loss']:.3f}",
+                            tok_s=f"{row['tokens_per_s']:.0f}",
+                            mfu=f"{row['mfu']:.1%}",
+                            refresh=False,
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if aborted is not None:
+                    break
+                if c.eval_every and step % c.eval_every == 0 and step < num_steps:
+                    final.update(run_eval(step))
+                if step % c.checkpoint_every == 0 and step < num_steps:
+                    ckpt.save(step, state, train_it.get_state(), c.to_dict())
+                if stop.requested or step == c.debug_stop_after:
+                    log.info(
+                        "stopping at step %d (%s): saving",
+                        step,
+                        "SIGTERM" if stop.requested else "debug_stop_after",
+                    )
+                    break
+            drain(all_=True)
+            if aborted is not None:
+                raise NonFiniteLossError(
+                    f"step {aborted}: non-finite loss or gradient (nan_policy=abort); the last "
+                    f"checkpoint ({ckpt.latest_step()}) is intact"
+                )
+            ckpt.save(step, state, train_it.get_state(), c.to_dict())
+            if step >= num_steps:
+                final.update(run_eval(step))
+        finally:
+            ckpt.wait()
+            stop.restore()
+            if bar is not None:
+                bar.close()
+            train_it.close()
+            if writer:
+                writer.close()
+    final["step"] = step
+    if window:
+        final["loss"] = window[-1]["loss"]
+    return final
+
+
+# ============================================================================ helpers
+def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any:
+    from llama_jax.convert import load_any
+
+    src_cfg, params = load_any(path)
+    fields = (
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "mlp_dim",
+        "head_dim",
+        "tie_embeddings",
+    )
+    diff = {
+        f: (getattr(src_cfg, f), getattr(model_cfg, f))
+        for f in fields
+        if getattr(src_cfg, f) != getattr(model_cfg, f)
+    }
+    if diff:
+        raise ValueError(f"init_from={path} is a different architecture (there, here): {diff}")
+    dt = jnp.dtype(model_cfg.param_dtype)
+    params = jax.tree.map(lambda a: np.asarray(a).astype(dt), params)
+    return jax.device_put(params, state_shardings["params"])
+
+
+def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:
+    """The run directory is a model directory: config.json and the tokenizer file."""
+    _atomic_write(os.path.join(c.run_dir, "config.json"), model_cfg.to_json())
+    _atomic_write(os.path.join(c.run_dir, "experiment.json"), c.to_json_best_effort(indent=2))
+    tokenizer.save(c.run_dir)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _summarise(window, seconds, tokens_per_step, flops_per_token, peak_total):
+    if not window:
+        return {}
+    finite = [m for m in window if m["finite"]]
+    tps = len(window) * tokens_per_step / max(seconds, 1e-9)
+    return {
+        "loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
+        "learning_rate": window[-1]["learning_rate"],
+        "tokens_per_s": tps,
+        "mfu": tps * flops_per_token / peak_total,
+        "skipped_steps": float(len(window) - len(finite)),
+    }
+
+
+class _MetricsWriter:
+    """metrics.jsonl plus TensorBoard events (tensorboardX)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool):
+        self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, step: int, row: dict[str, float]) -> None:
+        self._f.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._f.flush()
+        if self._tb:
+            for k, v in row.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb:
+            self._tb.close()
+
+
+class _StopSignal:
+    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _progress(c, start: int, total: int):
+    if not c.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
