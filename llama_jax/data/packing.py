@@ -117,9 +117,10 @@ class Packer:
         self.num_documents = int(keep.sum())
         self.num_tokens = int(self._lengths.sum())  # N, with BOS/EOS
         self.rows_per_epoch = math.ceil(self.num_tokens / spec.seq_len)  # R
+        # A batch usually touches one or two epochs: keep a few layouts (per packer; thread-safe).
+        self._layout = functools.lru_cache(maxsize=4)(self._compute_layout)
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019 -- a few epochs' layouts, per packer
-    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _compute_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(document order [D], stream start of each ordered document [D + 1], row order [R])."""
         d, r = self.num_documents, self.rows_per_epoch
         if self.shuffle:

