@@ -33,26 +33,42 @@ def params_metadata(path: str) -> Any:
     return ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.tree
 
 
-def load_params(path: str, target: Any | None = None) -> Any:
+def load_params(path: str, target: Any | None = None, subtree: str | None = None) -> Any:
     """Restores params from `path`.
 
     Args:
-      path: the orbax checkpoint directory (a model directory's `params/`).
+      path: an orbax checkpoint directory (a model directory's `params/`, or a training
+        checkpoint's `state/` with subtree="params").
       target: optional tree of `jax.ShapeDtypeStruct` with shardings (restores each shard on
         its device, in the target dtype); None restores host numpy arrays as stored.
+      subtree: restore only this top-level key of the stored tree.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no params checkpoint at {path}")
+    meta = params_metadata(path)
+    if subtree is not None:
+        meta = {subtree: meta[subtree]}
     if target is None:
-        meta = params_metadata(path)
         restore_args = jax.tree.map(
             lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta, is_leaf=_is_array_meta
         )
-        return ocp.PyTreeCheckpointer().restore(
-            path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    else:
+        target = target if subtree is None else {subtree: target}
+        restore_args = jax.tree.map(
+            lambda t: ocp.ArrayRestoreArgs(
+                sharding=t.sharding, global_shape=t.shape, dtype=t.dtype
+            ),
+            target,
         )
-    return ocp.StandardCheckpointer().restore(path, target)
+    item = jax.tree.map(lambda m: 0, restore_args, is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
+    out = ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=subtree is not None
+        ),
+    )
+    return out if subtree is None else out[subtree]
 
 
 def _is_array_meta(x: Any) -> bool:

@@ -455,19 +455,36 @@ def save_llama_jax(params: dict, config: ModelConfig, path: str, tokenizer_src: 
         raise
 
 
+def is_run_dir(path: str) -> bool:
+    """A training run directory: a llama_jax config.json and committed checkpoints."""
+    from llama_jax.checkpoint import committed_steps
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    with open(os.path.join(path, "config.json")) as f:
+        if json.load(f).get("format") != "llama_jax.ModelConfig":
+            return False
+    return bool(committed_steps(os.path.join(path, "checkpoints")))
+
+
 def load_llama_jax(path: str) -> tuple[ModelConfig, dict]:
-    from llama_jax.checkpoint import PARAMS_DIR, load_params
+    """A llama_jax model directory, or a run directory's newest committed checkpoint."""
+    from llama_jax.checkpoint import PARAMS_DIR, committed_steps, load_params
 
     with open(os.path.join(path, "config.json")) as f:
         config = ModelConfig.from_dict(json.load(f))
-    return config, load_params(os.path.join(path, PARAMS_DIR))
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        return config, load_params(os.path.join(path, PARAMS_DIR))
+    step = committed_steps(os.path.join(path, "checkpoints"))[-1]
+    state = os.path.join(path, "checkpoints", str(step), "state")
+    return config, load_params(state, subtree="params")
 
 
 def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     """(config, numpy params) from a llama_jax, Hugging Face or Meta directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    if is_llama_jax_dir(path):
+    if is_llama_jax_dir(path) or is_run_dir(path):
         config, params = load_llama_jax(path)
         if dtype is not None:
             import jax
@@ -480,7 +497,8 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
         return load_meta(path, dtype)
     raise ValueError(
         f"{path} is not a model directory: expected a llama_jax directory (config.json with "
-        "format llama_jax.ModelConfig + params/), a Hugging Face directory (config.json + "
+        "format llama_jax.ModelConfig + params/), a training run directory with a committed "
+        "checkpoint, a Hugging Face directory (config.json + "
         "model.safetensors[.index.json]) or a Meta directory (params.json + consolidated.*.pth)"
     )
 

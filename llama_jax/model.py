@@ -24,7 +24,9 @@ on import (convert.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +49,16 @@ def _dtype(name: str):
 
 def _init(stddev: float):
     return nn.initializers.normal(stddev=stddev)
+
+
+def einsum_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
+    """The weight projections' matmul: `jnp.einsum(spec, x, w)`, x [B, T, ...] first.
+
+    Every projection by a parameter goes through a module's `dense` attribute (this function
+    by default), so a caller can swap in another implementation of the same contraction, e.g.
+    sampling.py's matrix-vector form for batch-1 decoding on CPU.
+    """
+    return jnp.einsum(spec, x, w, **kwargs)
 
 
 # ----------------------------------------------------------------------------- RMSNorm
@@ -164,6 +176,7 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
     config: ModelConfig
+    dense: Callable[..., Array] = einsum_dense
 
     @nn.compact
     def __call__(
@@ -187,9 +200,9 @@ class Attention(nn.Module):
         wv = weight("wv", (d, kh, h), ("embed", "kv_heads", "head_dim"))
         wo = weight("wo", (n, h, d), ("heads", "head_dim", "embed"), 0.02 / np.sqrt(2 * c.n_layers))
 
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq)
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        q = self.dense("BTD,DNH->BTNH", x, wq)
+        k = self.dense("BTD,DKH->BTKH", x, wk)
+        v = self.dense("BTD,DKH->BTKH", x, wv)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -223,7 +236,7 @@ class Attention(nn.Module):
             out = xla_attention(q, k, v, mask)
 
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
+        return self.dense("BTNH,NHD->BTD", out, wo), cache
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -231,6 +244,7 @@ class MLP(nn.Module):
     """SwiGLU: w_down(silu(x w_gate) * (x w_up))."""
 
     config: ModelConfig
+    dense: Callable[..., Array] = einsum_dense
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -246,10 +260,10 @@ class MLP(nn.Module):
         w_down = weight(
             "w_down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0.02 / np.sqrt(2 * c.n_layers)
         )
-        gate = jnp.einsum("BTD,DF->BTF", x, w_gate)
-        up = jnp.einsum("BTD,DF->BTF", x, w_up)
+        gate = self.dense("BTD,DF->BTF", x, w_gate)
+        up = self.dense("BTD,DF->BTF", x, w_up)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, w_down)
+        return self.dense("BTF,FD->BTD", hidden, w_down)
 
 
 # ----------------------------------------------------------------------------- block
@@ -257,6 +271,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
     config: ModelConfig
+    dense: Callable[..., Array] = einsum_dense
 
     @nn.compact
     def __call__(
@@ -269,11 +284,11 @@ class Block(nn.Module):
         c = self.config
         dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
         norm = functools.partial(RMSNorm, c.norm_eps, dtype, pdtype)
-        h, cache = Attention(c, name="attention")(
+        h, cache = Attention(c, self.dense, name="attention")(
             norm(name="attention_norm")(x), positions, segment_ids, cache
         )
         x = x + h
-        x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
+        x = x + MLP(c, self.dense, name="mlp")(norm(name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, cache
 
@@ -293,6 +308,7 @@ class Transformer(nn.Module):
     """Llama 3: tokens [B, T] -> float32 logits [B, T, V] (and the updated KV cache)."""
 
     config: ModelConfig
+    dense: Callable[..., Array] = einsum_dense
 
     @nn.compact
     def __call__(
@@ -301,6 +317,7 @@ class Transformer(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         cache: Cache | None = None,
+        logits_at: Array | None = None,
     ) -> tuple[Array, Cache | None]:
         """Runs the model.
 
@@ -312,9 +329,12 @@ class Transformer(nn.Module):
             Ignored when decoding with a cache (each row holds one sequence).
           cache: from `init_cache`; when given, keys/values are written at `positions` and
             queries see cache slots <= their position.
+          logits_at: int [B, P]; when given, only these time indices of each row are projected
+            to logits (e.g. each prompt's last token when prefilling a cache), saving the
+            [B, T, V] output projection.
 
         Returns:
-          (logits float32 [B, T, V], updated cache or None)
+          (logits float32 [B, T, V] (or [B, P, V] with logits_at), updated cache or None)
         """
         c = self.config
         dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -344,21 +364,23 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, name="layers")
+            )(c, self.dense, name="layers")
             x, cache = layers(x, positions, segment_ids, cache)
         else:
             new_cache = []
             for i in range(c.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, layer_cache = block(c, name=f"layers_{i}")(
+                x, layer_cache = block(c, self.dense, name=f"layers_{i}")(
                     x, positions, segment_ids, layer_cache
                 )
                 new_cache.append(layer_cache)
             cache = None if cache is None else tuple(new_cache)
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, P, D]
         x = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x)
         if c.tie_embeddings:
-            logits = jnp.einsum(
+            logits = self.dense(
                 "BTD,VD->BTV", x, embed.astype(dtype), preferred_element_type=jnp.float32
             )
         else:
@@ -368,7 +390,7 @@ class Transformer(nn.Module):
                 (c.dim, c.vocab_size),
                 pdtype,
             )
-            logits = jnp.einsum(
+            logits = self.dense(
                 "BTD,DV->BTV", x, kernel.astype(dtype), preferred_element_type=jnp.float32
             )
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
@@ -379,6 +401,9 @@ class Transformer(nn.Module):
 def init_params(config: ModelConfig, rng: Array, batch_size: int = 1, seq_len: int = 8) -> Any:
     """Boxed (logically partitioned) params; wrap in jax.eval_shape for an abstract tree."""
     tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+    # Params do not depend on the attention kernel; tracing with plain XLA lets a GPU/TPU
+    # config be built (or eval_shape'd) on any host.
+    config = dataclasses.replace(config, attention_impl="xla")
     return Transformer(config).init(rng, tokens)["params"]
 
 

@@ -23,10 +23,8 @@ Training a SentencePiece tokenizer lives in `llama_jax.tokenizer_train`.
 from __future__ import annotations
 
 import abc
-import argparse
 import base64
 import functools
-import json
 import math
 import os
 import re
@@ -131,7 +129,7 @@ def split_long_text(
     Returns:
       Pieces whose concatenation is `text`.
     """
-    if len(text) <= max_run:
+    if len(text) <= min(max_run, max_chars):
         return [text]
     pieces = []
     for start in range(0, len(text), max_chars):
@@ -191,8 +189,9 @@ class Tokenizer(abc.ABC):
         self.eos_id = self._find_special((END_OF_TEXT, "</s>", "<eos>", "<|endoftext|>"), "eos")
         pads = [self.special_tokens[t] for t in (FINETUNE_RIGHT_PAD, "<pad>") if t in self]
         self.pad_id: int | None = pads[0] if pads else None
-        stops = {self.eos_id} | {self.special_tokens[t] for t in (END_OF_MESSAGE, END_OF_TURN)
-                                 if t in self}
+        stops = {self.eos_id} | {
+            self.special_tokens[t] for t in (END_OF_MESSAGE, END_OF_TURN) if t in self
+        }
         self.stop_ids: tuple[int, ...] = tuple(sorted(stops))
 
     def __contains__(self, special_token: str) -> bool:
@@ -229,9 +228,9 @@ class Tokenizer(abc.ABC):
         """`_encode_ordinary` over `texts` on `num_threads` threads, for GIL-free backends."""
         if num_threads <= 1 or len(texts) <= 1:
             return [self._encode_ordinary(t) for t in texts]
-        # A few contiguous blocks per thread: one future per text costs more than a short text
-        # takes to encode, and more blocks than threads balance uneven lengths.
-        size = math.ceil(len(texts) / (4 * num_threads))
+        # Contiguous blocks, not one future per text (which costs more than a short text takes
+        # to encode); many blocks per thread so that uneven lengths and busy cores even out.
+        size = math.ceil(len(texts) / (16 * num_threads))
         blocks = [texts[i : i + size] for i in range(0, len(texts), size)]
         with ThreadPoolExecutor(num_threads) as pool:
             done = pool.map(lambda block: [self._encode_ordinary(t) for t in block], blocks)
@@ -261,7 +260,7 @@ class Tokenizer(abc.ABC):
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        allowed = self._allowed(allowed_special)
+        allowed = self._allowed(allowed_special) if allowed_special else frozenset()
         if not allowed:
             ids = self._encode_ordinary(text)
         else:
@@ -432,9 +431,7 @@ class Tokenizer(abc.ABC):
                 f"{', '.join(CHAT_ROLES)}"
             )
         if not isinstance(content, str):
-            raise ValueError(
-                f"message {index} content must be a str, got {type(content).__name__}"
-            )
+            raise ValueError(f"message {index} content must be a str, got {type(content).__name__}")
         return _ROLE_HEADER.get(role, role), content
 
     def _encode_header(self, role: str) -> list[int]:
@@ -533,7 +530,10 @@ class HuggingFaceTokenizer(Tokenizer):
         special = {t.content: i for i, t in sorted(added.items()) if t.special}
         self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._byte_level = isinstance(self._tok.decoder, tokenizers.decoders.ByteLevel)
-        self._is_bpe = isinstance(self._tok.model, tokenizers.models.BPE)
+        # Meta's cuts are for byte-level BPE; a Metaspace model would add a space at each cut.
+        self._cut_like_meta = self._byte_level and isinstance(
+            self._tok.model, tokenizers.models.BPE
+        )
         super().__init__(path, special)
 
     @property
@@ -541,8 +541,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._vocab_size
 
     def _pieces(self, text: str) -> list[str]:
-        # Byte-level BPE (Llama 3) is cut like Meta's reference so that both backends agree.
-        return split_long_text(text) if self._is_bpe else [text]
+        # Llama 3 is cut like Meta's reference cuts it, so that both backends agree.
+        return split_long_text(text) if self._cut_like_meta else [text]
 
     def _encode_ordinary(self, text: str) -> list[int]:
         ids = []
@@ -560,11 +560,12 @@ class HuggingFaceTokenizer(Tokenizer):
             return [self._encode_ordinary(t) for t in texts]
         pieces = [self._pieces(t) for t in texts]
         flat = [p for ps in pieces for p in ps]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use.
+        encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         try:
-            encoded = self._tok.encode_batch_fast(flat, add_special_tokens=False)
+            encoded = encode_batch(flat, add_special_tokens=False)
         except TypeError:  # a lone surrogate somewhere
-            flat = [_without_surrogates(p) for p in flat]
-            encoded = self._tok.encode_batch_fast(flat, add_special_tokens=False)
+            encoded = encode_batch([_without_surrogates(p) for p in flat], add_special_tokens=False)
         out, k = [], 0
         for ps in pieces:
             ids = []
@@ -605,7 +606,8 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, e.g. one made by `train_tokenizer` (byte fallback, Llama 3 specials).
 
     Special tokens are the model's control symbols (bos, eos, pad and the chat tokens), which
-    SentencePiece never produces from text.
+    SentencePiece never produces from text. SentencePiece writes spaces as U+2581 ("▁"), so that
+    character in the input decodes as a space.
     """
 
     FORMAT = "sentencepiece"
@@ -669,10 +671,14 @@ class SentencePieceTokenizer(Tokenizer):
             return self._sp.encode(fixed, num_threads=num_threads)
 
     def _decode_bytes(self, ids: list[int]) -> bytes:
-        out = b"".join([self._table[i] for i in ids])
-        if self._dummy_prefix and ids and out.startswith(b" ") and ids[0] not in self._specials:
-            out = out[1:]
-        return out
+        parts = [self._table[i] for i in ids]
+        if self._dummy_prefix:
+            # SentencePiece drops the added space from the first piece after leading controls.
+            specials = self._specials
+            first = next((k for k, i in enumerate(ids) if i not in specials), None)
+            if first is not None and parts[first].startswith(b" "):
+                parts[first] = parts[first][1:]
+        return b"".join(parts)
 
     @functools.cached_property
     def _specials(self) -> frozenset[int]:
@@ -701,11 +707,9 @@ def detect_format(data: bytes) -> str | None:
     """
     head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"{"):
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return None
-        return "huggingface" if isinstance(obj, dict) and "model" in obj else None
+        # A full JSON parse of a 9 MB file costs as much as loading it; tokenizers checks the
+        # rest when it reads the file.
+        return "huggingface" if b'"model"' in data else None
     first_line = head.split(b"\n", 1)[0].rstrip(b"\r")
     if _TIKTOKEN_LINE.fullmatch(first_line):
         return "tiktoken"
@@ -775,84 +779,10 @@ def __getattr__(name: str) -> Any:
 # ----------------------------------------------------------------------------------------- CLI
 
 
-def build_cli_parser(prog: str = "llama3 tokenizer") -> argparse.ArgumentParser:
-    """The `llama3 tokenizer` argument parser: subcommands train, encode, decode, info."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train or inspect a tokenizer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer on text files")
-    train.add_argument(
-        "--input", action="append", required=True, help="text file or glob (repeatable)"
-    )
-    train.add_argument("--vocab_size", "--vocab-size", type=int, required=True)
-    train.add_argument("--output", required=True, help="directory to write tokenizer.model to")
-    train.add_argument("--model_type", "--model-type", default="bpe", choices=["bpe", "unigram"])
-    train.add_argument("--character_coverage", "--character-coverage", type=float, default=0.9995)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--input_sentence_size",
-        "--input-sentence-size",
-        type=int,
-        default=10_000_000,
-        help="lines sampled (seeded) for training; 0 uses every line",
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress output")
-
-    encode = sub.add_parser("encode", help="print the ids of a text")
-    encode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    encode.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
-    encode.add_argument("--bos", action="store_true", help="prepend <|begin_of_text|>")
-    encode.add_argument("--eos", action="store_true", help="append <|end_of_text|>")
-    encode.add_argument(
-        "--allow_special",
-        "--allow-special",
-        action="store_true",
-        help="encode special-token text (e.g. <|eot_id|>) as the special ids",
-    )
-
-    decode = sub.add_parser("decode", help="print the text of ids")
-    decode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    decode.add_argument("ids", nargs="*", type=int, help="ids (default: read stdin)")
-
-    info = sub.add_parser("info", help="print format, vocabulary size and special ids")
-    info.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    return parser
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs a parsed `llama3 tokenizer` command; returns the exit status."""
-    if args.command == "train":
-        from llama_jax.tokenizer_train import train_tokenizer
-
-        tok = train_tokenizer(
-            args.input,
-            args.vocab_size,
-            args.output,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            seed=args.seed,
-            input_sentence_size=args.input_sentence_size,
-            show_progress=not args.quiet,
-        )
-        print(f"wrote {tok.path} (vocab_size {tok.vocab_size})")
-        return 0
-    tok = load_tokenizer(args.tokenizer)
-    if args.command == "encode":
-        text = sys.stdin.read() if args.text is None else args.text
-        allowed = "all" if args.allow_special else ()
-        print(*tok.encode(text, bos=args.bos, eos=args.eos, allowed_special=allowed))
-    elif args.command == "decode":
-        ids = args.ids or [int(i) for i in sys.stdin.read().split()]
-        sys.stdout.write(tok.decode(ids) + "\n")
-    else:
-        print(f"format: {tok.FORMAT}\npath: {tok.path}\nvocab_size: {tok.vocab_size}")
-        print(f"bos_id: {tok.bos_id}\neos_id: {tok.eos_id}\npad_id: {tok.pad_id}")
-        print(f"stop_ids: {' '.join(map(str, tok.stop_ids))}")
-    return 0
-
-
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `llama3 tokenizer ...`.
+    """Entry point of `llama3 tokenizer {train,encode,decode,info} ...`.
+
+    The argument parsing lives in `llama_jax.tokenizer_train` beside `train_tokenizer`.
 
     Args:
       argv: arguments after `tokenizer` (default: sys.argv[1:]).
@@ -860,6 +790,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     Returns:
       The exit status: 0 on success, 1 on a user error (message on stderr).
     """
+    from llama_jax.tokenizer_train import build_cli_parser, run_cli
+
     args = build_cli_parser().parse_args(argv)
     try:
         return run_cli(args)

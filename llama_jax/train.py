@@ -118,9 +118,14 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
     if c.init_from and not os.path.isdir(c.init_from):
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
     # The run directory must be writable and, if it holds a model already, the same model.
-    os.makedirs(c.run_dir, exist_ok=True)
-    if not os.access(c.run_dir, os.W_OK):
-        raise PermissionError(f"run directory {c.run_dir} is not writable")
+    try:
+        os.makedirs(c.run_dir, exist_ok=True)
+        probe = os.path.join(c.run_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"run directory {c.run_dir!r} is not writable: {e}") from None
     existing = os.path.join(c.run_dir, "config.json")
     if os.path.isfile(existing):
         with open(existing) as f:
@@ -293,7 +298,7 @@ def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.Conf
             poison = jnp.where(state["step"] == nan_step, jnp.nan, 1.0)
             loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
