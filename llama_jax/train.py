@@ -351,7 +351,7 @@ def measure_peak_flops(seconds: float = 1.0) -> float:
 # ============================================================================ the trainer
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    _setup_logging()
     c = ml_collections.ConfigDict(c)
     init_distributed(c)
     mesh = make_run_mesh(c)
@@ -547,6 +547,17 @@ def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any
     dt = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda a: np.asarray(a).astype(dt), params)
     return jax.device_put(params, state_shardings["params"])
+
+
+def _setup_logging() -> None:
+    """INFO lines of llama_jax to stderr, whatever logging setup the libraries did."""
+    logger = logging.getLogger("llama_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:

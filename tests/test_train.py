@@ -322,7 +322,13 @@ def test_two_processes_match_one(corpus, tmp_path):
     a, b = losses(multi), losses(single)
     assert sorted(a) == [1, 2, 3, 4]
     np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], atol=1e-5)
-    assert_trees_equal(final_state(str(multi))[1]["params"], final_state(str(single))[1]["params"])
+    # Cross-process (gloo) reductions sum in another order than in-process ones: close, not
+    # bitwise.
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+        final_state(str(multi))[1]["params"],
+        final_state(str(single))[1]["params"],
+    )
 
 
 def _wait_for_step(run_dir, step, proc, timeout=300):
