@@ -1,12 +1,14 @@
 """llama_jax: train, fine-tune, evaluate and sample Llama 3 models in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="llama_jax",
     version="0.1.0",
     description="Llama 3 / 3.1 / 3.2 in JAX and Flax: pretraining, fine-tuning, sampling.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_jax", "llama_jax.*"]),

@@ -6,8 +6,9 @@
         --model_path runs/cpt
 
 The tokenizer comes from the converted model directory and the architecture (preset
-llama3.2-1b) is checked against it before training; training starts from its weights with a fresh optimizer, a short warmup and a lower peak learning rate (3e-5) so
-the model keeps what it knew. Hardware: 8 GPUs (fsdp=8); 5k steps of 64 x 4096 tokens.
+llama3.2-1b) is checked against it before training; training starts from its weights with a
+fresh optimizer, a short warmup and a lower peak learning rate (3e-5) so the model keeps what
+it knew. Hardware: 8 GPUs (fsdp=8); 5k steps of 64 x 4096 tokens.
 Local corpora have a single split: 2% of the documents are held out for validation.
 
 Variants: `runlocal` continues a tiny model directory on the Shakespeare corpus on CPU

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from llama_jax import checkpoint, experiment, optim, sharding
+from llama_jax import checkpoint, experiment, metrics, optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_params
 
@@ -335,19 +334,6 @@ def make_eval_step(model_cfg: ModelConfig):
     return eval_step
 
 
-def measure_peak_flops(seconds: float = 1.0) -> float:
-    """float32 matmul FLOP/s of one device (the MFU denominator when peak_flops is 0)."""
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        f(a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
 # ============================================================================ the trainer
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
@@ -417,13 +403,13 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     # ------------------------------------------------------------------ 7. the loop
     tokens_per_step = c.batch_size * c.seq_len
     flops_per_token = model_cfg.flops_per_token(c.seq_len)
-    peak = c.peak_flops or measure_peak_flops()
-    writer = _MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
+    peak = c.peak_flops or metrics.measure_peak_flops()
+    writer = metrics.MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
     stop = _StopSignal()
     pending: collections.deque = collections.deque()
     window: list[dict] = []
     t_window = time.perf_counter()
-    bar = _progress(c, start_step, num_steps) if is_main else None
+    bar = metrics.progress_bar(c, start_step, num_steps) if is_main else None
     final: dict[str, Any] = {}
     step = start_step
     aborted = None
@@ -462,8 +448,8 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
         try:
             while step < num_steps:
                 batch = next(train_it)
-                state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
+                state, step_metrics = train_step(state, batch)
+                pending.append((step, step_metrics))
                 step += 1
                 drain()
                 if aborted is not None:
@@ -471,7 +457,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 if step % c.log_every == 0 or step == num_steps:
                     drain(all_=True)
                     now = time.perf_counter()
-                    row = _summarise(
+                    row = metrics.summarise(
                         window, now - t_window, tokens_per_step, flops_per_token, peak * mesh.size
                     )
                     window, t_window = [], now
@@ -573,45 +559,6 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _summarise(window, seconds, tokens_per_step, flops_per_token, peak_total):
-    if not window:
-        return {}
-    finite = [m for m in window if m["finite"]]
-    tps = len(window) * tokens_per_step / max(seconds, 1e-9)
-    return {
-        "loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
-        "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
-        "learning_rate": window[-1]["learning_rate"],
-        "tokens_per_s": tps,
-        "mfu": tps * flops_per_token / peak_total,
-        "skipped_steps": float(len(window) - len(finite)),
-    }
-
-
-class _MetricsWriter:
-    """metrics.jsonl plus TensorBoard events (tensorboardX)."""
-
-    def __init__(self, run_dir: str, tensorboard: bool):
-        self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
-
-    def write(self, step: int, row: dict[str, float]) -> None:
-        self._f.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
-        self._f.flush()
-        if self._tb:
-            for k, v in row.items():
-                self._tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self._f.close()
-        if self._tb:
-            self._tb.close()
-
-
 class _StopSignal:
     """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary."""
 
@@ -627,13 +574,3 @@ class _StopSignal:
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def _progress(c, start: int, total: int):
-    if not c.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-    )

@@ -1,0 +1,79 @@
+"""Training metrics: tokens/s and MFU, metrics.jsonl, TensorBoard, the progress bar.
+
+MFU = tokens/s x FLOPs/token / (peak FLOP/s per device x devices), with FLOPs/token from
+`ModelConfig.flops_per_token` (6 x matmul params + 12 x L x T x N x H; causal attention not
+halved) and the peak measured by `measure_peak_flops` unless configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def measure_peak_flops(seconds: float = 1.0) -> float:
+    """float32 matmul FLOP/s of one device (the MFU denominator when peak_flops is 0)."""
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def summarise(window, seconds, tokens_per_step, flops_per_token, peak_total):
+    if not window:
+        return {}
+    finite = [m for m in window if m["finite"]]
+    tps = len(window) * tokens_per_step / max(seconds, 1e-9)
+    return {
+        "loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
+        "learning_rate": window[-1]["learning_rate"],
+        "tokens_per_s": tps,
+        "mfu": tps * flops_per_token / peak_total,
+        "skipped_steps": float(len(window) - len(finite)),
+    }
+
+
+class MetricsWriter:
+    """metrics.jsonl plus TensorBoard events (tensorboardX)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool):
+        self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, step: int, row: dict[str, float]) -> None:
+        self._f.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._f.flush()
+        if self._tb:
+            for k, v in row.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb:
+            self._tb.close()
+
+
+def progress_bar(c, start: int, total: int):
+    if not c.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
