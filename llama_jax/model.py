@@ -57,8 +57,30 @@ def einsum_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
     Every projection by a parameter goes through a module's `dense` attribute (this function
     by default), so a caller can swap in another implementation of the same contraction, e.g.
     sampling.py's matrix-vector form for batch-1 decoding on CPU.
+
+    Projections ("BTD,DNH->BTNH", "BTNH,NHD->BTD", "BTD,VD->BTV", ...) run as one 2-D matmul
+    over flattened tokens: XLA:CPU runs the backward pass of [B*T, D] x [D, F] about twice as
+    fast as that of the equivalent 3-D einsum.
     """
-    return jnp.einsum(spec, x, w, **kwargs)
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    shared = "".join(ch for ch in xs if ch in ws)
+    n = len(shared)
+    lead, rest = xs[: len(xs) - n], ws.replace(shared, "")
+    if not (n and xs.endswith(shared) and shared in ws and out == lead + rest):
+        return jnp.einsum(spec, x, w, **kwargs)
+    k = int(np.prod(x.shape[len(lead) :]))
+    x2 = x.reshape(-1, k)
+    if ws.startswith(shared):  # w [contracted..., out...]
+        out_shape = w.shape[n:]
+        w2, dims = w.reshape(k, -1), (((1,), (0,)), ((), ()))
+    elif ws.endswith(shared):  # w [out..., contracted...] (a tied embedding)
+        out_shape = w.shape[: w.ndim - n]
+        w2, dims = w.reshape(-1, k), (((1,), (1,)), ((), ()))
+    else:
+        return jnp.einsum(spec, x, w, **kwargs)
+    y = jax.lax.dot_general(x2, w2, dims, **kwargs)
+    return y.reshape(*x.shape[: len(lead)], *out_shape)
 
 
 # ----------------------------------------------------------------------------- RMSNorm

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The README's first command: install, build the Shakespeare dataset, train its tokenizer,
+# train a small Llama on the CPU, then sample from it. ~15 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+run=${RUN_DIR:-runs/shakespeare_tiny}
+# The shakespeare TFDS dataset and the SentencePiece tokenizer are built on first use.
+.venv/bin/llama3 train --config experiments/shakespeare_tiny.py --model_path "$run" "$@"
+echo
+echo "=== samples from $run ==="
+.venv/bin/llama3 generate --model_path "$run" --dtype float32 --max_new_tokens 60 \
+  --temperature 0.8 --top_p 0.95 --seed 0 \
+  "ROMEO:" "To be, or not to be" "KING HENRY. Once more unto the breach"
