@@ -540,3 +540,24 @@ def test_launch_scripts_are_valid_bash():
         subprocess.run(["bash", "-n", script], check=True)
     with open(os.path.join(ROOT, "launch", "multiprocess.sh")) as f:
         assert "coordinator_address" in f.read()
+
+
+def test_init_from_starts_from_the_given_weights(corpus, tmp_path):
+    a = tmp_path / "a"
+    out_a = trainer.train(tiny_config(corpus, a, num_steps=3))
+    # A learning rate of 1e-30 leaves float32 weights as they were: b starts (and ends) at a.
+    b = tmp_path / "b"
+    out_b = trainer.train(
+        tiny_config(corpus, b, num_steps=1, init_from=str(a), learning_rate=1e-30, warmup_steps=0)
+    )
+    assert_trees_equal(final_state(str(a))[1]["params"], final_state(str(b))[1]["params"])
+    assert out_a["valid_loss"] == out_b["valid_loss"]
+
+
+def test_bfloat16_compute_with_float32_master_weights(corpus, tmp_path):
+    run = tmp_path / "run"
+    out = trainer.train(tiny_config(corpus, run, num_steps=4, **{"model.dtype": "bfloat16"}))
+    _, state = final_state(str(run))
+    assert state["params"]["embedding"].dtype == np.float32
+    got = losses(run)
+    assert np.isfinite(out["valid_loss"]) and got[4] < got[1]
