@@ -47,7 +47,11 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsFile:
-    """Memory-mapped reader of one `.safetensors` file; `get` returns a read-only view."""
+    """Reader of one `.safetensors` file: the header up front, each tensor read on demand.
+
+    Tensors are read into fresh arrays (not memory-mapped), so a conversion holds only the
+    tensors it is working on besides its output.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -57,7 +61,6 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self._offset = 8 + n
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -66,15 +69,20 @@ class SafetensorsFile:
         e = self.entries[name]
         if e["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        dtype = np.dtype(_ST_DTYPES[e["dtype"]])
         start, end = e["data_offsets"]
-        raw = self._mmap[self._offset + start : self._offset + end]
-        return raw.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+        count = (end - start) // dtype.itemsize
+        a = np.fromfile(self.path, dtype=dtype, count=count, offset=self._offset + start)
+        return a.reshape(e["shape"])
 
 
 def write_safetensors(
     path: str, tensors: Iterator[tuple[str, np.ndarray]] | dict, metadata: dict | None = None
 ) -> None:
-    """Writes tensors (name -> array) to `path` atomically (temp file, then rename)."""
+    """Writes tensors (name -> array, views welcome) to `path` atomically (temp, then rename).
+
+    Each tensor is made contiguous only while it is written, one at a time.
+    """
     items = list(tensors.items() if isinstance(tensors, dict) else tensors)
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -94,7 +102,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, a in items:
-            f.write(np.ascontiguousarray(a).tobytes())
+            np.ascontiguousarray(a).tofile(f)
     os.replace(tmp, path)
 
 
@@ -210,15 +218,15 @@ def _spec_inverse(config: ModelConfig, path: tuple[str, ...]) -> Callable | None
 
 
 def params_to_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, contiguous array) for every tensor, one at a time."""
+    """Yields (HF name, array view in HF layout) for every tensor; nothing is copied."""
     for path, name, _, _, to_hf in _spec(config):
         value = np.asarray(_get(params, path))
         if path[0] == "layers":
             for i in range(config.n_layers):
                 w = value[i]
-                yield name.format(i=i), np.ascontiguousarray(to_hf(w) if to_hf else w)
+                yield name.format(i=i), to_hf(w) if to_hf else w
         else:
-            yield name, np.ascontiguousarray(to_hf(value) if to_hf else value)
+            yield name, to_hf(value) if to_hf else value
 
 
 # ----------------------------------------------------------------------------- Hugging Face
