@@ -18,19 +18,22 @@ from llama_jax.experiment import base_config, model_config_dict
 
 def get_config(arg: str | None = None):
     c = base_config()
-    c.model = model_config_dict("small", vocab_size=8000, max_seq_len=512)
+    c.model = model_config_dict(
+        "small", vocab_size=8000, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, mlp_dim=768,
+        max_seq_len=512,
+    )
     c.data_path = "shakespeare"
     c.tokenizer_vocab_size = 8000
     c.seq_len = 256
     c.batch_size = 16
-    c.num_steps = 600
-    c.learning_rate = 1e-3
-    c.warmup_steps = 50
+    c.num_steps = 200
+    c.learning_rate = 2e-3
+    c.warmup_steps = 20
     c.schedule = "cosine"
     c.weight_decay = 0.1
     c.log_every = 10
-    c.eval_every = 200
-    c.checkpoint_every = 200
+    c.eval_every = 100
+    c.checkpoint_every = 100
     c.run_dir = "runs/shakespeare_tiny"
     if arg == "runlocal":
         c.model = model_config_dict(

@@ -101,6 +101,25 @@ class ModelConfig:
                 f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}"
             )
 
+    ARCHITECTURE_FIELDS = (
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "mlp_dim",
+        "head_dim",
+        "tie_embeddings",
+    )
+
+    def architecture_diff(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields that change the parameter shapes: {field: (self's, other's)} where they differ."""
+        return {
+            k: (getattr(self, k), getattr(other, k))
+            for k in self.ARCHITECTURE_FIELDS
+            if getattr(self, k) != getattr(other, k)
+        }
+
     # ---------------------------------------------------------------- derived sizes
     def param_count(self) -> int:
         """Number of parameters (embedding counted once when tied)."""

@@ -129,21 +129,7 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
     if os.path.isfile(existing):
         with open(existing) as f:
             old = ModelConfig.from_dict(json.load(f))
-        arch = (
-            "vocab_size",
-            "dim",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "mlp_dim",
-            "head_dim",
-            "tie_embeddings",
-        )
-        diff = {
-            k: (getattr(old, k), getattr(model_cfg, k))
-            for k in arch
-            if getattr(old, k) != getattr(model_cfg, k)
-        }
+        diff = old.architecture_diff(model_cfg)
         if diff:
             raise ValueError(
                 f"run directory {c.run_dir} holds a different model (field: (there, here)): "
@@ -513,21 +499,7 @@ def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any
     from llama_jax.convert import load_any
 
     src_cfg, params = load_any(path)
-    fields = (
-        "vocab_size",
-        "dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "mlp_dim",
-        "head_dim",
-        "tie_embeddings",
-    )
-    diff = {
-        f: (getattr(src_cfg, f), getattr(model_cfg, f))
-        for f in fields
-        if getattr(src_cfg, f) != getattr(model_cfg, f)
-    }
+    diff = src_cfg.architecture_diff(model_cfg)
     if diff:
         raise ValueError(f"init_from={path} is a different architecture (there, here): {diff}")
     dt = jnp.dtype(model_cfg.param_dtype)
