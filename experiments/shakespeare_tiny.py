@@ -19,7 +19,13 @@ from llama_jax.experiment import base_config, model_config_dict
 def get_config(arg: str | None = None):
     c = base_config()
     c.model = model_config_dict(
-        "small", vocab_size=8000, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, mlp_dim=768,
+        "small",
+        vocab_size=8000,
+        dim=256,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_dim=768,
         max_seq_len=512,
     )
     c.data_path = "shakespeare"

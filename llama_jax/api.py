@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import convert, sharding
+from llama_jax import convert, sampling, sharding
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.model import Transformer, init_params
 
@@ -131,6 +131,199 @@ class Llama3:
             out = self._forward(self.params, jnp.asarray(tokens, jnp.int32))
         out = np.asarray(out, np.float32)
         return out[0] if squeeze else out
+
+    # ------------------------------------------------------------------ sampling
+    def sampler(self, **options: Any) -> sampling.Sampler:
+        """The generation engine: decode-laid-out params (a second copy of the weights, made on
+        first use and remade when `params` is replaced or `options` change) and its jitted
+        prefill / decode functions.
+
+        Args:
+          **options: `layout`, `unroll`, `dtype` of `sampling.Sampler` (default: chosen for
+            the platform, see `sampling.prepare_decode_params`).
+        """
+        cached = getattr(self, "_sampler_cache", None)
+        if cached is None or cached[0] is not self.params or cached[1] != options:
+            self._sampler_cache = None  # let the old copy go before making the new one
+            made = sampling.Sampler(self.config, self.params, self.mesh, **options)
+            self._sampler_cache = (self.params, dict(options), made)
+        return self._sampler_cache[2]
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompt {i} is a {type(p).__name__}; generate takes strs")
+        return [self.tokenizer.encode(p, bos=True) for p in prompts]
+
+    def _default_stop_ids(self) -> tuple[int, ...]:
+        if self._tokenizer is None and self.model_path is None:
+            return ()
+        from llama_jax.tokenizer import DIRECTORY_FILES
+
+        found = self._tokenizer is not None or any(
+            os.path.isfile(os.path.join(self.model_path, f)) for f in DIRECTORY_FILES
+        )
+        return tuple(self.tokenizer.stop_ids) if found else ()
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        truncate: bool = False,
+    ) -> str | list[str]:
+        """Continues text prompt(s) (BOS prepended); returns the new text only.
+
+        Args:
+          prompt: a string, or a list of strings generated together as one batch.
+          max_new_tokens: at most this many new tokens per prompt.
+          temperature, top_k, top_p, min_p: token choice (see `sampling.SamplingParams`);
+            temperature 0 is greedy.
+          seed: PRNG seed; the same seed and arguments give the same text.
+          stop: string(s) that end a prompt's text (not included); generation also ends at the
+            tokenizer's stop ids (end of text / turn / message).
+          truncate: drop the oldest prompt tokens that would not fit the model's context,
+            instead of raising.
+
+        Returns:
+          The continuation (a list of them for a list of prompts).
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        stop = sampling.check_stop(stop)
+        texts = sampling.generate_text(
+            self.sampler(),
+            self.tokenizer,
+            self._encode_prompts(prompts),
+            max_new_tokens,
+            params,
+            seed,
+            stop,
+            self.tokenizer.stop_ids,
+            truncate,
+        )
+        return texts[0] if single else texts
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] | None = None,
+        truncate: bool = False,
+    ) -> list[list[int]]:
+        """Continues token prompts (used as given: add BOS yourself); returns the new ids.
+
+        Args:
+          prompts: a list of token id lists, of any lengths.
+          max_new_tokens, temperature, top_k, top_p, min_p, seed, truncate: as in `generate`.
+          stop_ids: a prompt ends at the first of these (not included). None: the tokenizer's
+            stop ids when the model has a tokenizer (passed in or in model_path), else none.
+
+        Returns:
+          The new ids of each prompt.
+        """
+        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        stops = self._default_stop_ids() if stop_ids is None else tuple(stop_ids)
+        return self.sampler().generate_ids(prompts, max_new_tokens, params, seed, stops, truncate)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        truncate: bool = False,
+    ) -> Iterator[str]:
+        """Yields the continuation of one prompt as text pieces, as they are produced.
+
+        A piece never ends inside a multi-byte character, and the pieces join to what
+        `generate` returns for the same arguments.
+
+        Args:
+          prompt: text (BOS prepended) or token ids (used as given, e.g. a chat dialog).
+          max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, truncate: as in
+            `generate`.
+        """
+        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        stop = sampling.check_stop(stop)
+        ids = self._encode_prompts([prompt])[0] if isinstance(prompt, str) else list(prompt)
+        return sampling.stream_text(
+            self.sampler(),
+            self.tokenizer,
+            ids,
+            max_new_tokens,
+            params,
+            seed,
+            stop,
+            self.tokenizer.stop_ids,
+            truncate,
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+    ) -> str:
+        """The assistant's reply to a conversation, in the Llama 3 chat format.
+
+        Args:
+          messages: [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...].
+          max_new_tokens, temperature, top_k, top_p, min_p, seed, stop: as in `generate`;
+            the reply ends at <|eot_id|> (or another stop id of the tokenizer).
+
+        Returns:
+          The reply text.
+        """
+        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        ids = self.tokenizer.encode_dialog(messages)
+        return sampling.generate_text(
+            self.sampler(),
+            self.tokenizer,
+            [ids],
+            max_new_tokens,
+            params,
+            seed,
+            sampling.check_stop(stop),
+            self.tokenizer.stop_ids,
+        )[0]
+
+    def score(self, texts: str | Sequence[str]) -> list[float]:
+        """Log-likelihood of each text: the sum of log p(token | earlier tokens) over its tokens,
+        with BOS prepended as context (for ranking candidates and evaluation).
+
+        Args:
+          texts: a string or a list of strings.
+
+        Returns:
+          One float per text (0.0 for an empty text).
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no texts given: pass a string or a non-empty list of strings")
+        return self.sampler().score(self._encode_prompts(texts))
 
     # ------------------------------------------------------------------ saving
     def host_params(self) -> Any:

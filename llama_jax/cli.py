@@ -65,10 +65,69 @@ def _tokenizer(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--model_path", required=True, help="llama_jax or Hugging Face model directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0: no limit")
+    p.add_argument("--top_p", type=float, default=1.0, help="1: no limit")
+    p.add_argument("--min_p", type=float, default=0.0, help="0: no limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    return p
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
+    return {name: getattr(args, name) for name in names}
+
+
+def _generate(argv: list[str]) -> int:
+    p = _sampling_parser("llama3 generate", "Continue text prompts, streaming to stdout.")
+    p.add_argument("prompt", nargs="+", help="prompt text (BOS is prepended)")
+    args = p.parse_args(argv)
+    from llama_jax.api import Llama3
+
+    try:
+        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+        for prompt in args.prompt:
+            for piece in model.stream(prompt, **_sampling_kwargs(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _chat(argv: list[str]) -> int:
+    p = _sampling_parser(
+        "llama3 chat", "Chat on stdin (one line per turn; /reset forgets, /exit quits)."
+    )
+    p.add_argument("--system", default=None, help="system prompt")
+    args = p.parse_args(argv)
+    from llama_jax.api import Llama3
+    from llama_jax.sampling import run_chat
+
+    try:
+        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+        prompt = "> " if sys.stdin.isatty() else ""
+        run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **_sampling_kwargs(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {
     "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
     "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
+    "generate": (_generate, "continue text prompts (streams to stdout)"),
+    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
 }
 
 

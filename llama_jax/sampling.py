@@ -3,11 +3,11 @@
 Bottom up:
   SamplingParams         temperature / top-k / top-p / min-p, validated.
   sample_tokens          greedy, or a seeded draw from the filtered distribution, for [B, V].
-  matvec_dense           the projections' matmul for weights stored with their contracted dims
-                         last: batch-1 decoding runs as matrix-vector products that XLA:CPU
+  matvec_dense           the projections' matmul for weights stored as contiguous [C, M, Kc]
+                         chunks: batch-1 decoding runs as matrix-vector products that XLA:CPU
                          fuses with the bf16->f32 conversion (its bf16 GEMV is ~20x slower).
-  prepare_decode_params  the params laid out for decoding (layers unrolled, optionally
-                         transposed for `matvec_dense`), placed on the model's mesh.
+  prepare_decode_params  the params laid out for decoding (layers unrolled; on CPU with 16-bit
+                         weights, projections in the matvec layout), on the model's mesh.
   Sampler                owns the decode params and the jitted functions: `prefill`,
                          `decode_step` (donates the cache), and the generation loop: `_start`
                          (prefill + first token) and `_run` (a `lax.while_loop` over decode
@@ -30,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,9 +54,10 @@ from llama_jax.model import (
 Array = jax.Array
 
 MIN_BUCKET = 16  # shortest prompt / cache bucket: tiny prompts share one compilation
-MATVEC_CHUNK = 2048  # contracted elements per fused matrix-vector product (see matvec_dense)
+MATVEC_MAX = 3072  # longest vector XLA:CPU fuses into a matrix-vector loop (< 16 KiB in f32)
+MATVEC_CHUNK = 2048  # chunk length when a contraction is longer than MATVEC_MAX
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
-LAYOUTS = ("auto", "standard", "transposed")
+LAYOUTS = ("auto", "standard", "matvec")
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -79,13 +81,17 @@ class SamplingParams:
 
     def __post_init__(self):
         t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+
+        def number(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not number(t) or t < 0:
             raise ValueError(f"temperature={t!r}; valid: a finite number >= 0 (0 is greedy)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
             raise ValueError(f"top_k={k!r}; valid: an int >= 0 (0 keeps every token)")
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if not number(p) or not 0 < p <= 1:
             raise ValueError(f"top_p={p!r}; valid: a number in (0, 1] (1 keeps every token)")
-        if not isinstance(m, (int, float)) or not 0 <= m < 1:
+        if not number(m) or not 0 <= m < 1:
             raise ValueError(f"min_p={m!r}; valid: a number in [0, 1) (0 keeps every token)")
 
     @property
@@ -100,7 +106,7 @@ class SamplingParams:
     def arrays(self) -> tuple[Array, Array, Array, Array]:
         """The values as traced scalars, so changing them never recompiles."""
         return (
-            jnp.float32(max(self.temperature, 1e-6)),
+            jnp.float32(max(float(self.temperature), 1e-6)),  # greedy never divides by it
             jnp.int32(self.top_k),
             jnp.float32(self.top_p),
             jnp.float32(self.min_p),
@@ -165,56 +171,70 @@ def _step_keys(seed: Array, rows: Array, step: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- decode layout
-# Leaf name -> axis order that puts the contracted dims last (model layout in model.py).
-_CONTRACT_LAST = {
-    "wq": (1, 2, 0),  # [D, N, H] -> [N, H, D]
-    "wk": (1, 2, 0),
-    "wv": (1, 2, 0),
-    "wo": (2, 0, 1),  # [N, H, D] -> [D, N, H]
-    "w_gate": (1, 0),  # [D, F] -> [F, D]
-    "w_up": (1, 0),
-    "w_down": (1, 0),  # [F, D] -> [D, F]
-    "kernel": (1, 0),  # lm_head [D, V] -> [V, D]
+# Projection weights by leaf name: (letters of the model's layout, contracted letters). They
+# must match the einsums in model.py (the cache-vs-recompute tests check the two agree).
+_PROJECTIONS = {
+    "wq": ("DNH", "D"),
+    "wk": ("DKH", "D"),
+    "wv": ("DKH", "D"),
+    "wo": ("NHD", "NH"),
+    "w_gate": ("DF", "D"),
+    "w_up": ("DF", "D"),
+    "w_down": ("FD", "F"),
+    "lm_head": ("DV", "D"),
 }
 
 
-def _leaf_perm(path: tuple[Any, ...], ndim: int) -> tuple[int, ...] | None:
-    name = getattr(path[-1], "key", None)
-    perm = _CONTRACT_LAST.get(name)
-    if perm is None:
-        return None
-    lead = ndim - len(perm)  # a stacked [L] axis in front when layers are scanned
-    return tuple(range(lead)) + tuple(p + lead for p in perm)
+def _n_chunks(k: int) -> int:
+    """Contraction chunks for a matrix-vector product over k elements (see matvec_dense)."""
+    if k <= MATVEC_MAX:
+        return 1
+    return next(c for c in range(2, k + 1) if k % c == 0 and k // c <= MATVEC_CHUNK)
 
 
-def _permute_tree(tree: Any, inverse: bool) -> Any:
-    def f(path, a):
-        perm = _leaf_perm(path, a.ndim)
-        if perm is None:
-            return a
-        return jnp.transpose(a, np.argsort(perm) if inverse else perm)
+def _as_chunks(w: Array, letters: str, contract: str) -> Array:
+    """A weight in the model's layout -> [C, M, Kc]: free dims merged into M, the contracted
+    ones into C contiguous chunks of Kc (the matvec layout)."""
+    free = [c for c in letters if c not in contract]
+    w = jnp.transpose(w, [letters.index(c) for c in free + list(contract)])
+    m = math.prod(w.shape[: len(free)])
+    k = math.prod(w.shape[len(free) :])
+    c = _n_chunks(k)
+    return jnp.transpose(w.reshape(m, c, k // c), (1, 0, 2))
 
-    return jax.tree_util.tree_map_with_path(f, tree)
+
+def _from_chunks(s: Array, letters: str, contract: str, shape: Sequence[int]) -> Array:
+    """Inverse of `_as_chunks`: [C, M, Kc] -> the model's layout `shape` (lazy inside jit)."""
+    dims = dict(zip(letters, shape))
+    free = [c for c in letters if c not in contract]
+    order = free + list(contract)
+    w = jnp.transpose(s, (1, 0, 2)).reshape([dims[c] for c in order])
+    return jnp.transpose(w, [order.index(c) for c in letters])
+
+
+def _projection(path: tuple[Any, ...]) -> tuple[str, str] | None:
+    return _PROJECTIONS.get(getattr(path[-1], "key", None))
 
 
 def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
-    """`einsum_dense` for weights whose storage has the contracted dims last.
+    """`einsum_dense` for weights stored in the matvec layout [C, M, Kc] (see `_as_chunks`).
 
-    The Sampler stores each projection weight transposed (`_CONTRACT_LAST`) and transposes it
-    back to the model's layout inside jit; this function transposes it again, which XLA
-    cancels, so it contracts the stored array along its minor (contiguous) dims. For a single
-    row (batch-1 decoding) it issues rank-1 `dot`s of at most MATVEC_CHUNK elements: XLA:CPU then
-    fuses the bf16->f32 conversion into a matrix-vector loop that reads the weights once at
-    memory speed (its default bf16 path materialises an f32 copy of the weight first, ~20x
-    slower; vectors of 16 KiB or more are not fused, hence the chunks). The chunk results are
-    combined through a buffer rather than `+`: XLA would fuse an add into the dot and lose the
-    producer fusion. More rows use an ordinary GEMM with the weight as the left operand.
+    The Sampler stores each projection weight as [C, M, Kc] and restores the model's layout
+    inside jit; this function rearranges it back, which XLA cancels, so the dots below read the
+    stored array directly. For a single row (batch-1 decoding) they are rank-1 `dot`s of at
+    most MATVEC_MAX elements against a contiguous [M, Kc] chunk: XLA:CPU then fuses the
+    bf16->f32 conversion into a matrix-vector loop that streams the weight at memory speed. Its
+    default bf16 path first materialises an f32 copy of the weight, about 20x slower; vectors of
+    16 KiB or more are not fused (hence the chunks), a vector operand that is a view of a
+    multi-dimensional array defeats vectorisation (hence the copy into a flat buffer), and an add
+    consuming a dot is fused into it, losing the weight's fusion (hence partial results are
+    combined through a buffer). More rows use ordinary GEMMs per chunk.
 
     Args:
       spec: a projection einsum from model.py, "<batch letters><contracted>,<weight>-><batch
         letters><free>", e.g. "BTD,DNH->BTNH".
       x: [B, T, *contracted].
-      w: the weight in the model's layout (a transpose of the stored array).
+      w: the weight in the model's layout (a rearrangement of the stored [C, M, Kc] array).
       **kwargs: `preferred_element_type` as for jnp.einsum.
 
     Returns:
@@ -222,10 +242,10 @@ def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
     """
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
-    contract = [c for c in rhs if c in lhs]
-    free = [c for c in rhs if c not in lhs]
+    contract = "".join(c for c in rhs if c in lhs)
+    free = "".join(c for c in rhs if c not in lhs)
     n_lead = len(lhs) - len(contract)
-    if lhs[n_lead:] != "".join(contract) or out != lhs[:n_lead] + "".join(free):
+    if lhs[n_lead:] != contract or out != lhs[:n_lead] + free:
         raise ValueError(
             f"matvec_dense cannot run {spec!r}: it needs x's contracted letters last and in the "
             "weight's order, and the output as x's leading letters then the weight's free ones"
@@ -234,41 +254,83 @@ def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
     if unknown:
         raise ValueError(f"matvec_dense got unsupported arguments {sorted(unknown)}")
     out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
-    wt = jnp.transpose(w, [rhs.index(c) for c in free + contract])  # cancels the stored one
-    free_shape = wt.shape[: len(free)]
-    m, k = math.prod(free_shape), math.prod(wt.shape[len(free) :])
-    wt = wt.reshape(m, k)
+    free_shape = [w.shape[rhs.index(c)] for c in free]
+    chunks = _as_chunks(w, rhs, contract)  # [C, M, Kc]
+    n_chunks, m, kc = chunks.shape
     lead = x.shape[:n_lead]
     rows = math.prod(lead)
-    x2 = x.reshape(rows, k)
+    x2 = x.reshape(rows, n_chunks * kc)
     if rows == 1:
-        parts = [
-            jnp.dot(x2[0, i : i + MATVEC_CHUNK], wt[:, i : i + MATVEC_CHUNK].T, **_F32)
-            for i in range(0, k, MATVEC_CHUNK)
-        ]
+        # A flat copy of the vector: row 0 of a [2, K] buffer that XLA keeps as one array.
+        flat = jax.lax.dynamic_update_slice(jnp.zeros((2, x2.shape[1]), x.dtype), x2, (0, 0))[0]
+        parts = [jnp.dot(flat[i * kc : (i + 1) * kc], chunks[i].T, **_F32) for i in range(n_chunks)]
         y = parts[0]
-        if len(parts) > 1:
-            buf = jnp.zeros((len(parts), m), jnp.float32)
+        if n_chunks > 1:
+            buf = jnp.zeros((n_chunks, m), jnp.float32)
             for i, part in enumerate(parts):
                 buf = jax.lax.dynamic_update_slice(buf, part[None], (i, 0))
             y = buf.sum(0)
         y = y[None]
     else:
-        y = jnp.einsum("MK,RK->RM", wt, x2, **_F32)
+        y = sum(
+            jnp.einsum("RK,MK->RM", x2[:, i * kc : (i + 1) * kc], chunks[i], **_F32)
+            for i in range(n_chunks)
+        )
     return y.astype(out_dtype).reshape(*lead, *free_shape)
 
 
 _F32 = {"preferred_element_type": jnp.float32}
 
 
+def _to_model_layout(params: Any, model_shapes: Any) -> Any:
+    """Matvec-layout params -> the model's layout (lazy rearrangements inside jit)."""
+
+    def f(path, a, shape):
+        proj = _projection(path)
+        return a if proj is None else _from_chunks(a, *proj, shape.shape)
+
+    return jax.tree_util.tree_map_with_path(f, params, model_shapes)
+
+
+def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """Sharding of a projection's [C, M, Kc] array from its model-layout sharding: M follows its
+    major free dim, C (or Kc when C == 1) its major contracted dim, where sizes divide."""
+    proj = _projection(path)
+    if proj is None:
+        return s
+    letters, contract = proj
+    spec = tuple(s.spec) + (None,) * (len(letters) - len(s.spec))
+    axis = dict(zip(letters, spec))
+    dims = dict(zip(letters, shape))
+    mesh = s.mesh
+
+    def size(a):
+        return math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+
+    def merged(group: str, n: int):
+        # A merged dim can keep the major letter's axis only if the minor ones are unsharded.
+        first = axis[group[0]]
+        if first is None or any(axis[c] is not None for c in group[1:]) or n % size(first):
+            return None
+        return first
+
+    free = "".join(c for c in letters if c not in contract)
+    k = math.prod(dims[c] for c in contract)
+    c = _n_chunks(k)
+    m_axis = merged(free, math.prod(dims[x] for x in free))
+    k_axis = merged(contract, c if c > 1 else k)
+    new = (k_axis, m_axis, None) if c > 1 else (None, m_axis, k_axis)
+    return NamedSharding(mesh, PartitionSpec(*new))
+
+
 def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh) -> str:
-    """ "auto" -> "transposed" for 16-bit weights on CPU (see matvec_dense), else "standard"."""
+    """ "auto" -> "matvec" for 16-bit weights on CPU (see matvec_dense), else "standard"."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; valid: {LAYOUTS}")
     if layout != "auto":
         return layout
     cpu = mesh.devices.flat[0].platform == "cpu"
-    return "transposed" if cpu and config.dtype in ("bfloat16", "float16") else "standard"
+    return "matvec" if cpu and config.dtype in ("bfloat16", "float16") else "standard"
 
 
 def prepare_decode_params(
@@ -279,21 +341,21 @@ def prepare_decode_params(
     layout: str = "auto",
     unroll: bool = True,
     dtype: str | None = None,
-) -> tuple[Any, Any, ModelConfig, str]:
+) -> tuple[Any, ModelConfig, str]:
     """Lays the params out for decoding, on the mesh, without a trip through the host.
 
     Args:
       params: the model's params (scanned or not), on device or host.
       config: their config.
       mesh: where the result lives (sharded by the model's logical axes).
-      layout: "standard" (model layout), "transposed" (contracted dims last, for
-        `matvec_dense`) or "auto" (see `resolve_layout`).
+      layout: "standard" (the model's layout), "matvec" ([C, M, Kc] projections for
+        `matvec_dense`; needs unroll) or "auto" (see `resolve_layout`).
       unroll: store layers separately (`scan_layers=False`): a scan over layers re-slices the
         stacked weights and cache every step (PERF_NOTES: 5-8x slower decoding in MaxText).
       dtype: compute/param dtype for decoding (e.g. "float32"); None keeps config.dtype.
 
     Returns:
-      (params, their NamedShardings, decode config, resolved layout)
+      (params, decode config, resolved layout)
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; valid: {DTYPES}")
@@ -305,29 +367,34 @@ def prepare_decode_params(
         changes.update(param_dtype=dtype, dtype=dtype)
     config = dataclasses.replace(config, **changes)
     layout = resolve_layout(layout, config, mesh)
-    abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
-    shardings = sharding.logical_to_sharding(abstract, mesh)
-    if layout == "transposed":
-
-        def permute_sharding(path, s):
-            perm = _leaf_perm(path, len(s.spec) if s.spec else 0)
-            if perm is None:
-                return s
-            spec = tuple(s.spec) + (None,) * (len(perm) - len(s.spec))
-            return NamedSharding(mesh, PartitionSpec(*(spec[p] for p in perm)))
-
-        shardings = jax.tree_util.tree_map_with_path(permute_sharding, shardings)
+    if layout == "matvec" and not unroll:
+        raise ValueError("layout='matvec' needs unroll=True (per-layer weights)")
+    abstract = nn.unbox(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))
+    shardings = sharding.logical_to_sharding(
+        jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), mesh
+    )
+    if layout == "matvec":
+        shardings = jax.tree_util.tree_map_with_path(
+            lambda path, s, a: _matvec_sharding(path, s, a.shape), shardings, abstract
+        )
     cast = jnp.dtype(config.param_dtype)
 
     def convert(p):
         if src_config.scan_layers and unroll:
             p = unstack_layers(p, config.n_layers)
         p = jax.tree.map(lambda a: a.astype(cast), p)
-        return _permute_tree(p, inverse=False) if layout == "transposed" else p
+        if layout == "matvec":
+            p = jax.tree_util.tree_map_with_path(
+                lambda path, a: (
+                    a if _projection(path) is None else _as_chunks(a, *_projection(path))
+                ),
+                p,
+            )
+        return p
 
     with jax.set_mesh(mesh):
         out = jax.jit(convert, out_shardings=shardings)(params)
-    return out, shardings, config, layout
+    return out, config, layout
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -350,7 +417,7 @@ class Sampler:
     Attributes:
       config: the decode config (unrolled layers unless `unroll=False`).
       params: the decode params (see `prepare_decode_params`), sharded over `mesh`.
-      layout: "standard" or "transposed".
+      layout: "standard" or "matvec".
       trace_counts: how often each jitted function was traced (= compiled); for tests.
     """
 
@@ -372,10 +439,13 @@ class Sampler:
           layout, unroll, dtype: see `prepare_decode_params`.
         """
         self.mesh = mesh
-        self.params, self.param_shardings, self.config, self.layout = prepare_decode_params(
+        self.params, self.config, self.layout = prepare_decode_params(
             params, config, mesh, layout=layout, unroll=unroll, dtype=dtype
         )
-        dense = matvec_dense if self.layout == "transposed" else einsum_dense
+        self._model_shapes = jax.eval_shape(
+            lambda k: nn.unbox(init_params(self.config, k)), jax.random.key(0)
+        )
+        dense = matvec_dense if self.layout == "matvec" else einsum_dense
         self._model = Transformer(self.config, dense)
         self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.trace_counts: collections.Counter[str] = collections.Counter()
@@ -384,8 +454,16 @@ class Sampler:
         self._start_jit = jax.jit(
             self._start_fn, static_argnames=("cache_len", "greedy", "needs_sort")
         )
+        # XLA hoists loop-invariant work out of the decode loop, including the bf16->f32
+        # conversion of every weight: the loop would then read an f32 copy (twice the bytes, and
+        # twice the memory, remade on every call). Keep the conversion inside the fused
+        # matrix-vector products instead.
+        options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
         self._run_jit = jax.jit(
-            self._run_fn, static_argnames=("greedy", "needs_sort"), donate_argnames="state"
+            self._run_fn,
+            static_argnames=("greedy", "needs_sort"),
+            donate_argnames="state",
+            compiler_options=options if self.layout == "matvec" else None,
         )
         self._score_jit = jax.jit(self._score_fn)
 
@@ -411,14 +489,12 @@ class Sampler:
         return jax.lax.with_sharding_constraint(cache, self.cache_shardings())
 
     def _apply(self, params, tokens, positions, cache, logits_at=None):
-        model_params = (
-            _permute_tree(params, inverse=True) if self.layout == "transposed" else params
-        )
+        if self.layout == "matvec":
+            params = _to_model_layout(params, self._model_shapes)
         return self._model.apply(
-            {"params": model_params}, tokens, positions, cache=cache, logits_at=logits_at
+            {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
         )
 
-    # ------------------------------------------------------------------ pure functions
     def _prefill_body(self, params, tokens, lengths, cache_len):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -825,6 +901,13 @@ class TextStream:
         self.stopped = False
 
     def push(self, ids: Sequence[int], final: bool = False) -> str:
+        """Adds generated ids; returns the text that can be shown now (maybe "").
+
+        Args:
+          ids: the next token ids.
+          final: no more ids follow: flush an incomplete character (as U+FFFD) and the
+            held-back tail.
+        """
         if self.stopped:
             return ""
         self._pending += self._decoder.decode(self._tokenizer.decode_bytes(list(ids)), final)
@@ -839,6 +922,7 @@ class TextStream:
         return piece
 
     def finish(self) -> str:
+        """Returns the rest of the text once generation has ended."""
         return self.push((), final=True)
 
 
