@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import convert, sampling, sharding
+from llama_jax import convert, sampling, sharding, text_stream
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.model import Transformer, init_params
 
@@ -140,7 +140,7 @@ class Llama3:
 
         Args:
           **options: `layout`, `unroll`, `dtype` of `sampling.Sampler` (default: chosen for
-            the platform, see `sampling.prepare_decode_params`).
+            the platform, see `decode_layout.prepare_decode_params`).
         """
         cached = getattr(self, "_sampler_cache", None)
         if cached is None or cached[0] is not self.params or cached[1] != options:
@@ -198,8 +198,8 @@ class Llama3:
         if not prompts:
             raise ValueError("no prompts given: pass a string or a non-empty list of strings")
         params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
-        stop = sampling.check_stop(stop)
-        texts = sampling.generate_text(
+        stop = text_stream.check_stop(stop)
+        texts = text_stream.generate_text(
             self.sampler(),
             self.tokenizer,
             self._encode_prompts(prompts),
@@ -262,9 +262,9 @@ class Llama3:
             `generate`.
         """
         params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
-        stop = sampling.check_stop(stop)
+        stop = text_stream.check_stop(stop)
         ids = self._encode_prompts([prompt])[0] if isinstance(prompt, str) else list(prompt)
-        return sampling.stream_text(
+        return text_stream.stream_text(
             self.sampler(),
             self.tokenizer,
             ids,
@@ -299,14 +299,14 @@ class Llama3:
         """
         params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
         ids = self.tokenizer.encode_dialog(messages)
-        return sampling.generate_text(
+        return text_stream.generate_text(
             self.sampler(),
             self.tokenizer,
             [ids],
             max_new_tokens,
             params,
             seed,
-            sampling.check_stop(stop),
+            text_stream.check_stop(stop),
             self.tokenizer.stop_ids,
         )[0]
 

@@ -72,12 +72,20 @@ def load_params(path: str, target: Any | None = None, subtree: str | None = None
             target,
         )
     item = jax.tree.map(lambda m: 0, restore_args, is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
-    out = ocp.PyTreeCheckpointer().restore(
-        path,
-        args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=subtree is not None
-        ),
-    )
+    # A training checkpoint's item directory has no step metadata file of its own; orbax logs
+    # a warning about it that means nothing here.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        out = ocp.PyTreeCheckpointer().restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=subtree is not None
+            ),
+        )
+    finally:
+        absl_logger.setLevel(level)
     return out if subtree is None else out[subtree]
 
 

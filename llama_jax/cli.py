@@ -92,7 +92,9 @@ def _generate(argv: list[str]) -> int:
 
     try:
         model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
-        for prompt in args.prompt:
+        for i, prompt in enumerate(args.prompt):
+            # The prompt, then its continuation as it streams; a blank line between prompts.
+            sys.stdout.write(("\n" if i else "") + prompt)
             for piece in model.stream(prompt, **_sampling_kwargs(args)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -110,7 +112,7 @@ def _chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="system prompt")
     args = p.parse_args(argv)
     from llama_jax.api import Llama3
-    from llama_jax.sampling import run_chat
+    from llama_jax.text_stream import run_chat
 
     try:
         model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)

@@ -3,11 +3,8 @@
 Bottom up:
   SamplingParams         temperature / top-k / top-p / min-p, validated.
   sample_tokens          greedy, or a seeded draw from the filtered distribution, for [B, V].
-  matvec_dense           the projections' matmul for weights stored as contiguous [C, M, Kc]
-                         chunks: batch-1 decoding runs as matrix-vector products that XLA:CPU
-                         fuses with the bf16->f32 conversion (its bf16 GEMV is ~20x slower).
-  prepare_decode_params  the params laid out for decoding (layers unrolled; on CPU with 16-bit
-                         weights, projections in the matvec layout), on the model's mesh.
+  (decode_layout.py)     the params laid out for decoding: layers unrolled and, on CPU with
+                         16-bit weights, projections as matrix-vector-friendly chunks.
   Sampler                owns the decode params and the jitted functions: `prefill`,
                          `decode_step` (donates the cache), and the generation loop: `_start`
                          (prefill + first token) and `_run` (a `lax.while_loop` over decode
@@ -16,8 +13,7 @@ Bottom up:
                          compiled code and a generation never compiles per token.
   Generation             one batch of prompts being generated, advanced from the host in
                          chunks (one chunk unless stop strings or streaming need a look).
-  TextStream             incremental detokenisation that never splits a UTF-8 character and
-                         ends the text before the first stop string.
+  (text_stream.py)       text on top: streaming detokenisation, stop strings, chat.
 
 Randomness: row r's token at step s is drawn with fold_in(fold_in(key(seed), r), s), so a result
 depends on the seed, the row and the step only, not on bucketing, chunking or streaming.
@@ -25,39 +21,35 @@ depends on the seed, the row and the step only, not on bucketing, chunking or st
 
 from __future__ import annotations
 
-import codecs
 import collections
 import contextlib
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax import sharding
-from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.config import ModelConfig
+from llama_jax.decode_layout import _to_model_layout, matvec_dense, prepare_decode_params
 from llama_jax.model import (
     Transformer,
     cache_logical_axes,
     einsum_dense,
     init_cache,
     init_params,
-    unstack_layers,
 )
 
 Array = jax.Array
 
 MIN_BUCKET = 16  # shortest prompt / cache bucket: tiny prompts share one compilation
-MATVEC_MAX = 3072  # longest vector XLA:CPU fuses into a matrix-vector loop (< 16 KiB in f32)
-MATVEC_CHUNK = 2048  # chunk length when a contraction is longer than MATVEC_MAX
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
-LAYOUTS = ("auto", "standard", "matvec")
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -168,233 +160,6 @@ def _step_keys(seed: Array, rows: Array, step: Array) -> Array:
     """[B] keys for `step`: depend on (seed, row, step) only."""
     base = jax.random.key(seed)
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
-
-
-# ----------------------------------------------------------------------------- decode layout
-# Projection weights by leaf name: (letters of the model's layout, contracted letters). They
-# must match the einsums in model.py (the cache-vs-recompute tests check the two agree).
-_PROJECTIONS = {
-    "wq": ("DNH", "D"),
-    "wk": ("DKH", "D"),
-    "wv": ("DKH", "D"),
-    "wo": ("NHD", "NH"),
-    "w_gate": ("DF", "D"),
-    "w_up": ("DF", "D"),
-    "w_down": ("FD", "F"),
-    "lm_head": ("DV", "D"),
-}
-
-
-def _n_chunks(k: int) -> int:
-    """Contraction chunks for a matrix-vector product over k elements (see matvec_dense)."""
-    if k <= MATVEC_MAX:
-        return 1
-    return next(c for c in range(2, k + 1) if k % c == 0 and k // c <= MATVEC_CHUNK)
-
-
-def _as_chunks(w: Array, letters: str, contract: str) -> Array:
-    """A weight in the model's layout -> [C, M, Kc]: free dims merged into M, the contracted
-    ones into C contiguous chunks of Kc (the matvec layout)."""
-    free = [c for c in letters if c not in contract]
-    w = jnp.transpose(w, [letters.index(c) for c in free + list(contract)])
-    m = math.prod(w.shape[: len(free)])
-    k = math.prod(w.shape[len(free) :])
-    c = _n_chunks(k)
-    return jnp.transpose(w.reshape(m, c, k // c), (1, 0, 2))
-
-
-def _from_chunks(s: Array, letters: str, contract: str, shape: Sequence[int]) -> Array:
-    """Inverse of `_as_chunks`: [C, M, Kc] -> the model's layout `shape` (lazy inside jit)."""
-    dims = dict(zip(letters, shape))
-    free = [c for c in letters if c not in contract]
-    order = free + list(contract)
-    w = jnp.transpose(s, (1, 0, 2)).reshape([dims[c] for c in order])
-    return jnp.transpose(w, [order.index(c) for c in letters])
-
-
-def _projection(path: tuple[Any, ...]) -> tuple[str, str] | None:
-    return _PROJECTIONS.get(getattr(path[-1], "key", None))
-
-
-def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
-    """`einsum_dense` for weights stored in the matvec layout [C, M, Kc] (see `_as_chunks`).
-
-    The Sampler stores each projection weight as [C, M, Kc] and restores the model's layout
-    inside jit; this function rearranges it back, which XLA cancels, so the dots below read the
-    stored array directly. For a single row (batch-1 decoding) they are rank-1 `dot`s of at
-    most MATVEC_MAX elements against a contiguous [M, Kc] chunk: XLA:CPU then fuses the
-    bf16->f32 conversion into a matrix-vector loop that streams the weight at memory speed. Its
-    default bf16 path first materialises an f32 copy of the weight, about 20x slower; vectors of
-    16 KiB or more are not fused (hence the chunks), a vector operand that is a view of a
-    multi-dimensional array defeats vectorisation (hence the copy into a flat buffer), and an add
-    consuming a dot is fused into it, losing the weight's fusion (hence partial results are
-    combined through a buffer). More rows use ordinary GEMMs per chunk.
-
-    Args:
-      spec: a projection einsum from model.py, "<batch letters><contracted>,<weight>-><batch
-        letters><free>", e.g. "BTD,DNH->BTNH".
-      x: [B, T, *contracted].
-      w: the weight in the model's layout (a rearrangement of the stored [C, M, Kc] array).
-      **kwargs: `preferred_element_type` as for jnp.einsum.
-
-    Returns:
-      [B, T, *free], in preferred_element_type or the inputs' dtype.
-    """
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    contract = "".join(c for c in rhs if c in lhs)
-    free = "".join(c for c in rhs if c not in lhs)
-    n_lead = len(lhs) - len(contract)
-    if lhs[n_lead:] != contract or out != lhs[:n_lead] + free:
-        raise ValueError(
-            f"matvec_dense cannot run {spec!r}: it needs x's contracted letters last and in the "
-            "weight's order, and the output as x's leading letters then the weight's free ones"
-        )
-    unknown = set(kwargs) - {"preferred_element_type"}
-    if unknown:
-        raise ValueError(f"matvec_dense got unsupported arguments {sorted(unknown)}")
-    out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
-    free_shape = [w.shape[rhs.index(c)] for c in free]
-    chunks = _as_chunks(w, rhs, contract)  # [C, M, Kc]
-    n_chunks, m, kc = chunks.shape
-    lead = x.shape[:n_lead]
-    rows = math.prod(lead)
-    x2 = x.reshape(rows, n_chunks * kc)
-    if rows == 1:
-        # A flat copy of the vector: row 0 of a [2, K] buffer that XLA keeps as one array.
-        flat = jax.lax.dynamic_update_slice(jnp.zeros((2, x2.shape[1]), x.dtype), x2, (0, 0))[0]
-        parts = [jnp.dot(flat[i * kc : (i + 1) * kc], chunks[i].T, **_F32) for i in range(n_chunks)]
-        y = parts[0]
-        if n_chunks > 1:
-            buf = jnp.zeros((n_chunks, m), jnp.float32)
-            for i, part in enumerate(parts):
-                buf = jax.lax.dynamic_update_slice(buf, part[None], (i, 0))
-            y = buf.sum(0)
-        y = y[None]
-    else:
-        y = sum(
-            jnp.einsum("RK,MK->RM", x2[:, i * kc : (i + 1) * kc], chunks[i], **_F32)
-            for i in range(n_chunks)
-        )
-    return y.astype(out_dtype).reshape(*lead, *free_shape)
-
-
-_F32 = {"preferred_element_type": jnp.float32}
-
-
-def _to_model_layout(params: Any, model_shapes: Any) -> Any:
-    """Matvec-layout params -> the model's layout (lazy rearrangements inside jit)."""
-
-    def f(path, a, shape):
-        proj = _projection(path)
-        return a if proj is None else _from_chunks(a, *proj, shape.shape)
-
-    return jax.tree_util.tree_map_with_path(f, params, model_shapes)
-
-
-def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
-    """Sharding of a projection's [C, M, Kc] array from its model-layout sharding: M follows its
-    major free dim, C (or Kc when C == 1) its major contracted dim, where sizes divide."""
-    proj = _projection(path)
-    if proj is None:
-        return s
-    letters, contract = proj
-    spec = tuple(s.spec) + (None,) * (len(letters) - len(s.spec))
-    axis = dict(zip(letters, spec))
-    dims = dict(zip(letters, shape))
-    mesh = s.mesh
-
-    def size(a):
-        return math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
-
-    def merged(group: str, n: int):
-        # A merged dim can keep the major letter's axis only if the minor ones are unsharded.
-        first = axis[group[0]]
-        if first is None or any(axis[c] is not None for c in group[1:]) or n % size(first):
-            return None
-        return first
-
-    free = "".join(c for c in letters if c not in contract)
-    k = math.prod(dims[c] for c in contract)
-    c = _n_chunks(k)
-    m_axis = merged(free, math.prod(dims[x] for x in free))
-    k_axis = merged(contract, c if c > 1 else k)
-    new = (k_axis, m_axis, None) if c > 1 else (None, m_axis, k_axis)
-    return NamedSharding(mesh, PartitionSpec(*new))
-
-
-def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh) -> str:
-    """ "auto" -> "matvec" for 16-bit weights on CPU (see matvec_dense), else "standard"."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; valid: {LAYOUTS}")
-    if layout != "auto":
-        return layout
-    cpu = mesh.devices.flat[0].platform == "cpu"
-    return "matvec" if cpu and config.dtype in ("bfloat16", "float16") else "standard"
-
-
-def prepare_decode_params(
-    params: Any,
-    config: ModelConfig,
-    mesh: Mesh,
-    *,
-    layout: str = "auto",
-    unroll: bool = True,
-    dtype: str | None = None,
-) -> tuple[Any, ModelConfig, str]:
-    """Lays the params out for decoding, on the mesh, without a trip through the host.
-
-    Args:
-      params: the model's params (scanned or not), on device or host.
-      config: their config.
-      mesh: where the result lives (sharded by the model's logical axes).
-      layout: "standard" (the model's layout), "matvec" ([C, M, Kc] projections for
-        `matvec_dense`; needs unroll) or "auto" (see `resolve_layout`).
-      unroll: store layers separately (`scan_layers=False`): a scan over layers re-slices the
-        stacked weights and cache every step (PERF_NOTES: 5-8x slower decoding in MaxText).
-      dtype: compute/param dtype for decoding (e.g. "float32"); None keeps config.dtype.
-
-    Returns:
-      (params, decode config, resolved layout)
-    """
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; valid: {DTYPES}")
-    src_config = config
-    changes: dict[str, Any] = {"remat_policy": "none"}
-    if unroll:
-        changes["scan_layers"] = False
-    if dtype is not None:
-        changes.update(param_dtype=dtype, dtype=dtype)
-    config = dataclasses.replace(config, **changes)
-    layout = resolve_layout(layout, config, mesh)
-    if layout == "matvec" and not unroll:
-        raise ValueError("layout='matvec' needs unroll=True (per-layer weights)")
-    abstract = nn.unbox(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))
-    shardings = sharding.logical_to_sharding(
-        jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), mesh
-    )
-    if layout == "matvec":
-        shardings = jax.tree_util.tree_map_with_path(
-            lambda path, s, a: _matvec_sharding(path, s, a.shape), shardings, abstract
-        )
-    cast = jnp.dtype(config.param_dtype)
-
-    def convert(p):
-        if src_config.scan_layers and unroll:
-            p = unstack_layers(p, config.n_layers)
-        p = jax.tree.map(lambda a: a.astype(cast), p)
-        if layout == "matvec":
-            p = jax.tree_util.tree_map_with_path(
-                lambda path, a: (
-                    a if _projection(path) is None else _as_chunks(a, *_projection(path))
-                ),
-                p,
-            )
-        return p
-
-    with jax.set_mesh(mesh):
-        out = jax.jit(convert, out_shardings=shardings)(params)
-    return out, config, layout
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -882,191 +647,3 @@ class Generation:
         self._read = self._count
         if self._count >= self.max_new_tokens:
             self.finished = [True] * self._n
-
-
-# ----------------------------------------------------------------------------- text
-class TextStream:
-    """Token ids in, text pieces out: never splits a UTF-8 character, and ends the text before
-    the first stop string (holding back any tail that may still grow into one).
-
-    `push(ids)` returns the text that is now certain; `finish()` returns the rest. Their
-    concatenation equals `tokenizer.decode(ids)` cut before the first stop string.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
-        self._tokenizer = tokenizer
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = tuple(s for s in stop if s)
-        self._pending = ""
-        self.stopped = False
-
-    def push(self, ids: Sequence[int], final: bool = False) -> str:
-        """Adds generated ids; returns the text that can be shown now (maybe "").
-
-        Args:
-          ids: the next token ids.
-          final: no more ids follow: flush an incomplete character (as U+FFFD) and the
-            held-back tail.
-        """
-        if self.stopped:
-            return ""
-        self._pending += self._decoder.decode(self._tokenizer.decode_bytes(list(ids)), final)
-        cut = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            piece, self._pending = self._pending[:cut], ""
-            return piece
-        hold = 0 if final else _stop_prefix_len(self._pending, self._stop)
-        piece = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(piece) :]
-        return piece
-
-    def finish(self) -> str:
-        """Returns the rest of the text once generation has ended."""
-        return self.push((), final=True)
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Normalises `stop` (None, a string or a list of strings) to a tuple of strings."""
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    stop = tuple(stop)
-    for s in stop:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty strs, got {s!r}")
-    return stop
-
-
-def generate_text(
-    sampler: Sampler,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    stop: Sequence[str] = (),
-    stop_ids: Iterable[int] = (),
-    truncate: bool = False,
-    chunk: int = 16,
-) -> list[str]:
-    """Continues token prompts and returns the new text of each, ended before a stop string.
-
-    Without stop strings the whole generation is one device loop; with them, the host looks
-    at the text every `chunk` steps and stops the rows that produced one.
-    """
-    gen = Generation(sampler, prompts, max_new_tokens, sampling, seed, stop_ids, truncate)
-    streams = [TextStream(tokenizer, stop) for _ in gen.tokens]
-    pieces: list[list[str]] = [[] for _ in gen.tokens]
-    new = [list(t) for t in gen.tokens]
-    while True:
-        for r, ids in enumerate(new):
-            if ids and not streams[r].stopped:
-                pieces[r].append(streams[r].push(ids))
-                if streams[r].stopped:
-                    gen.stop([r])
-        if gen.done:
-            break
-        new = gen.advance(chunk if stop else max_new_tokens)
-    return ["".join(p) + s.finish() for p, s in zip(pieces, streams)]
-
-
-def stream_text(
-    sampler: Sampler,
-    tokenizer: Any,
-    prompt: Sequence[int],
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    stop: Sequence[str] = (),
-    stop_ids: Iterable[int] = (),
-    truncate: bool = False,
-) -> Iterator[str]:
-    """Yields the continuation of one token prompt as text pieces, one decode step at a time.
-
-    The pieces concatenate to `generate_text`'s result for the same arguments.
-    """
-    gen = Generation(sampler, [prompt], max_new_tokens, sampling, seed, stop_ids, truncate)
-    stream = TextStream(tokenizer, stop)
-    new = list(gen.tokens[0])
-    while True:
-        if new:
-            piece = stream.push(new)
-            if piece:
-                yield piece
-            if stream.stopped:
-                return
-        if gen.done:
-            break
-        new = gen.advance(1)[0]
-    rest = stream.finish()
-    if rest:
-        yield rest
-
-
-def run_chat(
-    model: Any,
-    lines: Iterable[str],
-    write: Callable[[str], Any],
-    system: str | None = None,
-    prompt: str = "",
-    **kwargs: Any,
-) -> list[Mapping[str, str]]:
-    """An interactive chat: each line is a user turn; the reply is streamed to `write`.
-
-    `/reset` forgets the conversation (keeping the system prompt), `/exit` ends it, as does
-    the end of `lines`.
-
-    Args:
-      model: a `Llama3` (its tokenizer must have the Llama 3 chat tokens).
-      lines: user input, one turn per line (e.g. sys.stdin).
-      write: where output goes (e.g. sys.stdout.write); flushed by the caller's stream.
-      system: an optional system prompt.
-      prompt: written before reading each line (e.g. "> " on a terminal).
-      **kwargs: generation arguments for `model.stream`.
-
-    Returns:
-      The conversation when the chat ended.
-    """
-    start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
-    flush = getattr(write, "__self__", None)
-    write(prompt)
-    for line in lines:
-        text = line.rstrip("\r\n")
-        command = text.strip()
-        if command == "/exit":
-            break
-        if command == "/reset":
-            messages = list(start)
-            write("[conversation reset]\n")
-        elif command:
-            messages.append({"role": "user", "content": text})
-            reply = []
-            try:
-                ids = model.tokenizer.encode_dialog(messages)
-                for piece in model.stream(ids, **kwargs):
-                    reply.append(piece)
-                    write(piece)
-                    if hasattr(flush, "flush"):
-                        flush.flush()
-            except ValueError as e:
-                messages.pop()
-                write(f"[error: {e}]")
-            else:
-                messages.append({"role": "assistant", "content": "".join(reply)})
-            write("\n")
-        write(prompt)
-    return messages

@@ -17,10 +17,11 @@ import pytest
 import torch
 from hf_reference import make_hf_model
 
-from llama_jax import Llama3, sampling, sharding
+from llama_jax import Llama3, decode_layout, sampling, sharding
 from llama_jax.config import get_config
 from llama_jax.model import Transformer, init_params
-from llama_jax.sampling import SamplingParams, TextStream, bucket, sample_tokens
+from llama_jax.sampling import SamplingParams, bucket, sample_tokens
+from llama_jax.text_stream import TextStream
 from llama_jax.tokenizer import load_tokenizer
 
 
@@ -138,15 +139,15 @@ def test_matvec_dense_equals_einsum_in_bfloat16():
         w = jnp.asarray(rng.randn(*ws) * 0.1, bf)
         letters = spec.split(",")[1].split("->")[0]
         contract = "".join(c for c in letters if c in spec.split(",")[0])
-        stored = sampling._as_chunks(w, letters, contract)
-        back = sampling._from_chunks(stored, letters, contract, w.shape)
+        stored = decode_layout._as_chunks(w, letters, contract)
+        back = decode_layout._from_chunks(stored, letters, contract, w.shape)
         np.testing.assert_array_equal(back, w)
         got = jax.jit(
             lambda s, x, spec=spec, letters=letters, contract=contract, shape=w.shape: (
-                sampling.matvec_dense(
+                decode_layout.matvec_dense(
                     spec,
                     x,
-                    sampling._from_chunks(s, letters, contract, shape),
+                    decode_layout._from_chunks(s, letters, contract, shape),
                     preferred_element_type=jnp.float32,
                 )
             )
