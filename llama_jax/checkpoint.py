@@ -43,7 +43,9 @@ def params_metadata(path: str) -> Any:
     return ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.tree
 
 
-def load_params(path: str, target: Any | None = None, subtree: str | None = None) -> Any:
+def load_params(
+    path: str, target: Any | None = None, subtree: str | tuple[str, ...] | None = None
+) -> Any:
     """Restores params from `path`.
 
     Args:
@@ -51,20 +53,28 @@ def load_params(path: str, target: Any | None = None, subtree: str | None = None
         checkpoint's `state/` with subtree="params").
       target: optional tree of `jax.ShapeDtypeStruct` with shardings (restores each shard on
         its device, in the target dtype); None restores host numpy arrays as stored.
-      subtree: restore only this top-level key of the stored tree.
+      subtree: restore only this key (or nested key path) of the stored tree.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no params checkpoint at {path}")
     meta = params_metadata(path)
-    if subtree is not None:
-        meta = {subtree: meta[subtree]}
+    keys = (subtree,) if isinstance(subtree, str) else tuple(subtree or ())
+
+    def nest(leaf: Any) -> Any:  # {k0: {k1: ... leaf}}: the subtree at its place in the tree
+        for k in reversed(keys):
+            leaf = {k: leaf}
+        return leaf
+
+    for k in keys:
+        meta = meta[k]
+    meta = nest(meta)
     if target is None:
         restore_args = jax.tree.map(
             lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta, is_leaf=_is_array_meta
         )
     else:
-        target = target if subtree is None else {subtree: target}
+        target = nest(target)
         restore_args = jax.tree.map(
             lambda t: ocp.ArrayRestoreArgs(
                 sharding=t.sharding, global_shape=t.shape, dtype=t.dtype
@@ -81,12 +91,32 @@ def load_params(path: str, target: Any | None = None, subtree: str | None = None
         out = ocp.PyTreeCheckpointer().restore(
             path,
             args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=subtree is not None
+                item=item, restore_args=restore_args, partial_restore=bool(keys)
             ),
         )
     finally:
         absl_logger.setLevel(level)
-    return out if subtree is None else out[subtree]
+    for k in keys:
+        out = out[k]
+    return out
+
+
+class LazyParams:
+    """A params checkpoint read one leaf at a time: `lazy["layers"]["mlp"]["w_up"]` restores
+    just that array, so exporting a model holds about one copy plus one leaf in flight."""
+
+    def __init__(self, path: str, keys: tuple[str, ...] = (), meta: Any = None):
+        self._path, self._keys = path, keys
+        self._meta = params_metadata(path) if meta is None else meta
+
+    def __getitem__(self, key: str) -> Any:
+        child = self._meta[key]
+        if isinstance(child, dict):
+            return LazyParams(self._path, (*self._keys, key), child)
+        return load_params(self._path, subtree=(*self._keys, key))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
 
 
 def _is_array_meta(x: Any) -> bool:

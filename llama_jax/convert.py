@@ -282,12 +282,13 @@ def load_hf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     return _with_param_dtype(config, params), params
 
 
-def save_hf(params: dict, config: ModelConfig, path: str, max_shard_bytes: int = 5 << 30) -> None:
-    """Writes a directory that `transformers.LlamaForCausalLM.from_pretrained` loads."""
+def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 5 << 30) -> None:
+    """Writes a directory that `transformers.LlamaForCausalLM.from_pretrained` loads.
+
+    `params` is a params tree, or a `checkpoint.LazyParams` that reads one leaf at a time.
+    """
     os.makedirs(path, exist_ok=True)
-    hf = config.to_hf()
-    first = np.asarray(params["embedding"])
-    hf["torch_dtype"] = str(first.dtype)
+    hf = config.to_hf()  # torch_dtype: config.param_dtype, the dtype the params are stored in
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     # Shards of at most max_shard_bytes; one file when it fits.
@@ -521,6 +522,15 @@ def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str 
         if dtype not in valid:
             raise ValueError(f"--dtype {dtype!r}; valid: {sorted(valid)}")
         np_dtype = valid[dtype]
+    if fmt == "hf" and np_dtype is None and is_llama_jax_dir(input_dir):
+        # Stream leaf by leaf out of the orbax checkpoint.
+        from llama_jax.checkpoint import PARAMS_DIR, LazyParams
+
+        with open(os.path.join(input_dir, "config.json")) as f:
+            config = ModelConfig.from_dict(json.load(f))
+        save_hf(LazyParams(os.path.join(input_dir, PARAMS_DIR)), config, output_dir)
+        copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+        return config
     config, params = load_any(input_dir, np_dtype)
     config = _with_param_dtype(config, params)
     if fmt == "llama_jax":
