@@ -16,7 +16,7 @@ Parameter tree (scanned layers; every `layers` leaf has a leading [L] axis):
   layers/mlp_norm/scale [L, D]
   layers/mlp/{w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]}
   final_norm/scale [D]
-  lm_head/kernel [D, V]            (absent when embeddings are tied)
+  lm_head [D, V]                   (absent when embeddings are tied)
 
 RoPE uses the Hugging Face "half-split" layout of q/k features; Meta checkpoints are permuted
 on import (convert.py).
