@@ -7,6 +7,7 @@ crash never leaves a half-written `params/` that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,9 +39,23 @@ def save_params(path: str, params: Any) -> None:
     ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
+@contextlib.contextmanager
+def _quiet_orbax_warnings():
+    """A training checkpoint's item directory has no step metadata file of its own; orbax logs
+    a warning about it on every read that means nothing here."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def params_metadata(path: str) -> Any:
     """Tree of orbax ArrayMetadata (shape, dtype) without reading any tensor."""
-    return ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.tree
+    with _quiet_orbax_warnings():
+        return ocp.StandardCheckpointer().metadata(os.path.abspath(path)).item_metadata.tree
 
 
 def load_params(
@@ -82,20 +97,13 @@ def load_params(
             target,
         )
     item = jax.tree.map(lambda m: 0, restore_args, is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
-    # A training checkpoint's item directory has no step metadata file of its own; orbax logs
-    # a warning about it that means nothing here.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
+    with _quiet_orbax_warnings():
         out = ocp.PyTreeCheckpointer().restore(
             path,
             args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=bool(keys)
             ),
         )
-    finally:
-        absl_logger.setLevel(level)
     for k in keys:
         out = out[k]
     return out
