@@ -160,7 +160,8 @@ def _spec(c: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], C
 def _hf_shape(ours: tuple[int, ...], to_hf: Callable | None) -> tuple[int, ...]:
     if to_hf is None:
         return ours
-    return to_hf(np.empty(ours, np.uint8)).shape
+    # A zero-stride view: the layout change is applied to shapes only, nothing is allocated.
+    return to_hf(np.broadcast_to(np.zeros((), np.uint8), ours)).shape
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -184,13 +185,13 @@ def tensors_to_params(
       ValueError naming the parameter and both shapes when a tensor does not match config.
     """
     params: dict = {}
-    for path, name, shape, to_ours, _ in _spec(config):
+    for path, name, shape, to_ours, to_hf in _spec(config):
         per_layer = path[0] == "layers"
         names = [name.format(i=i) for i in range(config.n_layers)] if per_layer else [name]
+        want = _hf_shape(shape, to_hf)
         out = None
         for i, nm in enumerate(names):
             w = get(nm)
-            want = _hf_shape(shape, _spec_inverse(config, path))
             if tuple(w.shape) != tuple(want):
                 raise ValueError(
                     f"tensor {nm} has shape {tuple(w.shape)} but the config "
@@ -208,13 +209,6 @@ def tensors_to_params(
                 out[...] = w
         _set(params, path, out)
     return params
-
-
-def _spec_inverse(config: ModelConfig, path: tuple[str, ...]) -> Callable | None:
-    for p, _, _, _, to_hf in _spec(config):
-        if p == path:
-            return to_hf
-    raise KeyError(path)
 
 
 def params_to_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
