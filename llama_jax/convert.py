@@ -111,7 +111,20 @@ def _t(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
-# (our path under params, HF name, shape fn(config) of ours, HF->ours, ours->HF, per layer)
+def _heads(shape: tuple[int, ...], split: int) -> tuple[tuple[int, ...], Callable, Callable]:
+    """(our shape, HF -> ours, ours -> HF) for a Linear weight with one side split into heads:
+    ours is the transpose of HF's, with our dims [:split] and [split:] flattened on HF's side."""
+
+    def to_ours(w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(shape)
+
+    def to_hf(w: np.ndarray) -> np.ndarray:
+        return w.reshape(int(np.prod(w.shape[:split])), -1).T
+
+    return shape, to_ours, to_hf
+
+
+# (our path under params, HF name, our shape, HF->ours, ours->HF)
 def _spec(c: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]]:
     d, n, k, h, f, v = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size
     p = "model.layers.{i}."
@@ -120,34 +133,10 @@ def _spec(c: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], C
         (("final_norm", "scale"), "model.norm.weight", (d,), None, None),
         (("layers", "attention_norm", "scale"), p + "input_layernorm.weight", (d,), None, None),
         (("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight", (d,), None, None),
-        (
-            ("layers", "attention", "wq"),
-            p + "self_attn.q_proj.weight",
-            (d, n, h),
-            lambda w: w.T.reshape(d, n, h),
-            lambda w: w.reshape(d, n * h).T,
-        ),
-        (
-            ("layers", "attention", "wk"),
-            p + "self_attn.k_proj.weight",
-            (d, k, h),
-            lambda w: w.T.reshape(d, k, h),
-            lambda w: w.reshape(d, k * h).T,
-        ),
-        (
-            ("layers", "attention", "wv"),
-            p + "self_attn.v_proj.weight",
-            (d, k, h),
-            lambda w: w.T.reshape(d, k, h),
-            lambda w: w.reshape(d, k * h).T,
-        ),
-        (
-            ("layers", "attention", "wo"),
-            p + "self_attn.o_proj.weight",
-            (n, h, d),
-            lambda w: w.T.reshape(n, h, d),
-            lambda w: w.reshape(n * h, d).T,
-        ),
+        (("layers", "attention", "wq"), p + "self_attn.q_proj.weight", *_heads((d, n, h), 1)),
+        (("layers", "attention", "wk"), p + "self_attn.k_proj.weight", *_heads((d, k, h), 1)),
+        (("layers", "attention", "wv"), p + "self_attn.v_proj.weight", *_heads((d, k, h), 1)),
+        (("layers", "attention", "wo"), p + "self_attn.o_proj.weight", *_heads((n, h, d), 2)),
         (("layers", "mlp", "w_gate"), p + "mlp.gate_proj.weight", (d, f), _t, _t),
         (("layers", "mlp", "w_up"), p + "mlp.up_proj.weight", (d, f), _t, _t),
         (("layers", "mlp", "w_down"), p + "mlp.down_proj.weight", (f, d), _t, _t),
