@@ -33,8 +33,24 @@ setup(
     extras_require={
         # torch and transformers are references for the tests (and read Meta .pth files);
         # torch==2.13.0 pins the CPU wheel.
-        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "transformers>=4.45"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "torch==2.13.0",
+            "transformers>=4.45",
+            "peft>=0.13",
+            "lm-eval>=0.4.13",
+            "sacrebleu>=2.4",
+            "openai>=1.40",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "httpx>=0.27",
+        ],
         "meta": ["torch==2.13.0"],
+        # `llama3 eval` through lm-evaluation-harness; BLEU / chrF of the built-in tasks.
+        "eval": ["lm-eval>=0.4.13", "sacrebleu>=2.4"],
+        # `llama3 serve`: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["llama3=llama_jax.cli:main"]},
 )
