@@ -132,28 +132,28 @@ def sample_tokens(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = logits.astype(jnp.float32) / temperature
     neg_inf = jnp.float32(-jnp.inf)
+    keep = jnp.ones(x.shape, bool)
     if needs_sort:
         v = x.shape[-1]
         ids = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
         # Descending by logit; a stable sort keeps the lower token id first among ties.
         neg_sorted, ids = jax.lax.sort((-x, ids), dimension=-1, num_keys=1, is_stable=True)
-        x = -neg_sorted  # [B, V], x[:, 0] is the most likely token
+        xs = -neg_sorted  # [B, V], xs[:, 0] is the most likely token
         rank = jnp.arange(v)
-        keep = (top_k <= 0) | (rank < top_k)
-        probs = jax.nn.softmax(jnp.where(keep, x, neg_inf), axis=-1)
+        kept = (top_k <= 0) | (rank < top_k)
+        probs = jax.nn.softmax(jnp.where(kept, xs, neg_inf), axis=-1)
         # Keep a token while the mass strictly before it is below top_p: the smallest set
         # reaching top_p. top_p == 1 keeps all (float cumsums can round to 1 early).
         before = jnp.cumsum(probs, axis=-1) - probs
-        keep &= (before < top_p) | (top_p >= 1)
-    else:
-        ids = None
-        keep = jnp.ones(x.shape, bool)
+        kept &= (before < top_p) | (top_p >= 1)
+        # Back to vocabulary order, and draw there: the token drawn then depends on the
+        # logits' values, not on how near-equal ones happened to sort, so rounding-level
+        # differences (another batch size, another kernel) cannot swap it for a neighbour.
+        keep = jnp.zeros(x.shape, bool).at[jnp.arange(x.shape[0])[:, None], ids].set(kept)
     probs = jax.nn.softmax(jnp.where(keep, x, neg_inf), axis=-1)
     keep &= probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
     choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, x, neg_inf))
-    if ids is None:
-        return choice.astype(jnp.int32)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
 
 
 def _step_keys(seed: Array, rows: Array, step: Array) -> Array:
