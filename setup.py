@@ -50,7 +50,7 @@ setup(
         # `llama3 eval` through lm-evaluation-harness; BLEU / chrF of the built-in tasks.
         "eval": ["lm-eval>=0.4.13", "sacrebleu>=2.4"],
         # `llama3 serve`: the OpenAI-compatible HTTP server.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["llama3=llama_jax.cli:main"]},
 )

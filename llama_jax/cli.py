@@ -124,12 +124,77 @@ def _chat(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    import os
+
+    p = argparse.ArgumentParser(
+        prog="llama3 serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health) with continuous batching.",
+    )
+    p.add_argument("--model_path", required=True, help="model or run directory (any format)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("LLAMA_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)",
+    )
+    p.add_argument("--max_batch", type=int, default=16, help="concurrent sequences (slots)")
+    p.add_argument("--max_seq_len", type=int, default=None, help="prompt + new tokens per slot")
+    p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
+    p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    args = p.parse_args(argv)
+    try:
+        mesh_shape = _serve_check(args)
+        from llama_jax.serve.app import serve
+
+        serve(
+            args.model_path,
+            args.host,
+            args.port,
+            args.api_key,
+            args.max_batch,
+            args.max_seq_len,
+            args.max_queue,
+            args.dtype,
+            mesh_shape,
+            args.model_name,
+        )
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve_check(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """Checks `llama3 serve`'s numbers before anything is loaded; returns the mesh shape."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port={args.port}; valid: 0 to 65535")
+    for name, low in (("max_batch", 1), ("max_queue", 1), ("max_seq_len", 2)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name}={v}; valid: an int >= {low}")
+    if args.mesh_shape is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in args.mesh_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3:
+        raise ValueError(f"--mesh_shape={args.mesh_shape}; valid: three ints data,fsdp,tensor")
+    return shape
+
+
 COMMANDS = {
     "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
     "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
     "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
 }
 
 
