@@ -37,8 +37,9 @@ from bench_sampling import SMALL, hf_model, random_params  # noqa: E402
 
 from llama_jax import Llama3  # noqa: E402
 from llama_jax.config import get_config  # noqa: E402
-from llama_jax.serve.app import ServeApp, ServerThread  # noqa: E402
+from llama_jax.serve.app import ServeApp  # noqa: E402
 from llama_jax.serve.engine import Engine  # noqa: E402
+from llama_jax.serve.server import ServerThread  # noqa: E402
 
 MODELS = {
     "tiny": get_config("tiny", vocab_size=2048, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128),

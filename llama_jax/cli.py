@@ -165,29 +165,30 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--max_batch", type=int, default=16, help="concurrent sequences (slots)")
     p.add_argument("--max_seq_len", type=int, default=None, help="prompt + new tokens per slot")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's own dtype",
+    )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
     args = p.parse_args(argv)
-    try:
-        mesh_shape = _serve_check(args)
-        from llama_jax.serve.app import serve
+    mesh_shape = _serve_check(args)
+    from llama_jax.serve.server import serve
 
-        serve(
-            args.model_path,
-            args.host,
-            args.port,
-            args.api_key,
-            args.max_batch,
-            args.max_seq_len,
-            args.max_queue,
-            args.dtype,
-            mesh_shape,
-            args.model_name,
-        )
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    serve(
+        args.model_path,
+        args.host,
+        args.port,
+        args.api_key,
+        args.max_batch,
+        args.max_seq_len,
+        args.max_queue,
+        args.dtype,
+        mesh_shape,
+        args.model_name,
+    )
     return 0
 
 

@@ -23,8 +23,9 @@ import pytest
 from llama_jax import Llama3
 from llama_jax.config import get_config
 from llama_jax.model import init_params
-from llama_jax.serve.app import ServeApp, ServerThread
+from llama_jax.serve.app import ServeApp
 from llama_jax.serve.engine import Engine
+from llama_jax.serve.server import ServerThread
 from llama_jax.tokenizer import load_tokenizer
 
 KEY = "sk-test-key"

@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
-import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -34,7 +31,6 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llama_jax.sampling import SamplingParams
 from llama_jax.serve.engine import (
     TOP_LOGPROBS,
     Engine,
@@ -45,188 +41,23 @@ from llama_jax.serve.engine import (
     Request,
     Token,
 )
+from llama_jax.serve.protocol import (
+    CHAT_FIELDS,
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    COMPLETION_FIELDS,
+    MAX_REQUEST_BYTES,
+    ServeError,
+    bad,
+    check_fields,
+    int_field,
+    is_int,
+    sampling,
+    token_text,
+)
 from llama_jax.text_stream import TextStream
 
-MAX_REQUEST_BYTES = 1 << 21  # 2 MiB of JSON
-MAX_STOP = 16  # stop strings per request
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
-# Accepted only with their neutral value: clients send them, the engine has no such feature.
-_NEUTRAL = {
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "logit_bias": ({},),
-    "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (False, True),
-    "response_format": ({"type": "text"},),
-}
-_COMMON = {
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "n",
-    "stream",
-    "stream_options",
-    "user",
-    "best_of",
-    *_NEUTRAL,
-}
-_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "logprobs"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-
-
-# ----------------------------------------------------------------------------- errors
-class ServeError(Exception):
-    """An error answered in OpenAI's JSON shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _bad(message: str, param: str | None = None) -> ServeError:
-    return ServeError(400, message, param=param)
-
-
-# ----------------------------------------------------------------------------- validation
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _get(body: dict, name: str, default: Any = None) -> Any:
-    v = body.get(name)
-    return default if v is None else v
-
-
-def _int(body: dict, name: str, default: Any, low: int, high: int) -> Any:
-    v = _get(body, name, default)
-    if v is default:
-        return v
-    if not _is_int(v) or not low <= v <= high:
-        raise _bad(f"{name}={json.dumps(v)}; valid: an integer in [{low}, {high}]", name)
-    return v
-
-
-def _check_fields(body: Any, allowed: set[str]) -> dict:
-    if not isinstance(body, dict):
-        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}")
-    for name in sorted(body):
-        if name not in allowed:
-            raise _bad(f"unrecognized request argument supplied: {name}", name)
-    for name, neutral in _NEUTRAL.items():
-        v = body.get(name)
-        if v is not None and not any(v == x and type(v) is type(x) for x in neutral):
-            valid = " or ".join(json.dumps(x) for x in neutral)
-            raise _bad(f"{name}={json.dumps(v)} is not supported; valid: {valid} or null", name)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad(f"user={json.dumps(user)}; valid: a string", "user")
-    return body
-
-
-def _sampling(body: dict, max_n: int) -> tuple[SamplingParams, int, int, tuple[str, ...]]:
-    """(SamplingParams, seed, n, stop strings) from the common fields."""
-    t = _get(body, "temperature", 1.0)
-    if not _is_number(t) or t < 0:
-        raise _bad(
-            f"temperature={json.dumps(t)}; valid: a number >= 0 (0 is greedy)", "temperature"
-        )
-    p = _get(body, "top_p", 1.0)
-    if not _is_number(p) or not 0 < p <= 1:
-        raise _bad(f"top_p={json.dumps(p)}; valid: a number in (0, 1]", "top_p")
-    k = _get(body, "top_k", 0)
-    if not _is_int(k) or k < -1:
-        raise _bad(f"top_k={json.dumps(k)}; valid: an integer >= 0 (0 or -1: no limit)", "top_k")
-    m = _get(body, "min_p", 0.0)
-    if not _is_number(m) or not 0 <= m < 1:
-        raise _bad(f"min_p={json.dumps(m)}; valid: a number in [0, 1)", "min_p")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(32)  # unseeded requests differ, as OpenAI's do
-    elif not _is_int(seed) or not 0 <= seed < 2**32:
-        raise _bad(f"seed={json.dumps(seed)}; valid: an integer in [0, 2**32)", "seed")
-    n = _int(body, "n", 1, 1, max_n)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise _bad(f"best_of={json.dumps(best_of)} is not supported; valid: null or n", "best_of")
-    stop = _get(body, "stop", ())
-    if isinstance(stop, str):
-        stop = (stop,)
-    if (
-        not isinstance(stop, (list, tuple))
-        or len(stop) > MAX_STOP
-        or not all(isinstance(s, str) and s for s in stop)
-    ):
-        raise _bad(
-            f"stop={json.dumps(stop)}; valid: a non-empty string or a list of at most "
-            f"{MAX_STOP} non-empty strings",
-            "stop",
-        )
-    for name in ("stream",):
-        v = body.get(name)
-        if v is not None and not isinstance(v, bool):
-            raise _bad(f"{name}={json.dumps(v)}; valid: true or false", name)
-    opts = body.get("stream_options")
-    if opts is not None and (
-        not isinstance(opts, dict)
-        or set(opts) - {"include_usage"}
-        or not isinstance(opts.get("include_usage", False), bool)
-    ):
-        raise _bad(
-            f'stream_options={json.dumps(opts)}; valid: {{"include_usage": true|false}}',
-            "stream_options",
-        )
-    return SamplingParams(float(t), 0 if k == -1 else k, float(p), float(m)), seed, n, tuple(stop)
-
-
-# ----------------------------------------------------------------------------- text helpers
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    """A token as text; a token that is not whole UTF-8 is written as OpenAI does, bytes:\\xNN."""
-    raw = tokenizer.decode_bytes([token_id])
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-
+# ----------------------------------------------------------------------------- choices
 class _Choice:
     """One choice being produced: its text (via TextStream, cut at stop strings), its token
     ids and logprob entries, and why it ended."""
@@ -287,7 +118,7 @@ class _Job:
             raise ServeError(503, str(e), "server_error") from e
         except ValueError as e:
             self.cancel()
-            raise _bad(str(e)) from e
+            raise bad(str(e)) from e
         self.open = len(self.choices)
 
     def _putter(self, loop: asyncio.AbstractEventLoop, j: int) -> Callable[[Any], None]:
@@ -415,12 +246,12 @@ class ServeApp:
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON: {e}") from e
+            raise bad(f"the request body is not valid JSON: {e}") from e
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
-            raise _bad(f"model={json.dumps(model)}; valid: a string", "model")
+            raise bad(f"model={json.dumps(model)}; valid: a string", "model")
         if model is not None and model != self.model_name:
             raise ServeError(
                 404,
@@ -476,13 +307,13 @@ class ServeApp:
         """(token ids, echo text) per prompt: text gets BOS like `Llama3.generate`."""
         tok = self.tokenizer
         valid = "valid: a string, a list of strings, a list of token ids or a list of such lists"
-        one_ids = isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)
+        one_ids = isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)
         if isinstance(prompt, str) or one_ids:
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
-            raise _bad(f"prompt={json.dumps(prompt)[:80]}; {valid}", "prompt")
+            raise bad(f"prompt={json.dumps(prompt)[:80]}; {valid}", "prompt")
         if len(prompt) > self.engine.max_queue:
-            raise _bad(
+            raise bad(
                 f"{len(prompt)} prompts in one request; valid: at most {self.engine.max_queue}",
                 "prompt",
             )
@@ -490,28 +321,28 @@ class ServeApp:
         for i, p in enumerate(prompt):
             if isinstance(p, str):
                 out.append((tok.encode(p, bos=True), p))
-            elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-                bad = [t for t in p if not 0 <= t < self.engine.vocab_size]
-                if bad:
-                    raise _bad(
-                        f"prompt {i} has token id {bad[0]}, outside the vocabulary "
+            elif isinstance(p, list) and p and all(is_int(t) for t in p):
+                outside = [t for t in p if not 0 <= t < self.engine.vocab_size]
+                if outside:
+                    raise bad(
+                        f"prompt {i} has token id {outside[0]}, outside the vocabulary "
                         f"[0, {self.engine.vocab_size})",
                         "prompt",
                     )
                 out.append((list(p), tok.decode(p)))
             else:
-                raise _bad(f"prompt {i} is {json.dumps(p)[:80]}; {valid}", "prompt")
+                raise bad(f"prompt {i} is {json.dumps(p)[:80]}; {valid}", "prompt")
         return out
 
     async def _completions(self, body: Any) -> Response:
-        body = _check_fields(body, _COMPLETION_FIELDS)
+        body = check_fields(body, COMPLETION_FIELDS)
         self._check_model(body)
-        sp, seed, n, stop = _sampling(body, self.engine.max_batch)
+        sp, seed, n, stop = sampling(body, self.engine.max_batch)
         echo = body.get("echo") or False
         if not isinstance(echo, bool):
-            raise _bad(f"echo={json.dumps(echo)}; valid: true or false", "echo")
-        logprobs = _int(body, "logprobs", None, 0, TOP_LOGPROBS)
-        max_tokens = _int(body, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, 0, 2**31)
+            raise bad(f"echo={json.dumps(echo)}; valid: true or false", "echo")
+        logprobs = int_field(body, "logprobs", None, 0, TOP_LOGPROBS)
+        max_tokens = int_field(body, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, 0, 2**31)
         prompts = self._prompts(body.get("prompt"))
         requests = [
             Request(
@@ -527,7 +358,7 @@ class ServeApp:
             for ids, _ in prompts
         ]
         if max_tokens == 0 and not echo:
-            raise _bad(
+            raise bad(
                 "max_tokens=0; valid: >= 1 (0 only with echo, to score the prompt)", "max_tokens"
             )
         job = _Job(self, requests, stop)
@@ -560,7 +391,7 @@ class ServeApp:
         tokens, lps, tops, offsets = [], [], [], []
         pos = start
         for token_id, lp, top in entries:
-            text = _token_text(self.tokenizer, token_id)
+            text = token_text(self.tokenizer, token_id)
             tokens.append(text)
             lps.append(lp)
             offsets.append(pos)
@@ -570,7 +401,7 @@ class ServeApp:
                 continue
             d = {}
             for t, v in top[:k]:
-                d.setdefault(_token_text(self.tokenizer, t), v)
+                d.setdefault(token_text(self.tokenizer, t), v)
             d.setdefault(text, lp)
             tops.append(d)
         return {
@@ -639,27 +470,27 @@ class ServeApp:
     # ------------------------------------------------------------------ /v1/chat/completions
     def _messages(self, messages: Any) -> list[dict]:
         if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list of {role, content} objects", "messages")
+            raise bad("messages must be a non-empty list of {role, content} objects", "messages")
         out = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _bad(f"messages[{i}] must be an object with a string role", "messages")
+                raise bad(f"messages[{i}] must be an object with a string role", "messages")
             content = m.get("content")
             if isinstance(content, list):
                 parts = []
                 for part in content:
                     if not isinstance(part, dict) or part.get("type") != "text":
-                        raise _bad(
+                        raise bad(
                             f"messages[{i}].content: only text parts are supported", "messages"
                         )
                     if not isinstance(part.get("text"), str):
-                        raise _bad(
+                        raise bad(
                             f"messages[{i}].content: a text part needs a string text", "messages"
                         )
                     parts.append(part["text"])
                 content = "".join(parts)
             if not isinstance(content, str):
-                raise _bad(
+                raise bad(
                     f"messages[{i}].content={json.dumps(content)[:80]}; valid: a string or a list "
                     "of text parts",
                     "messages",
@@ -668,23 +499,23 @@ class ServeApp:
         return out
 
     async def _chat(self, body: Any) -> Response:
-        body = _check_fields(body, _CHAT_FIELDS)
+        body = check_fields(body, CHAT_FIELDS)
         self._check_model(body)
-        sp, seed, n, stop = _sampling(body, self.engine.max_batch)
+        sp, seed, n, stop = sampling(body, self.engine.max_batch)
         messages = self._messages(body.get("messages"))
         try:
             ids = self.tokenizer.encode_dialog(messages)
         except ValueError as e:
-            raise _bad(str(e), "messages") from e
+            raise bad(str(e), "messages") from e
         want_lp = body.get("logprobs") or False
         if not isinstance(want_lp, bool):
-            raise _bad(f"logprobs={json.dumps(want_lp)}; valid: true or false", "logprobs")
-        top = _int(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+            raise bad(f"logprobs={json.dumps(want_lp)}; valid: true or false", "logprobs")
+        top = int_field(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
         limit = self.engine.max_seq_len
         room = max(limit - len(ids), 1)
-        max_tokens = _int(body, "max_completion_tokens", None, 1, 2**31)
+        max_tokens = int_field(body, "max_completion_tokens", None, 1, 2**31)
         if max_tokens is None:
-            max_tokens = _int(body, "max_tokens", room, 1, 2**31)
+            max_tokens = int_field(body, "max_tokens", room, 1, 2**31)
         request = Request(ids, max_tokens, sp, seed, n, self.stop_ids, top if want_lp else None)
         job = _Job(self, [request], stop)
         head = {
@@ -703,7 +534,7 @@ class ServeApp:
         def item(token_id, lp):
             raw = self.tokenizer.decode_bytes([token_id])
             return {
-                "token": _token_text(self.tokenizer, token_id),
+                "token": token_text(self.tokenizer, token_id),
                 "logprob": lp,
                 "bytes": list(raw),
             }
@@ -849,72 +680,3 @@ class _Deferred(Response):
             self.cancel()
         if response is not None:
             await response(scope, receive, send)
-
-
-# ----------------------------------------------------------------------------- running
-class ServerThread:
-    """uvicorn serving `app` on host:port in a background thread (tests, benchmarks)."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        for _ in range(600):  # bounded: up to 60 s
-            if self.server.started:
-                break
-            if not self.thread.is_alive():
-                raise RuntimeError("the server thread died while starting")
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("the server did not start within 60 s")
-        sock = self.server.servers[0].sockets[0]
-        self.host, self.port = sock.getsockname()[:2]
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def serve(
-    model_path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_batch: int = 16,
-    max_seq_len: int | None = None,
-    max_queue: int = 64,
-    dtype: str | None = "bfloat16",
-    mesh_shape: Sequence[int] | None = None,
-    model_name: str | None = None,
-) -> None:
-    """Loads `model_path`, compiles every shape, and serves until interrupted."""
-    import os
-
-    import uvicorn
-
-    from llama_jax.api import Llama3
-
-    model = Llama3.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
-    tokenizer = model.tokenizer
-    engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
-    name = model_name or os.path.basename(os.path.normpath(model_path))
-    t0 = time.time()
-    print(f"compiling for {max_batch} slots x {engine.max_seq_len} tokens ...", flush=True)
-    engine.warmup()
-    print(f"ready in {time.time() - t0:.1f}s: http://{host}:{port}/v1 serves {name!r}", flush=True)
-    engine.start()
-    app = ServeApp(engine, tokenizer, name, api_key)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
-    finally:
-        engine.close()

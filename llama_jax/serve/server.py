@@ -1,0 +1,78 @@
+"""Running the app: `serve` (what `llama3 serve` calls) and `ServerThread` (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from llama_jax.serve.app import ServeApp
+from llama_jax.serve.engine import Engine
+
+
+class ServerThread:
+    """uvicorn serving `app` on host:port in a background thread (tests, benchmarks)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        for _ in range(600):  # bounded: up to 60 s
+            if self.server.started:
+                break
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the server did not start within 60 s")
+        sock = self.server.servers[0].sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve(
+    model_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_seq_len: int | None = None,
+    max_queue: int = 64,
+    dtype: str | None = "auto",
+    mesh_shape: Sequence[int] | None = None,
+    model_name: str | None = None,
+) -> None:
+    """Loads `model_path`, compiles every shape, and serves until interrupted."""
+    import uvicorn
+
+    from llama_jax.api import Llama3
+
+    model = Llama3.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
+    tokenizer = model.tokenizer
+    engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
+    name = model_name or os.path.basename(os.path.normpath(model_path))
+    t0 = time.time()
+    print(f"compiling for {max_batch} slots x {engine.max_seq_len} tokens ...", flush=True)
+    engine.warmup()
+    print(f"ready in {time.time() - t0:.1f}s: http://{host}:{port}/v1 serves {name!r}", flush=True)
+    engine.start()
+    app = ServeApp(engine, tokenizer, name, api_key)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+    finally:
+        engine.close()
