@@ -39,7 +39,7 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "peft>=0.13",
-            "lm-eval>=0.4.13",
+            "lm-eval[api]>=0.4.13",  # [api]: local-completions against llama3 serve
             "sacrebleu>=2.4",
             "openai>=1.40",
             "fastapi>=0.110",

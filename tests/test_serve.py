@@ -129,10 +129,7 @@ def test_completions_equal_generate(model, client):
 
 
 def test_chat_equals_chat(model, client):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello, who are you?"},
-    ]
+    messages = [{"role": "user", "content": "Hello, who are you?"}]  # 16 tokens at most
     for kw in (dict(temperature=0), dict(temperature=0.7, seed=9)):
         want = model.chat(messages, max_new_tokens=14, **kw)
         got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=14, **kw)
@@ -180,8 +177,9 @@ def test_sixteen_concurrent_requests_each_equal_their_offline_result(model, serv
     ]
     jobs = []
     for i in range(16):
-        prompt = " ".join(rng.choice(words, rng.randint(1, 25)))
-        kw = dict(settings[i % 4], max_tokens=int(rng.randint(4, 20)))
+        # Different lengths within one prompt bucket, so the offline references compile little.
+        prompt = " ".join(rng.choice(words, rng.randint(1, 14)))
+        kw = dict(settings[i % 4], max_tokens=int(rng.randint(4, 17)))
         n = 2 if i in (5, 10) else 1
         jobs.append((prompt, kw, n))
 
@@ -299,7 +297,12 @@ def test_disconnect_mid_stream_frees_the_slot(model, server):
             + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
             + data
         )
-        assert b"data: " in sock.recv(65536)  # the stream has started
+        seen = b""
+        for _ in range(100):  # bounded: headers and chunks may come in separate reads
+            seen += sock.recv(65536)
+            if b"data: " in seen:
+                break
+        assert b"data: " in seen  # the stream has started
     for _ in range(400):  # bounded wait for the engine to see the cancel
         if engine.stats["cancelled"] > cancelled and engine.active == 0:
             break
@@ -326,7 +329,7 @@ def test_full_queue_answers_429_and_a_queued_client_that_leaves_frees_its_place(
             s1 = c1.stream("POST", url, json=body)
             s1.__enter__()
             s2 = c2.stream("POST", url, json=body)
-            s2.__enter__()
+            r2 = s2.__enter__()
             assert wait_for(2)
             full = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
             with pytest.raises(openai.RateLimitError, match="max_queue=2"):
@@ -338,7 +341,7 @@ def test_full_queue_answers_429_and_a_queued_client_that_leaves_frees_its_place(
             engine.start()
             got = full.completions.create(model=NAME, prompt="b", max_tokens=2, temperature=0)
             assert got.choices[0].text == model.generate("b", max_new_tokens=2)
-            assert sum(1 for line in s2.iter_lines() if line == "data: [DONE]") == 1
+            assert sum(1 for line in r2.iter_lines() if line == "data: [DONE]") == 1
             s2.__exit__(None, None, None)
     engine.close()
     assert engine.stats["cancelled"] == 1
