@@ -353,7 +353,7 @@ class ServeApp:
                 n,
                 self.stop_ids,
                 logprobs,
-                prompt_logprobs=echo and logprobs is not None,
+                prompt_logprobs=echo and (logprobs is not None or max_tokens == 0),
             )
             for ids, _ in prompts
         ]
