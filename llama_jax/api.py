@@ -149,6 +149,18 @@ class Llama3:
             self._sampler_cache = (self.params, dict(options), made)
         return self._sampler_cache[2]
 
+    def scorer(self, **options: Any) -> Any:
+        """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first
+        use and remade when `params` is replaced or `options` (max_batch_size,
+        max_batch_bytes) change."""
+        from llama_jax.eval.scoring import Scorer
+
+        cached = getattr(self, "_scorer_cache", None)
+        if cached is None or cached[0] is not self.params or cached[1] != options:
+            made = Scorer(self.config, self.params, self.mesh, **options)
+            self._scorer_cache = (self.params, dict(options), made)
+        return self._scorer_cache[2]
+
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):

@@ -124,12 +124,19 @@ def _chat(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from llama_jax.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {
     "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
     "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
     "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
 }
 
 
