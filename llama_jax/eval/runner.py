@@ -341,3 +341,47 @@ def evaluate(
 def write_json(path: str, metrics: Sequence[Metric], config: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(to_lm_eval_json(metrics, config), f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- trainer
+def task_names(value: Any) -> list[str]:
+    """The trainer's `eval_tasks` (a comma-separated string or a list) as checked names."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    names = [n.strip() for n in names if n.strip()]
+    for n in names:
+        builtin.get_task(n)  # ValueError listing the valid names
+    return names
+
+
+class TrainerEval:
+    """The trainer's `eval_tasks` hook: built-in tasks on the live params at eval time.
+
+    One `Scorer` is kept across evaluations (its compiled programs are reused; only the params
+    change); generation tasks make a fresh `Sampler` for the new params.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        config: Any,
+        mesh: Any,
+        tokenizer: Any,
+        limit: int = 0,
+        batch_size: int = 16,
+        cache: str | None = None,
+    ):
+        self.names, self.limit, self.cache = list(names), limit or None, cache
+        self._ev = Evaluator(config, None, mesh, tokenizer, batch_size=batch_size)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        """{"eval/<task>/<metric>": value} for the given params."""
+        ev = self._ev
+        ev.params = params
+        if ev._scorer is not None:
+            ev._scorer.params = params
+        ev._sampler = None
+        out = {}
+        for name in self.names:
+            for m in ev.run_task(name, limit=self.limit, cache=self.cache, progress=False):
+                out[f"eval/{m.task}/{m.name}"] = m.value
+        return out

