@@ -118,6 +118,17 @@ def test_batched_scoring_equals_one_at_a_time_and_compiles_boundedly(tiny):
     assert compiled <= before
 
 
+def test_scoring_on_a_sharded_mesh_equals_one_device(tiny, eval_hf_model):  # noqa: F811
+    _, model = tiny
+    sharded = Llama3.from_pretrained(str(eval_hf_model[0]), dtype="float32", mesh_shape=(2, 2, 2))
+    bos = model.tokenizer.bos_id
+    requests = [([bos, 5, 6, 7], [8, 9]), ([bos] + list(range(100, 130)), [3]), ([bos], [4, 5])]
+    one = model.scorer().loglikelihood(requests)
+    many = sharded.scorer().loglikelihood(requests)
+    for a, b in zip(one, many):
+        assert abs(a.logprob - b.logprob) <= 1e-4 and a.greedy == b.greedy
+
+
 def test_long_context_is_truncated_from_the_left_and_counted(tiny):
     hf, model = tiny
     scorer = Scorer(model.config, model.params, model.mesh)
@@ -295,7 +306,15 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
         for k, v in os_env.items():
             mp.setenv(k, v)
         trainer.train(
-            tiny_config(corpus, run, num_steps=2, eval_tasks="sentiment_zh", eval_limit=4)
+            tiny_config(
+                corpus,
+                run,
+                num_steps=2,
+                eval_tasks="sentiment_zh",
+                eval_limit=4,
+                num_devices=1,
+                mesh_shape=(1, 1, 1),
+            )
         )
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         live = [r for r in rows if "eval/sentiment_zh/acc" in r][-1]

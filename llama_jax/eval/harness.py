@@ -23,6 +23,7 @@ fit `max_batch_bytes`), max_batch_size and device (cpu | gpu | cuda | tpu) are a
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -41,6 +42,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from llama_jax import sharding
 from llama_jax.eval.scoring import rolling_windows
 from llama_jax.sampling import Generation, SamplingParams
+
+log = logging.getLogger("llama_jax.eval")
 
 _PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 
@@ -143,6 +146,12 @@ class LlamaJaxLM(TemplateLM):
             else _as_bool(add_bos_token)
         )
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
+        if not 1 < self._max_length <= model.config.max_seq_len:
+            raise ValueError(
+                f"max_length={max_length}; valid: 2 to the model's max_seq_len "
+                f"({model.config.max_seq_len})"
+            )
+        self.scorer.window = self._max_length
         self.stop_ids = generation_stop_ids(model.model_path, self.tokenizer_obj)
         self.seed = int(seed)
         self._special = set(self.tokenizer_obj.special_tokens.values())
@@ -191,11 +200,18 @@ class LlamaJaxLM(TemplateLM):
     # ------------------------------------------------------------------ requests
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="llama_jax loglikelihood")
+        before = self.scorer.truncated
         results = self.scorer.loglikelihood(
             [(ctx, cont) for _, ctx, cont in requests],
             progress=lambda n: bar.update(n - bar.n),
         )
         bar.close()
+        if self.scorer.truncated > before:
+            log.warning(
+                "%d request(s) longer than the window (%d tokens) were truncated on the left",
+                self.scorer.truncated - before,
+                self.max_length,
+            )
         out = []
         for (key, _, _), r in zip(requests, results):
             answer = (r.logprob, r.greedy)

@@ -59,7 +59,7 @@ def evaluate_perplexity(
     ids = tokenizer.encode_batch(docs)
     windows, owner = [], []
     for d, toks in enumerate(ids):
-        for w in rolling_windows(toks, tokenizer.bos_id, scorer.config.max_seq_len, stride):
+        for w in rolling_windows(toks, tokenizer.bos_id, scorer.window, stride):
             windows.append(w)
             owner.append(d)
     total = len(windows)

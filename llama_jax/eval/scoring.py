@@ -12,9 +12,11 @@ How a request is scored (the same rules as lm-eval's `hf` backend):
 
 Batching: requests whose model input is the same sequence, or a prefix of another request's
 input, share one row (a context with one-token choices, e.g. " positive" / " negative", is
-scored once for all of them). Rows are sorted by length and packed into batches whose float32
-logits stay under a byte budget; batch rows, row length and scored positions per row are padded
-to powers of two (`sampling.bucket`), so a new request length reuses compiled code.
+scored once for all of them). Only the scored positions of a row are projected to the
+vocabulary (the [D, V] matmul and the log-softmax are the expensive part for Llama 3's 128k
+vocabulary). Rows are sorted by length and packed into batches whose float32 logits stay under a
+byte budget; batch rows, row length and scored positions per row are padded to powers of two
+(`sampling.bucket`), so a new request length reuses compiled code.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Scorer:
         self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self.truncated = 0
+        self.window = config.max_seq_len  # tokens the model sees per request (at most)
         self._model = Transformer(config)
         self._jit = jax.jit(self._fn)
 
@@ -130,14 +133,11 @@ class Scorer:
     def _fn(self, params, tokens, pos, tok):
         """tokens [B, T]; pos, tok [B, X] -> (log p(tok at pos) [B, X], argmax == tok [B, X])."""
         self.trace_counts["score"] += 1
-        logits, _ = self._model.apply({"params": params}, tokens)  # [B, T, V] float32
-        b, t, v = logits.shape
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-        flat = logits.reshape(b, t * v)
-        picked = jnp.take_along_axis(flat, pos * v + tok, axis=1)  # [B, X]
-        logp = picked - jnp.take_along_axis(lse, pos, axis=1)
-        best = jnp.take_along_axis(jnp.argmax(logits, axis=-1), pos, axis=1)
-        return logp, best == tok
+        # Only the scored positions go through the [D, V] output projection.
+        logits, _ = self._model.apply({"params": params}, tokens, logits_at=pos)  # [B, X, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, X]
+        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]  # [B, X]
+        return picked - lse, jnp.argmax(logits, axis=-1) == tok
 
     def _put(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
@@ -156,7 +156,7 @@ class Scorer:
         Returns:
           One `LogLikelihood` per request.
         """
-        limit, v = self.config.max_seq_len, self.config.vocab_size
+        limit, v = self.window, self.config.vocab_size
         inputs, targets = [], []  # per request: model input, and its scored (pos, tok) pairs
         for i, (ctx, cont) in enumerate(requests):
             ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
@@ -167,7 +167,7 @@ class Scorer:
             if len(cont) > limit:
                 raise ValueError(
                     f"request {i}: continuation of {len(cont)} tokens is longer than the "
-                    f"model's window (max_seq_len={limit})"
+                    f"model's window ({limit} tokens)"
                 )
             bad = [t for t in ctx + cont if not 0 <= t < v]
             if bad:
@@ -202,16 +202,19 @@ class Scorer:
         waiting = collections.Counter(row_of_input[inp] for inp in inputs)
         i = 0
         while i < len(rows):
+            # Grow the batch while its float32 logits ([B, X, V], X scored positions per row)
+            # fit the budget.
             chunk, t = [rows[i]], bucket(len(distinct[rows[i]]), limit)
+            x = bucket(len(pairs[rows[i]]), 1 << 30, MIN_TARGETS)
             while i + len(chunk) < len(rows) and len(chunk) < self.max_batch_size:
-                t_next = bucket(len(distinct[rows[i + len(chunk)]]), limit)
+                nxt = rows[i + len(chunk)]
+                x_next = max(x, bucket(len(pairs[nxt]), 1 << 30, MIN_TARGETS))
                 b_next = batch_bucket(len(chunk) + 1, self.batch_multiple)
-                if b_next * t_next * v * 4 > self.max_batch_bytes:
+                if b_next * x_next * v * 4 > self.max_batch_bytes:
                     break
-                chunk.append(rows[i + len(chunk)])
-                t = t_next
+                chunk.append(nxt)
+                t, x = bucket(len(distinct[nxt]), limit), x_next
             b = batch_bucket(len(chunk), self.batch_multiple)
-            x = bucket(max(len(pairs[r]) for r in chunk), 1 << 30, MIN_TARGETS)
             tokens = np.zeros((b, t), np.int32)
             pos = np.zeros((b, x), np.int32)
             tok = np.zeros((b, x), np.int32)
@@ -265,7 +268,7 @@ class Scorer:
         """
         windows, owner = [], []
         for d, doc in enumerate(documents):
-            for w in rolling_windows(doc, prefix_id, self.config.max_seq_len, stride):
+            for w in rolling_windows(doc, prefix_id, self.window, stride):
                 windows.append(w)
                 owner.append(d)
         totals = [0.0] * len(documents)
