@@ -186,6 +186,17 @@ def test_exact_match_and_f1():
     assert token_f1("", ["x"]) == 0.0
 
 
+def test_fewshot_examples_are_seeded_and_checked():
+    from llama_jax.eval.fewshot import choose_examples, fewshot_prompt
+
+    pool = [(f"Q{i}:", f" A{i}") for i in range(20)]
+    assert choose_examples(pool, 3, seed=1) == choose_examples(pool, 3, seed=1)
+    assert choose_examples(pool, 3, seed=1) != choose_examples(pool, 3, seed=2)
+    with pytest.raises(ValueError, match="num_fewshot=21, but the few-shot pool has only 20"):
+        choose_examples(pool, 21)
+    assert fewshot_prompt(pool[:2], "Q:") == "Q0: A0\n\nQ1: A1\n\nQ:"
+
+
 # ----------------------------------------------------------------------------- built-in tasks
 @pytest.fixture(scope="module")
 def task_cache(request):

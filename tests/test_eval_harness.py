@@ -171,7 +171,7 @@ def both(tmp_path_factory, eval_hf_model):
             device="cpu",
             log_samples=True,
         )
-    return results, texts, stop
+    return results, texts, stop, (model_dir, tasks)
 
 
 def _samples(result, task):
@@ -179,7 +179,7 @@ def _samples(result, task):
 
 
 def test_loglikelihoods_and_accuracy_match_hf(both):
-    results, _, _ = both
+    results, *_ = both
     hf, ours = _samples(results["hf"], "tiny_mc"), _samples(results["llama_jax"], "tiny_mc")
     assert len(hf) == len(ours) == len(MC_DOCS)
     n = 0
@@ -199,7 +199,7 @@ def test_loglikelihoods_and_accuracy_match_hf(both):
 
 
 def test_rolling_perplexity_matches_hf(both):
-    results, _, _ = both
+    results, *_ = both
     hf, ours = (
         _samples(results["hf"], "tiny_rolling"),
         _samples(results["llama_jax"], "tiny_rolling"),
@@ -217,10 +217,24 @@ def test_rolling_perplexity_matches_hf(both):
 
 
 def test_greedy_generation_identical_to_hf(both):
-    results, texts, stop = both
+    results, texts, stop, _ = both
     hf, ours = _samples(results["hf"], "tiny_gen"), _samples(results["llama_jax"], "tiny_gen")
     got_hf = [s["resps"][0][0] for s in hf]
     got_ours = [s["resps"][0][0] for s in ours]
     assert got_ours == got_hf
     # The stop string really cut something (the test would be weaker otherwise).
     assert any(stop in t and t.split(stop)[0] == g for t, g in zip(texts, got_hf))
+
+
+def test_llama3_eval_cli_runs_lm_eval_yaml_tasks(both, tmp_path, capsys):
+    from llama_jax.cli import main
+
+    results, _, _, (model_dir, tasks) = both
+    out = tmp_path / "results.json"
+    argv = ["eval", "--model_path", str(model_dir), "--tasks", "tiny_mc", "--include_path"]
+    assert main(argv + [str(tasks), "--output", str(out), "--batch_size", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "tiny_mc" in table and "acc_norm" in table
+    got = json.loads(out.read_text())["results"]["tiny_mc"]
+    want = results["hf"]["results"]["tiny_mc"]
+    assert got["acc,none"] == want["acc,none"] and got["acc_norm,none"] == want["acc_norm,none"]

@@ -263,7 +263,8 @@ def format_table(metrics: Sequence[Metric]) -> str:
     rows = [("task", "metric", "value", "stderr", "n")]
     for m in metrics:
         se = "" if m.stderr is None or math.isnan(m.stderr) else f"{m.stderr:.4f}"
-        rows.append((m.task, m.name, f"{m.value:.4f}", se, str(m.n)))
+        value = f"{m.value:.4f}" if abs(m.value) < 1e6 else f"{m.value:.4g}"
+        rows.append((m.task, m.name, value, se, str(m.n)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
         "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
