@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -292,6 +293,7 @@ def test_cli_list_and_errors(capsys, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- trainer hook
+@pytest.mark.slow
 def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_cache, capsys):
     from llama_jax import train as trainer
     from llama_jax.cli import main
@@ -357,3 +359,43 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
     assert saved["results"]["sentiment_zh"]["acc,none"] == live["eval/sentiment_zh/acc"]
     with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
         trainer.train(tiny_config(corpus, tmp_path / "run2", eval_tasks="nope"))
+
+
+# ----------------------------------------------------------------------------- processes
+@pytest.mark.slow
+def test_two_processes_score_like_one():
+    """2 processes x 2 devices (gloo) return, on every process, the scores of 2 devices in this
+    process."""
+    import os
+    import socket
+    import subprocess
+
+    worker = os.path.join(os.path.dirname(__file__), "eval_multiprocess_worker.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def start(pid, n):
+        return subprocess.Popen(
+            [sys.executable, worker, str(pid), str(n), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    procs = [start(0, 2), start(1, 2)]
+    from jax.sharding import Mesh
+
+    from llama_jax.sharding import MESH_AXES
+    from tests.eval_multiprocess_worker import score
+
+    want = score(Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        assert lines, err[-3000:]
+        got = json.loads(lines[0][7:])
+        assert [g for _, g in got] == [g for _, g in want]
+        np.testing.assert_allclose([v for v, _ in got], [v for v, _ in want], atol=1e-5)

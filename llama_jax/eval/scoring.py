@@ -10,6 +10,9 @@ How a request is scored (the same rules as lm-eval's `hf` backend):
   - its value is the sum of log p(continuation token | everything before it), and `greedy` says
     whether every continuation token was the argmax.
 
+Every process runs the same requests (each feeds its own devices' rows) and gets every
+result back.
+
 Batching: requests whose model input is the same sequence, or a prefix of another request's
 input, share one row (a context with one-token choices, e.g. " positive" / " negative", is
 scored once for all of them). Only the scored positions of a row are projected to the
@@ -140,7 +143,19 @@ class Scorer:
         return picked - lse, jnp.argmax(logits, axis=-1) == tok
 
     def _put(self, x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+        """A [B, ...] host array (the same on every process) with rows over the batch axes;
+        each process supplies only its own devices' shards, so this works multi-host too."""
+        spec = sharding.batch_sharding(self.mesh, x.ndim)
+        return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+    @staticmethod
+    def _fetch(a: jax.Array) -> np.ndarray:
+        """The whole array on the host, gathered from every process when there are several."""
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
     def loglikelihood(
         self,
@@ -227,7 +242,7 @@ class Scorer:
                 logp, hit = self._jit(
                     self.params, self._put(tokens), self._put(pos), self._put(tok)
                 )
-            logp, hit = np.asarray(logp), np.asarray(hit)
+            logp, hit = self._fetch(logp), self._fetch(hit)
             for k, r in enumerate(chunk):
                 for (p, target), slot in pairs[r].items():
                     values[(r, p, target)] = (float(logp[k, slot]), bool(hit[k, slot]))
