@@ -206,7 +206,7 @@ def task_cache(request):
 
 def test_builtin_task_data(task_cache):
     try:
-        data = {n: builtin.task_data(n, task_cache) for n in builtin.TASKS if n != "shakespeare"}
+        data = {n: builtin.task_data(n, task_cache) for n in builtin.TASKS}
     except RuntimeError as e:
         pytest.skip(f"no package index reachable: {e}")
     senti = data["sentiment_zh"]
@@ -221,6 +221,8 @@ def test_builtin_task_data(task_cache):
         for p in t.prompts:
             assert "%" not in p and "{" not in p and "`" not in p
     assert any("\u4e00" <= ch <= "\u9fff" for ch in data["translate_en_zh"].references[0][0])
+    plays = data["shakespeare"].documents  # the held-out works, whole
+    assert len(plays) == 3 and any("MACBETH" in p.upper()[:5000] for p in plays)
 
 
 def test_builtin_tasks_run_and_write_results(tiny, task_cache, tmp_path):
