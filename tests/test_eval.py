@@ -99,19 +99,22 @@ def test_batched_scoring_equals_one_at_a_time_and_compiles_boundedly(tiny):
     ctx = requests[0][0]
     requests += [(ctx, [t]) for t in (11, 12, 13)]  # one-token choices: one shared row
     requests.append((requests[0][0] + requests[0][1], [5]))  # a prefix of another request
+    long_ctx = [bos] + rng.randint(0, 128000, size=30).tolist()
+    requests += [(long_ctx, [7, 8, 9]), (long_ctx, [10, 11]), (long_ctx, [12, 13, 14, 15])]
     scorer = Scorer(model.config, model.params, model.mesh, max_batch_size=8)
     batched = scorer.loglikelihood(requests)
     compiled = scorer.trace_counts["score"]
-    some = requests[::4] + requests[-3:]
+    some = requests[::4] + requests[-6:]
     single = [scorer.loglikelihood([r])[0] for r in some]
-    for a, b in zip(batched[::4] + batched[-3:], single):
+    for a, b in zip(batched[::4] + batched[-6:], single):
         assert abs(a.logprob - b.logprob) <= 1e-4
         assert a.greedy == b.greedy
     # and each equals transformers
-    for (c, k), r in list(zip(requests, batched))[::4]:
+    for (c, k), r in list(zip(requests, batched))[::4] + list(zip(requests, batched))[-3:]:
         assert abs(r.logprob - _hf_logprob(hf, c + k, len(c))) <= 1e-4
     # Bucketed shapes: rows (1..8), length (16, 32, 64) and targets -> a handful of programs,
     # and scoring the same mix again compiles nothing.
+    assert scorer.trace_counts["score_shared"] == 1  # the long context ran once, cached
     assert scorer.trace_counts["score"] <= 12
     before = scorer.trace_counts["score"]
     scorer.loglikelihood(requests[::-1])

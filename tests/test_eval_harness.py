@@ -53,8 +53,10 @@ def make_hf_dir(path: Path) -> transformers.LlamaForCausalLM:
 
 MC_DOCS = [
     {
-        "question": "What colour is the sky?",
-        "choices": [" blue", " green", " a loud noise"],
+        # long enough (>= 16 tokens) that its multi-token choices share one cached context
+        "question": "Looking up on a clear summer afternoon, far away from the city lights, "
+        "what colour is the sky?",
+        "choices": [" the colour blue", " a loud noise", " a quiet green field"],
         "label": 0,
     },
     {"question": "2 + 2 =", "choices": [" 4", " 5"], "label": 0},

@@ -1,7 +1,7 @@
 """Multiple choice and classification: the answer is the choice the model finds most likely.
 
 Every (context, choice) pair is scored by summed log-likelihood (`Scorer`, one batch for all
-items; a context with one-token choices is scored once). As lm-eval's `multiple_choice`:
+items; a context is run once for all its choices). As lm-eval's `multiple_choice`:
   acc       argmax of the log-likelihoods is the gold choice;
   acc_norm  argmax of log-likelihood / characters of the choice;
   acc_bytes argmax of log-likelihood / UTF-8 bytes of the choice.

@@ -15,7 +15,9 @@ result back.
 
 Batching: requests whose model input is the same sequence, or a prefix of another request's
 input, share one row (a context with one-token choices, e.g. " positive" / " negative", is
-scored once for all of them). Only the scored positions of a row are projected to the
+scored once for all of them). Rows whose scored tokens all follow one common context of at
+least MIN_SHARED tokens (multiple choice with multi-token choices) run that context once into
+a KV cache and each choice on top of it (`_shared_fn`). Only the scored positions of a row are projected to the
 vocabulary (the [D, V] matmul and the log-softmax are the expensive part for Llama 3's 128k
 vocabulary). Rows are sorted by length and packed into batches whose float32 logits stay under a
 byte budget; batch rows, row length and scored positions per row are padded to powers of two
@@ -38,10 +40,11 @@ from jax.sharding import Mesh
 
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer
+from llama_jax.model import Transformer, init_cache
 from llama_jax.sampling import batch_bucket, bucket
 
 MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
+MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Scorer:
         self.window = config.max_seq_len  # tokens the model sees per request (at most)
         self._model = Transformer(config)
         self._jit = jax.jit(self._fn)
+        self._shared_jit = jax.jit(self._shared_fn)
 
     @contextlib.contextmanager
     def _context(self):
@@ -140,6 +144,34 @@ class Scorer:
         logits, _ = self._model.apply({"params": params}, tokens, logits_at=pos)  # [B, X, V]
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, X]
         picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]  # [B, X]
+        return picked - lse, jnp.argmax(logits, axis=-1) == tok
+
+    def _shared_fn(self, params, prefix, suffix, start, owner, pos, tok):
+        """Rows that share a context: the contexts run once into a KV cache, each row's suffix
+        runs on its context's cache.
+
+        Args:
+          prefix: [P, Tp] contexts (right-padded); suffix: [R, Ts] the rest of each row,
+          starting at position start [R] of context owner [R]; pos, tok: [R, X] scored
+          positions (relative to the suffix) and tokens.
+        """
+        self.trace_counts["score_shared"] += 1
+        p, tp = prefix.shape
+        r, ts = suffix.shape
+        cache = init_cache(self.config, p, tp + ts)
+        positions = jnp.broadcast_to(jnp.arange(tp), (p, tp))
+        _, cache = self._model.apply(
+            {"params": params}, prefix, positions, cache=cache, logits_at=jnp.zeros((p, 1), int)
+        )
+        # Scanned caches are [L, B, S, K, H], per-layer ones [B, S, K, H].
+        cache = jax.tree.map(lambda c: jnp.take(c, owner, axis=c.ndim - 4), cache)
+        spos = start[:, None] + jnp.arange(ts)[None, :]
+        # Slots from a context's padding are overwritten by the suffix before it attends.
+        logits, _ = self._model.apply(
+            {"params": params}, suffix, spos, cache=cache, logits_at=pos
+        )  # [R, X, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]
         return picked - lse, jnp.argmax(logits, axis=-1) == tok
 
     def _put(self, x: np.ndarray) -> jax.Array:
@@ -215,6 +247,21 @@ class Scorer:
         values: dict[tuple[int, int, int], tuple[float, bool]] = {}
         finished = 0
         waiting = collections.Counter(row_of_input[inp] for inp in inputs)
+        # Rows whose scored positions all follow one common context (multiple choice with
+        # multi-token choices): that context runs once, through a KV cache.
+        first = {r: min(p for p, _ in pairs[r]) for r in rows}
+        groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+        for r in rows:
+            if first[r] >= MIN_SHARED:
+                groups[distinct[r][: first[r]]].append(r)
+        groups = {k: g for k, g in groups.items() if len(g) > 1}
+        shared = {r for g in groups.values() for r in g}
+        rows = [r for r in rows if r not in shared]
+        for batch in self._shared_batches(list(groups.values()), distinct, pairs, first):
+            self._run_shared(batch, distinct, pairs, first, values)
+            finished += sum(waiting[r] for g in batch for r in g)
+            if progress is not None:
+                progress(finished)
         i = 0
         while i < len(rows):
             # Grow the batch while its float32 logits ([B, X, V], X scored positions per row)
@@ -262,6 +309,57 @@ class Scorer:
                 )
             )
         return out
+
+    def _shared_batches(self, groups, distinct, pairs, first):
+        """Groups of rows (one context each; a group is never split) packed into batches
+        whose logits fit the budget."""
+        v = self.config.vocab_size
+        batch, rows, x = [], 0, MIN_TARGETS
+        for g in sorted(groups, key=lambda g: len(distinct[g[0]])):
+            gx = max(bucket(len(pairs[r]), 1 << 30, MIN_TARGETS) for r in g)
+            nx = max(x, gx) if batch else gx
+            n = batch_bucket(rows + len(g), self.batch_multiple)
+            too_big = n * nx * v * 4 > self.max_batch_bytes or rows + len(g) > self.max_batch_size
+            if batch and too_big:
+                yield batch
+                batch, rows, nx = [], 0, gx
+            batch.append(g)
+            rows, x = rows + len(g), nx
+        if batch:
+            yield batch
+
+    def _run_shared(self, batch, distinct, pairs, first, values) -> None:
+        limit = self.window
+        prefixes = [distinct[g[0]][: first[g[0]]] for g in batch]
+        members = [(k, r) for k, g in enumerate(batch) for r in g]
+        tp = bucket(max(len(q) for q in prefixes), limit)
+        ts = bucket(max(len(distinct[r]) - first[r] for _, r in members), limit)
+        x = bucket(max(len(pairs[r]) for _, r in members), 1 << 30, MIN_TARGETS)
+        np_, nr = (
+            batch_bucket(len(prefixes), self.batch_multiple),
+            batch_bucket(len(members), self.batch_multiple),
+        )
+        prefix = np.zeros((np_, tp), np.int32)
+        for k, q in enumerate(prefixes):
+            prefix[k, : len(q)] = q
+        suffix = np.zeros((nr, ts), np.int32)
+        start, owner = np.zeros((nr,), np.int32), np.zeros((nr,), np.int32)
+        pos, tok = np.zeros((nr, x), np.int32), np.zeros((nr, x), np.int32)
+        for j, (k, r) in enumerate(members):
+            rest = distinct[r][first[r] :]
+            suffix[j, : len(rest)] = rest
+            start[j], owner[j] = first[r], k
+            for (p, target), slot in pairs[r].items():
+                pos[j, slot], tok[j, slot] = p - first[r], target
+        with self._context():
+            logp, hit = self._shared_jit(
+                self.params, self._put(prefix), self._put(suffix), self._put(start),
+                self._put(owner), self._put(pos), self._put(tok),
+            )  # fmt: skip
+        logp, hit = self._fetch(logp), self._fetch(hit)
+        for j, (_, r) in enumerate(members):
+            for (p, target), slot in pairs[r].items():
+                values[(r, p, target)] = (float(logp[j, slot]), bool(hit[j, slot]))
 
     def loglikelihood_rolling(
         self,
