@@ -17,11 +17,11 @@ Batching: requests whose model input is the same sequence, or a prefix of anothe
 input, share one row (a context with one-token choices, e.g. " positive" / " negative", is
 scored once for all of them). Rows whose scored tokens all follow one common context of at
 least MIN_SHARED tokens (multiple choice with multi-token choices) run that context once into
-a KV cache and each choice on top of it (`_shared_fn`). Only the scored positions of a row are projected to the
-vocabulary (the [D, V] matmul and the log-softmax are the expensive part for Llama 3's 128k
-vocabulary). Rows are sorted by length and packed into batches whose float32 logits stay under a
-byte budget; batch rows, row length and scored positions per row are padded to powers of two
-(`sampling.bucket`), so a new request length reuses compiled code.
+a KV cache and each choice on top of it (`_shared_fn`). Only the scored positions of a row
+are projected to the vocabulary (the [D, V] matmul and the log-softmax are the expensive part
+for Llama 3's 128k vocabulary). Rows are sorted by length and packed into batches whose
+float32 logits stay under a byte budget; batch rows, row length and scored positions per row
+are padded to powers of two (`sampling.bucket`), so a new request length reuses compiled code.
 """
 
 from __future__ import annotations
