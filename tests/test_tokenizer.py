@@ -529,6 +529,16 @@ def test_trained_is_reproducible(sp_tok, corpus_dir: Path, tmp_path: Path) -> No
         show_progress=False,
     )
     assert other_seed.path.read_bytes() == same_seed.path.read_bytes()
+    # And the seed is really used: another seed samples other lines, so another model.
+    seed_2 = train_tokenizer(
+        corpus_dir / "*.txt",
+        600,
+        tmp_path / "s2",
+        input_sentence_size=3000,
+        seed=2,
+        show_progress=False,
+    )
+    assert seed_2.path.read_bytes() != other_seed.path.read_bytes()
 
 
 def test_trained_dialog_and_reload(sp_tok: SentencePieceTokenizer, tmp_path: Path) -> None:
