@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -435,6 +436,11 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     rules = sharding.LOGICAL_RULES
     os.makedirs(c.run_dir, exist_ok=True)  # every check has passed: the first write
+    with _log_to_file(os.path.join(c.run_dir, "train.log")):
+        return _run(c, stop, mesh, model_cfg, is_main, rules)
+
+
+def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ 3-4. tokenizer, data
     tokenizer = get_tokenizer(c)
@@ -630,15 +636,50 @@ def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any
     return jax.device_put(params, state_shardings["params"])
 
 
+class _ConsoleHandler(logging.Handler):
+    """The trainer's own lines and every warning, written through tqdm so that a line never
+    lands inside the progress bar's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == log.name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging() -> None:
-    """INFO lines of llama_jax to stderr, whatever logging setup the libraries did."""
+    """The trainer's lines and warnings to stderr, whatever logging setup the libraries did;
+    everything else of llama_jax goes to the run's log file (`_log_to_file`)."""
     logger = logging.getLogger("llama_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+@contextlib.contextmanager
+def _log_to_file(path: str):
+    """All of llama_jax's log lines, and the libraries' (absl, orbax, TFDS) chatter that
+    would otherwise reach the terminal, to `path` for the duration of the run."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger("llama_jax"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:

@@ -308,7 +308,7 @@ def test_unsafe_pickle_is_refused(tmp_path, capsys):
 def test_disk_full_names_the_cause(corpus, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mnt)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         c = tiny_config(corpus, mnt / "run", num_steps=40, checkpoint_every=1)
@@ -330,7 +330,7 @@ def test_prompt_over_the_context_names_truncate(tmp_path, capsys):
     from llama_jax.config import get_config
     from llama_jax.model import init_params
 
-    cfg = get_config("tiny", vocab_size=600, max_seq_len=32)
+    cfg = get_config("tiny", vocab_size=400, max_seq_len=32)
     from llama_jax.tokenizer_train import train_tokenizer
 
     corpus_file = tmp_path / "c.txt"
@@ -341,6 +341,7 @@ def test_prompt_over_the_context_names_truncate(tmp_path, capsys):
 
     model = Llama3(config=cfg, params=nn.unbox(params), tokenizer=tok, dtype="float32")
     model.save_pretrained(str(tmp_path / "m"))
+    tok.save(str(tmp_path / "m"))
     long_prompt = " ".join(["the king"] * 40)
     argv = ["generate", "--model_path", str(tmp_path / "m"), "--max_new_tokens", "4", long_prompt]
     code, _, err = _run_cli(argv, capsys)

@@ -24,9 +24,12 @@ the documents in sorted-file order. TFDS splits accept whatever TFDS accepts.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import glob
+import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -512,12 +515,33 @@ def tfds_builder(
     return builder
 
 
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS prints ("Downloading and preparing dataset ...") and draws progress bars while it
+    prepares a dataset: both go to the log (the run's log file in a training run) instead."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = getattr(tqdm_utils, "_active", True)
+    out = io.StringIO()
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        tfds.display_progress_bar(shown)
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger("llama_jax.data").info("tfds: %s", line.strip())
+
+
 def prepare_tfds(builder: Any, *, manual_dir: str | None = None) -> None:
     """Runs `download_and_prepare` writing ArrayRecord, without touching GCS (needs TF)."""
     import tensorflow_datasets as tfds
 
     config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=config, file_format="array_record")
+    with quiet_tfds():
+        builder.download_and_prepare(download_config=config, file_format="array_record")
 
 
 def open_source(
