@@ -211,7 +211,7 @@ def bf16_models(tmp_path_factory):
     hf.to(torch.bfloat16).save_pretrained(path)
     hf16 = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     hf32 = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = Llama3.from_pretrained(path, dtype="bfloat16")
+    ours = Llama3.from_pretrained(path)  # the default: the checkpoint's own dtype, bf16 here
     assert ours.params["embedding"].dtype == jnp.bfloat16 and ours.config.dtype == "bfloat16"
     # 72 tokens: past the scaled rope's original context of 16.
     tokens = np.random.RandomState(0).randint(0, 128, (2, 72))
