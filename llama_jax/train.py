@@ -436,7 +436,8 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     rules = sharding.LOGICAL_RULES
     os.makedirs(c.run_dir, exist_ok=True)  # every check has passed: the first write
-    with _log_to_file(os.path.join(c.run_dir, "train.log")):
+    name = "train.log" if is_main else f"train.{jax.process_index()}.log"
+    with _log_to_file(os.path.join(c.run_dir, name)):
         return _run(c, stop, mesh, model_cfg, is_main, rules)
 
 

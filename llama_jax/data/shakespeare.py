@@ -238,8 +238,10 @@ def prepare(
       download_dir: where the archive is kept (default: `data_dir`/downloads).
       download: prepare the dataset when it is not prepared yet (else raise).
     """
-    builder = Shakespeare(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    with quiet_tfds():
+        builder = Shakespeare(data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         if not download:
             raise ValueError(
                 f"the shakespeare dataset is not prepared in {builder.data_dir}; pass "

@@ -515,6 +515,11 @@ def tfds_builder(
     return builder
 
 
+def _no_missing_dataset_info(record: logging.LogRecord) -> bool:
+    # A dataset that is about to be prepared has no dataset_info.json yet: nothing to say.
+    return "has no dataset_info.json" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_tfds():
     """TFDS prints ("Downloading and preparing dataset ...") and draws progress bars while it
@@ -524,12 +529,15 @@ def quiet_tfds():
 
     shown = getattr(tqdm_utils, "_active", True)
     out = io.StringIO()
+    absl = logging.getLogger("absl")
+    absl.addFilter(_no_missing_dataset_info)
     tfds.display_progress_bar(False)
     try:
         with contextlib.redirect_stdout(out):
             yield
     finally:
         tfds.display_progress_bar(shown)
+        absl.removeFilter(_no_missing_dataset_info)
         for line in out.getvalue().splitlines():
             if line.strip():
                 logging.getLogger("llama_jax.data").info("tfds: %s", line.strip())
