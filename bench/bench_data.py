@@ -143,6 +143,7 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
     c.model.vocab_size = max(c.model.vocab_size, vocab_size)
     c.seq_len, c.batch_size = ARGS.seq_len, ARGS.batch
     cfg = experiment.model_config(c)
+    mesh = sharding.make_mesh(tuple(mesh.devices.shape), list(mesh.devices.flat))
     tx, schedule = trainer.make_optimizer(c, 1000)
     abstract = jax.eval_shape(functools.partial(trainer.init_state, cfg, tx, 0))
     shardings = sharding.logical_to_sharding(abstract, mesh)
