@@ -148,7 +148,7 @@ def get_tokenizer(c: ml_collections.ConfigDict):
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
         return load_tokenizer(tok_dir)
     from llama_jax.data import open_source
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     corpus = os.path.join(c.run_dir, "tokenizer_corpus.txt")
     if jax.process_index() == 0:
