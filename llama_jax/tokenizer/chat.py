@@ -95,6 +95,39 @@ def require_chat_tokens(tok: Any) -> None:
         )
 
 
+def render_dialog(
+    tok: Any,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    allowed_special: Collection[str] | Literal["all"] = (),
+) -> tuple[list[int], list[tuple[int, int, int, str]]]:
+    """Encodes a dialog once and says which message and part each token came from.
+
+    Args:
+      tok: a Tokenizer with the chat tokens.
+      messages: dicts with "role" and "content".
+      allowed_special: as for `Tokenizer.encode`.
+
+    Returns:
+      (ids, spans): ids as `encode_dialog(messages, add_generation_prompt=False)` gives them,
+      and (start, stop, message index, part) for every piece, part one of "bos", "header",
+      "content", "eot" (message index -1 for the leading bos), covering ids in order.
+    """
+    require_chat_tokens(tok)
+    ids = [tok.bos_id]
+    spans = [(0, 1, -1, "bos")]
+    for i, message in enumerate(messages):
+        role, content = check_message(i, message)
+        for part, piece in (
+            ("header", encode_header(tok, role)),
+            ("content", tok.encode(content.strip(), allowed_special=allowed_special)),
+            ("eot", [tok.special_tokens[END_OF_TURN]]),
+        ):
+            spans.append((len(ids), len(ids) + len(piece), i, part))
+            ids += piece
+    return ids, spans
+
+
 def encode_dialog(
     tok: Any,
     messages: Sequence[Mapping[str, str]],
@@ -103,13 +136,7 @@ def encode_dialog(
     allowed_special: Collection[str] | Literal["all"] = (),
 ) -> list[int]:
     """Encodes a conversation in the Llama 3 chat layout (see `Tokenizer.encode_dialog`)."""
-    require_chat_tokens(tok)
-    ids = [tok.bos_id]
-    for i, message in enumerate(messages):
-        role, content = check_message(i, message)
-        ids += encode_header(tok, role)
-        ids += tok.encode(content.strip(), allowed_special=allowed_special)
-        ids.append(tok.special_tokens[END_OF_TURN])
+    ids, _ = render_dialog(tok, messages, allowed_special=allowed_special)
     if add_generation_prompt:
         ids += encode_header(tok, "assistant")
     return ids
