@@ -299,7 +299,9 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
 
 
 # ----------------------------------------------------------------------------- Meta
-_META_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split on dim 0
+# Llama 3's reference model (fairscale) splits these on dim 0: the column-parallel projections
+# and `tok_embeddings`, a VocabParallelEmbedding (Llama 2's ParallelEmbedding split dim 1).
+_META_DIM0 = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")
 
 
 def is_meta_dir(path: str) -> bool:
@@ -364,9 +366,9 @@ def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.nda
         kind = mname.split(".")[-2]
         if len(parts) == 1 or parts[0].ndim == 1:
             w = parts[0]
-        elif kind in _META_COLUMN_PARALLEL:
+        elif kind in _META_DIM0:
             w = np.concatenate(parts, axis=0)
-        else:  # wo, w2 and tok_embeddings are split on dim 1
+        else:  # the row-parallel wo and w2 are split on dim 1
             w = np.concatenate(parts, axis=1)
         if kind == "wq":
             w = _meta_permute(w, config.n_heads)

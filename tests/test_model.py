@@ -53,8 +53,11 @@ def test_logits_match_transformers(tmp_path, case):
     assert diff <= 1e-4, diff
 
 
-def _meta_from_hf(hf_model, path, n_shards=2):
-    """Writes Meta's layout (interleaved rotary rows, model-parallel shards) from HF weights."""
+def _meta_from_hf(hf_model, path, n_shards=2, use_scaled_rope=False):
+    """Writes Meta's layout (interleaved rotary rows, model-parallel shards) from HF weights,
+    split the way Llama 3's reference (fairscale) splits them: tok_embeddings is a
+    VocabParallelEmbedding (dim 0), wq/wk/wv/w1/w3/output column-parallel (dim 0), wo/w2
+    row-parallel (dim 1), norms replicated."""
     cfg = hf_model.config
     n, k = cfg.num_attention_heads, cfg.num_key_value_heads
 
@@ -87,7 +90,7 @@ def _meta_from_hf(hf_model, path, n_shards=2):
             elif m_name == "attention.wk":
                 w = unpermute(w, k)
             meta[f"layers.{i}.{m_name}.weight"] = w
-    column = ("wq", "wk", "wv", "w1", "w3", "output")
+    column = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")
     shards = [{} for _ in range(n_shards)]
     for name, w in meta.items():
         kind = name.split(".")[-2]
@@ -110,18 +113,21 @@ def _meta_from_hf(hf_model, path, n_shards=2):
         "ffn_dim_multiplier": None,
         "norm_eps": cfg.rms_norm_eps,
         "rope_theta": 500000.0,
-        "use_scaled_rope": False,
+        "use_scaled_rope": use_scaled_rope,
     }
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(params, f)
 
 
-def test_meta_checkpoint_matches_transformers(tmp_path):
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_meta_checkpoint_matches_transformers(tmp_path, n_shards):
     # dim 64: Meta's rule gives int(2 * 4 * 64 / 3) = 170 rounded up to 192 (multiple_of 32).
-    hf = make_hf_model(str(tmp_path / "hf"), heads=4, kv_heads=2, mlp=192)
-    _meta_from_hf(hf, str(tmp_path / "meta"))
+    # use_scaled_rope: Meta's hard-coded Llama 3.1 scaling (factor 8, original context 8192),
+    # which with head dim 16 and theta 5e5 rescales the low-frequency half of the pairs.
+    hf = make_hf_model(str(tmp_path / "hf"), heads=4, kv_heads=4, mlp=192, rope_scaling="meta")
+    _meta_from_hf(hf, str(tmp_path / "meta"), n_shards=n_shards, use_scaled_rope=True)
     model = Llama3.from_pretrained(str(tmp_path / "meta"), dtype="float32")
-    assert model.config.mlp_dim == 192
+    assert model.config.mlp_dim == 192 and model.config.rope_scaling_factor == 8.0
     tokens = _tokens(128, (2, 40))
     diff = np.abs(model.logits(tokens) - hf_logits(hf, tokens)).max()
     assert diff <= 1e-4, diff
