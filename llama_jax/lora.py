@@ -180,7 +180,7 @@ def init_adapters(
     float32 whatever the base dtype; B is zero, so the adapted model starts equal to the base.
 
     Returns:
-      The adapter tree, boxed with logical axes (nn.Partitioned) for sharding; unbox to use.
+      The adapter tree, boxed with logical axes (nn.LogicallyPartitioned) for sharding; unbox to use.
     """
     out: dict[str, Any] = {}
     for key in _layer_keys(params):
@@ -202,8 +202,8 @@ def init_adapters(
             layer_axes = ("layers",) if lead else ()
             axes = _AXES[t]
             out.setdefault(key, {}).setdefault(module, {})[t] = {
-                "a": nn.Partitioned(a, (*layer_axes, *axes[:n_in], None)),
-                "b": nn.Partitioned(b, (*layer_axes, None, *axes[n_in:])),
+                "a": nn.LogicallyPartitioned(a, (*layer_axes, *axes[:n_in], None)),
+                "b": nn.LogicallyPartitioned(b, (*layer_axes, None, *axes[n_in:])),
             }
     return out
 
