@@ -3,6 +3,8 @@
     llama3 finetune --config experiments/sft_chat.py[:VARIANT] --init_from BASE \
         --model_path runs/sft [--data_path train.jsonl --valid_data_path valid.jsonl]
 
+(`launch/*.sh` run it on several processes / hosts like `llama3 train`.)
+
 BASE is any model directory `Llama3.from_pretrained` reads (Hugging Face, Meta, llama_jax, a
 run). The default data is the built-in `chatterbot/en` (~1,900 short English dialogs, BSD;
 every 20th held out for validation), rendered once in the Llama 3 chat format with the loss on
@@ -22,6 +24,7 @@ Variants:
                   batch 8, 30 steps.
 """
 
+from llama_jax.experiment import model_config_dict
 from llama_jax.finetune import default_config
 
 VARIANTS = ("lora", "full", "8b_lora", "runlocal")
@@ -32,6 +35,9 @@ def get_config(arg: str | None = None):
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r}; valid: {', '.join(VARIANTS)}")
     c = default_config()
+    # The architecture is read from --init_from at start; this documents the intended base
+    # (and sizes the shape checks). Only dtype, remat, scan and attention_impl are ours.
+    c.model = model_config_dict("llama3.2-1b", dtype="bfloat16")
     c.data_path = "chatterbot/en"
     c.seq_len = 1024
     c.batch_size = 16
@@ -53,11 +59,12 @@ def get_config(arg: str | None = None):
         c.model.param_dtype = "float32"
         c.mesh_shape = (1, -1, 1)
     elif arg == "8b_lora":
+        c.model = model_config_dict("llama3.1-8b", dtype="bfloat16", remat_policy="full")
         c.mesh_shape = (1, 8, 1)
-        c.model.remat_policy = "full"
         c.seq_len = 2048
         c.batch_size = 32
     elif arg == "runlocal":
+        c.model = model_config_dict("tiny", max_seq_len=256)
         c.seq_len = 128
         c.batch_size = 8
         c.num_steps = 30
@@ -66,7 +73,6 @@ def get_config(arg: str | None = None):
         c.lora.rank = 8
         c.lora.alpha = 16.0
         c.base_dtype = ""
-        c.model.dtype = "float32"
         c.learning_rate = 1e-3
         c.eval_every = 0
         c.eval_batches = 4

@@ -431,6 +431,10 @@ EXPERIMENT_MESHES = {  # the hardware each experiment documents
     "llama3_1_8b.py:gpu": (1, 64, 1),
     "continued_pretraining.py": (1, 8, 1),
     "continued_pretraining.py:runlocal": (1, 1, 1),
+    "sft_chat.py": (1, 1, 1),
+    "sft_chat.py:full": (1, 8, 1),
+    "sft_chat.py:8b_lora": (1, 8, 1),
+    "sft_chat.py:runlocal": (1, 1, 1),
 }
 
 
