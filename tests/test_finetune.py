@@ -21,7 +21,7 @@ import transformers
 from hf_reference import hf_logits, make_hf_model
 from test_train import _env, _wait_for_step, assert_trees_equal, final_state, losses
 
-from llama_jax import convert, lora
+from llama_jax import checkpoint, convert, lora
 from llama_jax.api import Llama3
 
 TOKENS = np.random.default_rng(1).integers(0, 400, size=(2, 20))
@@ -139,19 +139,50 @@ def test_export_peft_and_hf_load_with_the_same_logits(ft_data, lora_run, tmp_pat
     assert np.abs(again.logits(TOKENS) - ours).max() <= 1e-5
 
 
-def test_kill_9_then_resume_is_bitwise_identical(ft_data, lora_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_lora_run_resumes_bitwise(ft_data, lora_run, tmp_path, sig):
     run = tmp_path / "run"
-    kill_at = random.Random(os.getpid()).randint(3, 7)
-    proc = subprocess.Popen(_cmd(ft_data, run, "--lora_rank", str(RANK)), env=_env(2),
+    # SIGTERM must save by itself: no periodic checkpoints then.
+    extra = ["--lora_rank", str(RANK)] + (
+        ["--config.checkpoint_every=1000"] * (sig != signal.SIGKILL)
+    )
+    stop_at = random.Random(os.getpid()).randint(3, 7)
+    proc = subprocess.Popen(_cmd(ft_data, run, *extra), env=_env(2),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for_step(str(run), kill_at, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = _run(_cmd(ft_data, run, "--lora_rank", str(RANK)))
+    _wait_for_step(str(run), stop_at, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=600)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
+        assert len(checkpoint.committed_steps(str(run / "checkpoints"))) == 1
+    resumed = _run(_cmd(ft_data, run, *extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
     assert losses(str(run)) == losses(lora_run)
     assert_trees_equal(final_state(str(run))[1], final_state(lora_run)[1])
+
+
+def test_two_processes_match_one(ft_data, lora_run, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    multi = tmp_path / "multi"
+    args = _cmd(ft_data, multi, "--lora_rank", str(RANK))[4:]  # after "llama_jax.cli finetune"
+    i = args.index("--config")
+    del args[i : i + 2]  # multiprocess.sh passes --config itself
+    proc = subprocess.run(
+        ["bash", os.path.join(root, "launch", "multiprocess.sh"), "2", "1",
+         "experiments/sft_chat.py:runlocal", *args],
+        env=_env(1) | {"LOG_DIR": str(tmp_path / "logs"), "COMMAND": "finetune"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    a, b = losses(str(multi)), losses(lora_run)  # lora_run: 1 process, 2 devices
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], atol=1e-5)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+        final_state(str(multi))[1]["params"],
+        final_state(lora_run)[1]["params"],
+    )
 
 
 def test_adapter_on_another_base_is_refused(ft_data, lora_run, tmp_path):

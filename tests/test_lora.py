@@ -123,3 +123,64 @@ def test_init_is_identity():
 def test_bad_lora_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lora.LoraConfig(**kwargs)
+
+
+def _lora_grads(model_overrides, accum=1):
+    """Adapter gradients of one train step and the base after it, under model_overrides."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import ml_collections
+
+    from llama_jax import train
+    from llama_jax.experiment import base_config
+    from llama_jax.model import unstack_layers
+
+    cfg = dataclasses.replace(TINY, **model_overrides)
+    c = base_config()
+    c.grad_accum_steps = accum
+    c.learning_rate, c.warmup_steps, c.num_steps = 1e-2, 0, 4
+    c = ml_collections.ConfigDict(c)
+    lcfg = lora.LoraConfig(rank=2, alpha=4.0)
+    tx, schedule = train.make_optimizer(c, 4)
+    # The same base and adapters in every layout: made stacked, unstacked when asked.
+    base = nn.unbox(init_params(TINY, jax.random.key(0)))
+    adapters = nn.unbox(lora.init_adapters(base, lcfg, jax.random.key(1)))
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # B non-zero: A gets gradients too
+    if not cfg.scan_layers:
+        base, adapters = unstack_layers(base, 2), unstack_layers(adapters, 2)
+    state = {
+        "params": adapters,
+        "opt_state": tx.init(adapters),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(2)),
+    }
+    base_copy = jax.tree.map(np.array, base)
+    toks = np.random.default_rng(3).integers(0, 128, size=(4, 17)).astype(np.int32)
+    batch = {
+        "inputs": jnp.asarray(toks[:, :-1]),
+        "targets": jnp.asarray(toks[:, 1:]),
+        "segment_ids": jnp.ones((4, 16), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16)),
+        "loss_mask": jnp.ones((4, 16), jnp.float32),
+    }
+    step = jax.jit(train.make_train_step(cfg, tx, schedule, c, lcfg))
+    new, metrics = step(state, batch, base)
+    jax.tree.map(np.testing.assert_array_equal, base_copy, jax.tree.map(np.asarray, base))
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new["params"], state["params"])
+    if not cfg.scan_layers:  # compare in the stacked layout
+        delta = {
+            "layers": jax.tree.map(
+                lambda *a: np.stack(a), *[delta[f"layers_{i}"] for i in range(2)]
+            )
+        }
+    return float(metrics["loss"]), delta
+
+
+def test_lora_step_under_scan_remat_and_accumulation():
+    loss0, d0 = _lora_grads({})
+    assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(d0))  # every adapter moves
+    for overrides, accum in (({"scan_layers": False}, 1), ({"remat_policy": "full"}, 1), ({}, 2)):
+        loss, d = _lora_grads(overrides, accum)
+        assert abs(loss - loss0) < 1e-5, (overrides, accum)  # Adam step 1 ~ lr * sign(g): 1e-2
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), d, d0)
