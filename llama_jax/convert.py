@@ -325,6 +325,22 @@ def _torch_to_numpy(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+def _load_pth(torch: Any, path: str) -> Any:
+    """torch.load that only unpickles tensors; anything else is refused, in one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{path}: refused an unsafe pickle (it holds more than tensors, so loading it could "
+            f"run code; torch.load weights_only=True said: {first[:200]})"
+        ) from None
+    except RuntimeError as e:  # a truncated or corrupt zip archive
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+
+
 def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.ndarray]:
     """HF name -> array, reading Meta model-parallel shards lazily (mmap) and merging them."""
     try:
@@ -332,7 +348,7 @@ def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.nda
     except ImportError as e:  # torch is only needed for Meta .pth files.
         raise ImportError("reading Meta .pth checkpoints needs torch: pip install torch") from e
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_load_pth(torch, f) for f in files]
     hf_to_meta = {
         "model.embed_tokens.weight": "tok_embeddings.weight",
         "model.norm.weight": "norm.weight",

@@ -180,7 +180,7 @@ def init_adapters(
     float32 whatever the base dtype; B is zero, so the adapted model starts equal to the base.
 
     Returns:
-      The adapter tree, boxed with logical axes (nn.LogicallyPartitioned) for sharding; unbox to use.
+      The adapter tree, boxed with logical axes (nn.LogicallyPartitioned); unbox to use.
     """
     out: dict[str, Any] = {}
     for key in _layer_keys(params):

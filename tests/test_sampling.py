@@ -452,7 +452,8 @@ def tiny():
         (
             dict(prompts=[[1] * 250], max_new_tokens=10),
             r"prompt 0 has 250 tokens \+ max_new_tokens=10, more than the model's context "
-            r"\(max_seq_len=256\).*truncate=True to keep its last 246 tokens",
+            r"\(max_seq_len=256\).*truncate=True; --truncate in the CLI\) to keep its last "
+            r"246 tokens",
         ),
         (dict(max_new_tokens=0), r"max_new_tokens=0; valid: 1 to 255"),
         (dict(max_new_tokens=-3), r"max_new_tokens=-3; valid: 1 to 255"),
