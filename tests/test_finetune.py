@@ -21,7 +21,7 @@ import transformers
 from hf_reference import hf_logits, make_hf_model
 from test_train import _env, _wait_for_step, assert_trees_equal, final_state, losses
 
-from llama_jax import checkpoint, convert, lora
+from llama_jax import checkpoint, cli, convert, lora
 from llama_jax.api import Llama3
 
 TOKENS = np.random.default_rng(1).integers(0, 400, size=(2, 20))
@@ -122,16 +122,12 @@ def test_merged_minus_base_has_rank_r_and_run_loads_merged(ft_data, lora_run):
 def test_export_peft_and_hf_load_with_the_same_logits(ft_data, lora_run, tmp_path):
     ours = Llama3.from_pretrained(lora_run, dtype="float32").logits(TOKENS)
     out = tmp_path / "peft"
-    done = _run([sys.executable, "-m", "llama_jax.cli", "convert", "--input", lora_run,
-                 "--output", str(out), "--format", "peft"])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["convert", "--input", lora_run, "--output", str(out), "--format", "peft"]) == 0
     base = transformers.LlamaForCausalLM.from_pretrained(ft_data["base"], dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(out)).eval()
     assert np.abs(hf_logits(model, TOKENS) - ours).max() <= 1e-4
     hf = tmp_path / "hf"
-    done = _run([sys.executable, "-m", "llama_jax.cli", "convert", "--input", lora_run,
-                 "--output", str(hf), "--format", "hf"])  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["convert", "--input", lora_run, "--output", str(hf), "--format", "hf"]) == 0
     merged = transformers.LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     assert np.abs(hf_logits(merged, TOKENS) - ours).max() <= 1e-4
     # ...and the PEFT export imports back as the same model.
@@ -198,8 +194,6 @@ def test_adapter_on_another_base_is_refused(ft_data, lora_run, tmp_path):
 
 def _cli(d, run, *extra, capsys):
     """`llama3 finetune` in this process (8 fake devices): (exit status, last stderr line)."""
-    from llama_jax import cli
-
     argv = _cmd(d, run, "--config.num_steps=1", *extra)[3:]
     status = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -231,8 +225,6 @@ def test_bad_rows_name_the_file_and_line(ft_data, tmp_path, capsys):
 
 
 def test_architecture_comes_from_the_base(ft_data, tmp_path, capsys):
-    from llama_jax import cli
-
     argv = _cmd(ft_data, tmp_path / "r", "--config.model.vocab_size=10", "--print_config")[3:]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
