@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
         "--tokenizer",
         default="bytes,sp",
         help="comma list: bytes (byte-level), sp (SentencePiece 8k trained on the train split "
-        "with llama_jax.tokenizer_train), or a tokenizer file/dir",
+        "with llama_jax.tokenizer.train), or a tokenizer file/dir",
     )
     p.add_argument("--devices", type=int, default=0, help="fake CPU devices (0: as JAX starts)")
     p.add_argument(
@@ -68,7 +68,7 @@ class ByteTokenizer:
 
 def sentencepiece_tokenizer(work: str, data_dir: str, manual_dir: str | None):
     from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     out = os.path.join(work, "sp8k")
     if not os.path.isdir(out):

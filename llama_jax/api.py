@@ -35,6 +35,7 @@ class Llama3:
         mesh: Mesh | None = None,
         mesh_shape: Sequence[int] | None = None,
         tokenizer: Any | None = None,
+        adapter: str | None = None,
     ):
         """Loads `model_path`, or wraps an in-memory (config, params) pair.
 
@@ -47,6 +48,8 @@ class Llama3:
             (data, fsdp, tensor) over all devices, one entry may be -1.
           tokenizer: a `llama_jax.tokenizer.Tokenizer`; by default the tokenizer file found in
             `model_path`, loaded on first use.
+          adapter: a PEFT LoRA directory or a llama_jax LoRA run, merged into the base weights
+            (checked to fit the base).
         """
         if dtype == "auto":
             dtype = None
@@ -58,6 +61,10 @@ class Llama3:
         if model_path is not None:
             np_dtype = None if dtype is None else jnp.dtype(dtype)
             config, params = convert.load_any(model_path, np_dtype)
+        if adapter is not None:
+            from llama_jax.finetune import apply_adapter
+
+            params = apply_adapter(config, params, adapter)
         elif params is None:
             raise ValueError("config was given without params")
         if dtype is not None:

@@ -499,6 +499,10 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     """(config, numpy params) from a llama_jax, Hugging Face or Meta directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
+    from llama_jax import finetune
+
+    if finetune.is_lora_run(path):  # its checkpoints hold adapters: merge them into the base
+        return finetune.load_lora_run(path, dtype)
     if is_llama_jax_dir(path) or is_run_dir(path):
         config, params = load_llama_jax(path)
         if dtype is not None:
@@ -519,9 +523,14 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
 
 
 def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str | None = None):
-    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format."""
-    if fmt not in ("llama_jax", "hf"):
-        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf'")
+    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format, or a LoRA
+    run's adapters alone in PEFT's format ("peft")."""
+    if fmt not in ("llama_jax", "hf", "peft"):
+        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft'")
+    if fmt == "peft":
+        from llama_jax.finetune import export_peft
+
+        return export_peft(input_dir, output_dir)
     np_dtype = None
     if dtype is not None:
         valid = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

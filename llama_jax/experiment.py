@@ -115,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
     # test hooks (fault injection): make step k's loss NaN; stop after k steps.
     c.debug_nan_step = -1
     c.debug_stop_after = -1
+
+    # fine-tuning (llama_jax.finetune): data format, chat masking, LoRA
+    from llama_jax.finetune import add_config_keys
+
+    add_config_keys(c)
     return c
 
 

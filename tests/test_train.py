@@ -69,7 +69,7 @@ def corpus(tmp_path_factory):
             for _ in range(rng.randint(3, 12))
         ]
         (docs / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     all_text = root / "all.txt"
     all_text.write_text("".join(p.read_text() for p in sorted(docs.iterdir())))
@@ -431,6 +431,10 @@ EXPERIMENT_MESHES = {  # the hardware each experiment documents
     "llama3_1_8b.py:gpu": (1, 64, 1),
     "continued_pretraining.py": (1, 8, 1),
     "continued_pretraining.py:runlocal": (1, 1, 1),
+    "sft_chat.py": (1, 1, 1),
+    "sft_chat.py:full": (1, 8, 1),
+    "sft_chat.py:8b_lora": (1, 8, 1),
+    "sft_chat.py:runlocal": (1, 1, 1),
 }
 
 
