@@ -309,7 +309,7 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
     rng = np.random.RandomState(0)
     for i in range(20):
         (docs / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, 60)) + ".\n")
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     (tmp_path / "all.txt").write_text("".join(p.read_text() for p in sorted(docs.iterdir())))
     train_tokenizer(str(tmp_path / "all.txt"), 300, str(tmp_path / "tok"), show_progress=False)

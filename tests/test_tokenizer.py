@@ -545,7 +545,7 @@ def test_trained_is_reproducible(sp_tok, corpus_dir: Path, tmp_path: Path) -> No
     import sys
 
     code = (
-        "import sys; from llama_jax.tokenizer_train import train_tokenizer; "
+        "import sys; from llama_jax.tokenizer.train import train_tokenizer; "
         "train_tokenizer(sys.argv[1], 600, sys.argv[2], input_sentence_size=3000, seed=1, "
         "show_progress=False)"
     )
