@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
         "--tokenizer",
         default="bytes,sp",
         help="comma list: bytes (byte-level), sp (SentencePiece 8k trained on the train split "
-        "with llama_jax.tokenizer_train), or a tokenizer file/dir",
+        "with llama_jax.tokenizer.train), or a tokenizer file/dir",
     )
     p.add_argument("--devices", type=int, default=0, help="fake CPU devices (0: as JAX starts)")
     p.add_argument(
@@ -68,7 +68,7 @@ class ByteTokenizer:
 
 def sentencepiece_tokenizer(work: str, data_dir: str, manual_dir: str | None):
     from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     out = os.path.join(work, "sp8k")
     if not os.path.isdir(out):
@@ -143,6 +143,7 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
     c.model.vocab_size = max(c.model.vocab_size, vocab_size)
     c.seq_len, c.batch_size = ARGS.seq_len, ARGS.batch
     cfg = experiment.model_config(c)
+    mesh = sharding.make_mesh(tuple(mesh.devices.shape), list(mesh.devices.flat))
     tx, schedule = trainer.make_optimizer(c, 1000)
     abstract = jax.eval_shape(functools.partial(trainer.init_state, cfg, tx, 0))
     shardings = sharding.logical_to_sharding(abstract, mesh)

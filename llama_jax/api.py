@@ -35,6 +35,7 @@ class Llama3:
         mesh: Mesh | None = None,
         mesh_shape: Sequence[int] | None = None,
         tokenizer: Any | None = None,
+        adapter: str | None = None,
     ):
         """Loads `model_path`, or wraps an in-memory (config, params) pair.
 
@@ -47,6 +48,8 @@ class Llama3:
             (data, fsdp, tensor) over all devices, one entry may be -1.
           tokenizer: a `llama_jax.tokenizer.Tokenizer`; by default the tokenizer file found in
             `model_path`, loaded on first use.
+          adapter: a PEFT LoRA directory or a llama_jax LoRA run, merged into the base weights
+            (checked to fit the base).
         """
         if dtype == "auto":
             dtype = None
@@ -58,6 +61,10 @@ class Llama3:
         if model_path is not None:
             np_dtype = None if dtype is None else jnp.dtype(dtype)
             config, params = convert.load_any(model_path, np_dtype)
+        if adapter is not None:
+            from llama_jax.finetune import apply_adapter
+
+            params = apply_adapter(config, params, adapter)
         elif params is None:
             raise ValueError("config was given without params")
         if dtype is not None:
@@ -151,6 +158,34 @@ class Llama3:
             made = sampling.Sampler(self.config, self.params, self.mesh, **options)
             self._sampler_cache = (self.params, dict(options), made)
         return self._sampler_cache[2]
+
+    def scorer(self, **options: Any) -> Any:
+        """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first
+        use and remade when `params` is replaced or `options` (max_batch_size,
+        max_batch_bytes) change."""
+        from llama_jax.eval.scoring import Scorer
+
+        cached = getattr(self, "_scorer_cache", None)
+        if cached is None or cached[0] is not self.params or cached[1] != options:
+            made = Scorer(self.config, self.params, self.mesh, **options)
+            self._scorer_cache = (self.params, dict(options), made)
+        return self._scorer_cache[2]
+
+    def evaluate(self, tasks: str | Sequence[str], **kwargs: Any) -> list[Any]:
+        """Runs evaluation tasks (built-in names, or lm-eval tasks with lm-eval installed).
+
+        Args:
+          tasks: a name or a list of names (see `llama3 eval --list`).
+          **kwargs: `include_path`, `num_fewshot`, `limit`, `seed`, `chat`, `batch_size`,
+            `cache`, `progress` of `eval.runner.evaluate`.
+
+        Returns:
+          `eval.requests.Metric`s (task, name, value, stderr, n); `eval.runner.format_table`
+          prints them.
+        """
+        from llama_jax.eval.runner import evaluate
+
+        return evaluate(self, [tasks] if isinstance(tasks, str) else list(tasks), **kwargs)[0]
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         for i, p in enumerate(prompts):

@@ -21,7 +21,12 @@ def _convert(argv: list[str]) -> int:
     )
     p.add_argument("--input", required=True, help="source model directory")
     p.add_argument("--output", required=True, help="destination directory (new or empty)")
-    p.add_argument("--format", default="llama_jax", choices=["llama_jax", "hf"])
+    p.add_argument(
+        "--format",
+        default="llama_jax",
+        choices=["llama_jax", "hf", "peft"],
+        help="peft: a LoRA run's adapters alone, for peft.PeftModel.from_pretrained",
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -71,6 +76,44 @@ def _train(argv: list[str]) -> int:
     from llama_jax.train import train
 
     result = train(config)
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    )
+    return 0
+
+
+def _finetune(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 finetune",
+        description="Fine-tune a base model (full, or LoRA with --lora_rank > 0). Overrides: "
+        "--config.KEY=VALUE, and --data_path --valid_data_path --model_path (run dir) "
+        "--num_gpus --batch_size --learning_rate --num_epochs.",
+    )
+    p.add_argument("--init_from", required=True, help="base model directory (any format)")
+    p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
+    p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
+    p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    args, rest = p.parse_known_args(argv)
+    from llama_jax import experiment, finetune
+
+    config = experiment.load_config(args.config) if args.config else finetune.default_config()
+    config.init_from = args.init_from
+    if args.lora_rank is not None:
+        config.lora.rank = args.lora_rank
+    try:
+        unknown = experiment.parse_overrides(config, rest)
+        if unknown:
+            p.error(f"unrecognised arguments: {' '.join(unknown)}")
+        finetune.prepare(config)
+        if args.print_config:
+            print(config)
+            return 0
+        from llama_jax.train import train
+
+        result = train(config)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
+        return 1
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -211,13 +254,21 @@ def _serve_check(args: argparse.Namespace) -> tuple[int, ...] | None:
     return shape
 
 
+def _eval(argv: list[str]) -> int:
+    from llama_jax.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {
     "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
     "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
+    "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
     "chat": (_chat, "interactive chat in the Llama 3 chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
+    "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
 }
 
 

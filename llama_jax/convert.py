@@ -262,7 +262,9 @@ def load_hf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     config = read_hf_config(path)
     get = hf_tensor_getter(path)
     params = tensors_to_params(get, config, dtype)
-    return _with_param_dtype(config, params), params
+    # HF checkpoints record no compute dtype: compute in the weights' own (transformers'
+    # dtype="auto" does the same), not in ModelConfig's float32 default.
+    return _with_param_dtype(config, params, compute=True), params
 
 
 def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 5 << 30) -> None:
@@ -400,16 +402,19 @@ def load_meta(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     with open(os.path.join(path, "params.json")) as f:
         config = ModelConfig.from_meta(json.load(f))
     params = tensors_to_params(meta_tensor_getter(path, config), config, dtype)
-    return _with_param_dtype(config, params), params
+    return _with_param_dtype(config, params, compute=True), params  # as for HF, above
 
 
-def _with_param_dtype(config: ModelConfig, params: dict) -> ModelConfig:
+def _with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -> ModelConfig:
+    """config with param_dtype (and with `compute`, dtype too) set to the params' dtype."""
     import dataclasses
 
     dt = np.dtype(params["embedding"].dtype)
     name = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(
         dt, "float16" if dt == np.float16 else "float32"
     )
+    if compute:
+        return dataclasses.replace(config, param_dtype=name, dtype=name)
     return dataclasses.replace(config, param_dtype=name)
 
 
@@ -494,6 +499,10 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     """(config, numpy params) from a llama_jax, Hugging Face or Meta directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
+    from llama_jax import finetune
+
+    if finetune.is_lora_run(path):  # its checkpoints hold adapters: merge them into the base
+        return finetune.load_lora_run(path, dtype)
     if is_llama_jax_dir(path) or is_run_dir(path):
         config, params = load_llama_jax(path)
         if dtype is not None:
@@ -514,9 +523,14 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
 
 
 def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str | None = None):
-    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format."""
-    if fmt not in ("llama_jax", "hf"):
-        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf'")
+    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format, or a LoRA
+    run's adapters alone in PEFT's format ("peft")."""
+    if fmt not in ("llama_jax", "hf", "peft"):
+        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft'")
+    if fmt == "peft":
+        from llama_jax.finetune import export_peft
+
+        return export_peft(input_dir, output_dir)
     np_dtype = None
     if dtype is not None:
         valid = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 0  # 0 = only at the end
     c.eval_batches = 0  # 0 = the whole validation split
+    c.eval_tasks = ""  # built-in eval tasks run at eval time, e.g. "shakespeare,sentiment_zh"
+    c.eval_limit = 0  # items per eval task (0 = all)
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpointing = True
@@ -113,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
     # test hooks (fault injection): make step k's loss NaN; stop after k steps.
     c.debug_nan_step = -1
     c.debug_stop_after = -1
+
+    # fine-tuning (llama_jax.finetune): data format, chat masking, LoRA
+    from llama_jax.finetune import add_config_keys
+
+    add_config_keys(c)
     return c
 
 
@@ -166,6 +173,7 @@ RANGES = {
     "log_every": (1, ""),
     "eval_every": (0, "0 = only at the end"),
     "eval_batches": (0, "0 = the whole validation set"),
+    "eval_limit": (0, "0 = every item of each eval task"),
     "checkpoint_every": (0, "0 = only the final checkpoint"),
     "keep_checkpoints": (1, ""),
     "tokenizer_vocab_size": (1, ""),

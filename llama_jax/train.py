@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from llama_jax import checkpoint, experiment, metrics, optim, sharding
+from llama_jax import checkpoint, experiment, finetune, lora, metrics, optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_params
 
@@ -102,6 +102,10 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise ValueError(
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
+    if c.get("eval_tasks"):
+        from llama_jax.eval.runner import task_names
+
+        task_names(c.eval_tasks)  # ValueError naming the valid built-in tasks
     if c.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={c.nan_policy!r}; valid: {NAN_POLICIES}")
     if c.schedule not in optim.SCHEDULES:
@@ -110,13 +114,15 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise ValueError("set num_steps > 0, or num_steps = 0 and num_epochs > 0")
     for name in ("data_path", "valid_data_path"):
         value = c[name]
-        if value and not value.startswith(("tfds:", "shakespeare")):
+        if value and not value.startswith(("tfds:", "shakespeare", "chatterbot")):
             import glob
 
             if not glob.glob(os.path.expanduser(value.removeprefix("file:"))):
                 raise FileNotFoundError(f"{name}={value!r} does not exist")
     if c.init_from and not os.path.isdir(c.init_from):
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
+    if finetune.lora_config(c) is not None and not c.init_from:
+        raise ValueError("lora.rank > 0 trains adapters on a base: set init_from (--init_from)")
     check_run_dir(c.run_dir, model_cfg)
 
 
@@ -198,7 +204,7 @@ def _train_tokenizer(corpus: str, vocab_size: int, out_dir: str, seed: int) -> N
     largest vocabulary SentencePiece says it supports (logged)."""
     import re
 
-    from llama_jax.tokenizer_train import train_tokenizer
+    from llama_jax.tokenizer.train import train_tokenizer
 
     try:
         train_tokenizer(corpus, vocab_size, out_dir, seed=seed, show_progress=False)
@@ -250,6 +256,25 @@ def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
 
 
 def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelConfig):
+    if c.data_format == "chat":  # fine-tuning dialogs (data/chat.py); eval may be None
+        from llama_jax.data.chat import make_chat_iterators
+
+        train_it, eval_it, _ = make_chat_iterators(
+            c.data_path,
+            tokenizer,
+            seq_len=c.seq_len,
+            global_batch_size=c.batch_size,
+            mesh=mesh,
+            seed=c.seed,
+            num_epochs=None if c.num_steps > 0 else c.num_epochs,
+            valid_data_path=c.valid_data_path,
+            train_split=c.train_split,
+            valid_split=c.valid_split,
+            data_dir=c.data_dir or None,
+            train_on=c.train_on,
+            truncation=c.truncation,
+        )
+        return train_it, eval_it
     from llama_jax.data import make_eval_iterator, make_train_iterator
 
     train_split, valid_split = data_splits(c)
@@ -306,10 +331,15 @@ def make_optimizer(c: ml_collections.ConfigDict, num_steps: int) -> optax.Gradie
     return tx, schedule
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int) -> dict:
-    """Boxed train state: params and optimizer state keep their logical axes."""
+def init_state(model_cfg: ModelConfig, tx, seed: int, lora_cfg=None) -> dict:
+    """Boxed train state: params and optimizer state keep their logical axes.
+
+    Under LoRA the trained params are the adapters alone (the base is an argument of the step).
+    """
     rng = jax.random.key(seed)
     params = init_params(model_cfg, rng)
+    if lora_cfg is not None:
+        params = lora.init_adapters(params, lora_cfg, jax.random.fold_in(rng, 2))
     return {
         "params": params,
         "opt_state": tx.init(params),
@@ -318,6 +348,13 @@ def init_state(model_cfg: ModelConfig, tx, seed: int) -> dict:
         # (dropout, sampled objectives); the Llama objective itself draws nothing.
         "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
     }
+
+
+def base_shardings(model_cfg: ModelConfig, mesh, dtype: str):
+    """Shardings and abstract shapes of a frozen base in `dtype` (LoRA)."""
+    abstract = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
+    shard = sharding.logical_to_sharding(abstract, mesh, sharding.LOGICAL_RULES)
+    return shard, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), nn.unbox(abstract))
 
 
 def loss_terms(params, batch, model: Transformer, z_loss: float):
@@ -333,23 +370,29 @@ def loss_terms(params, batch, model: Transformer, z_loss: float):
     return nll, zl, jnp.sum(mask)
 
 
-def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.ConfigDict):
-    model = Transformer(model_cfg)
+def make_train_step(
+    model_cfg: ModelConfig, tx, schedule, c: ml_collections.ConfigDict, lora_cfg=None
+):
+    """train_step(state, batch, base) -> (state, metrics); `base` is the frozen base under LoRA
+    (the state's params are then the adapters) and {} otherwise."""
+    model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
     accum = c.grad_accum_steps
     nan_step = c.debug_nan_step
 
-    def micro_grads(params, mb):
+    def micro_grads(params, mb, base, rng):
         def f(p):
-            nll, zl, n = loss_terms(p, mb, model, c.z_loss)
+            full = p if lora_cfg is None else lora.combine(base, p, lora_cfg, rng)
+            nll, zl, n = loss_terms(full, mb, model, c.z_loss)
             return nll + zl, (nll, n)
 
         (_, (nll, n)), g = jax.value_and_grad(f, has_aux=True)(params)
         return g, nll, n
 
-    def train_step(state, batch):
+    def train_step(state, batch, base):
         params = state["params"]
+        rng = jax.random.wrap_key_data(state["rng"])
         if accum == 1:
-            grads, nll, ntok = micro_grads(params, batch)
+            grads, nll, ntok = micro_grads(params, batch, base, rng)
         else:
             # Strided microbatches: rows i*A + a form microbatch a, so each device keeps
             # contributing its own rows to every microbatch (no resharding).
@@ -358,12 +401,13 @@ def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.Conf
                 batch,
             )
 
-            def body(carry, mb):
-                g, nll, n = micro_grads(params, mb)
+            def body(carry, xs):
+                mb, i = xs
+                g, nll, n = micro_grads(params, mb, base, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, nll, n)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll, ntok), _ = jax.lax.scan(body, zeros, mbs)
+            (grads, nll, ntok), _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(accum)))
         denom = jnp.maximum(ntok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
@@ -404,11 +448,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_eval_step(model_cfg: ModelConfig):
-    model = Transformer(model_cfg)
+def make_eval_step(model_cfg: ModelConfig, lora_cfg=None):
+    model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
 
-    def eval_step(params, batch):
-        nll, _, n = loss_terms(params, batch, model, 0.0)
+    def eval_step(params, batch, base):
+        full = params if lora_cfg is None else lora.combine(base, params, lora_cfg)
+        nll, _, n = loss_terms(full, batch, model, 0.0)
         return nll, n
 
     return eval_step
@@ -442,6 +487,7 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
 
 
 def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[str, Any]:
+    lora_cfg = finetune.lora_config(c)  # None: every param is trained
 
     # ------------------------------------------------------------------ 3-4. tokenizer, data
     tokenizer = get_tokenizer(c)
@@ -452,23 +498,35 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
         )
     train_it, eval_it = make_data(c, tokenizer, mesh, model_cfg)
     num_steps = c.num_steps if c.num_steps > 0 else train_it.num_steps
+    base_params = None
+    if c.init_from:  # read now: a base that does not fit is an error before compiling
+        base_params, record = _read_base(c.init_from, model_cfg)
+        if is_main:
+            finetune.write_record(c.run_dir, record, lora_cfg)
     if is_main:
         _write_run_files(c, model_cfg, tokenizer)
 
     # ------------------------------------------------------------------ 5. state and step
     tx, schedule = make_optimizer(c, num_steps)
-    abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed))
+    abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed, lora_cfg))
     state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
+    # The frozen base under LoRA: an argument of every step, never donated or checkpointed.
+    base, base_sharding = {}, {}
+    if lora_cfg is not None:
+        base_sharding, _ = base_shardings(model_cfg, mesh, c.base_dtype or model_cfg.param_dtype)
+        dt = jnp.dtype(c.base_dtype or model_cfg.param_dtype)
+        base = jax.device_put(jax.tree.map(lambda a: np.asarray(a, dt), base_params), base_sharding)
+        base_params = None
     train_step = jax.jit(
-        make_train_step(model_cfg, tx, schedule, c),
-        in_shardings=(state_shardings, batch_sharding),
+        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
+        in_shardings=(state_shardings, batch_sharding, base_sharding),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model_cfg),
-        in_shardings=(state_shardings["params"], batch_sharding),
+        make_eval_step(model_cfg, lora_cfg),
+        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
         out_shardings=sharding.replicated(mesh),
     )
 
@@ -491,10 +549,12 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
             log.info("resumed from step %d", int(state["step"]))
         else:
             state = jax.jit(
-                lambda: nn.unbox(init_state(model_cfg, tx, c.seed)), out_shardings=state_shardings
+                lambda: nn.unbox(init_state(model_cfg, tx, c.seed, lora_cfg)),
+                out_shardings=state_shardings,
             )()
-            if c.init_from:
-                state["params"] = _load_init_params(c.init_from, model_cfg, state_shardings)
+            if c.init_from and lora_cfg is None:
+                state["params"] = _place_init_params(base_params, model_cfg, state_shardings)
+    base_params = None
     start_step = int(state["step"])
 
     # ------------------------------------------------------------------ 7. the loop
@@ -530,17 +590,30 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
                 if c.nan_policy == "abort" and aborted is None:
                     aborted = s
 
+    builtin_eval = None
+    if c.get("eval_tasks"):
+        from llama_jax.eval.runner import TrainerEval, task_names
+
+        builtin_eval = TrainerEval(
+            task_names(c.eval_tasks), model_cfg, mesh, tokenizer, limit=c.get("eval_limit", 0)
+        )
+
     def run_eval(at_step: int) -> dict[str, float]:
         if eval_it is None:
-            return {}
+            out = builtin_eval(state["params"]) if builtin_eval is not None else {}
+            if writer and out:
+                writer.write(at_step, out)
+            return out
         total = jnp.zeros(()), jnp.zeros(())
         for i, batch in enumerate(eval_it):
             if c.eval_batches and i >= c.eval_batches:
                 break
-            total = jax.tree.map(jnp.add, total, eval_step(state["params"], batch))
+            total = jax.tree.map(jnp.add, total, eval_step(state["params"], batch, base))
         nll, n = (float(x) for x in jax.device_get(total))
         loss = nll / max(n, 1.0)
         out = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0)), "valid_tokens": n}
+        if builtin_eval is not None:  # eval_tasks: built-in tasks on the live params
+            out.update(builtin_eval(state["params"]))
         if writer:
             writer.write(at_step, out)
         log.info(
@@ -552,7 +625,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
         try:
             while step < num_steps and not stop.requested:
                 batch = next(train_it)
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, base)
                 pending.append((step, step_metrics))
                 step += 1
                 drain()
@@ -625,13 +698,18 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
 
 
 # ============================================================================ helpers
-def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any:
+def _read_base(path: str, model_cfg: ModelConfig) -> tuple[Any, dict]:
+    """(numpy params, finetune record) of the init_from model, checked against model_cfg."""
     from llama_jax.convert import load_any
 
     src_cfg, params = load_any(path)
     diff = src_cfg.architecture_diff(model_cfg)
     if diff:
         raise ValueError(f"init_from={path} is a different architecture (there, here): {diff}")
+    return params, finetune.base_record(path, src_cfg, params)
+
+
+def _place_init_params(params: Any, model_cfg: ModelConfig, state_shardings) -> Any:
     dt = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda a: np.asarray(a).astype(dt), params)
     return jax.device_put(params, state_shardings["params"])

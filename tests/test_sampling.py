@@ -20,7 +20,7 @@ from hf_reference import make_hf_model
 from llama_jax import Llama3, decode_layout, sampling, sharding
 from llama_jax.config import get_config
 from llama_jax.model import Transformer, init_params
-from llama_jax.sampling import SamplingParams, bucket, sample_tokens
+from llama_jax.sampling import SamplingParams, sample_tokens
 from llama_jax.text_stream import TextStream
 from llama_jax.tokenizer import load_tokenizer
 
@@ -287,14 +287,19 @@ def test_mesh_generation_equals_single_device(mesh_reference, mesh_shape, layout
 # ----------------------------------------------------------------------------- compilation
 def test_compilations_stay_at_the_bucket_count():
     config, params = _tiny_model(7)
+    assert config.max_seq_len == 256
     sampler = Llama3(config=config, params=params, dtype="float32").sampler()
-    lengths = np.random.RandomState(0).randint(1, 100, 20)
-    for n in lengths:
-        sampler.generate_ids(_prompts(256, [int(n)]), 6)
-    prompt_buckets = {bucket(int(n), config.max_seq_len) for n in lengths}
-    cache_buckets = {bucket(t + 6, config.max_seq_len) for t in prompt_buckets}
-    assert sampler.trace_counts["start"] == len(prompt_buckets)
-    assert sampler.trace_counts["run"] == len(cache_buckets)
+    # Prompt lengths are padded to powers of two from 16 up, caches to the power of two that
+    # holds the padded prompt + 40 new tokens (worked out by hand):
+    #   prompt 1, 5, 16  -> 16;  cache 16 + 40 = 56   -> 64
+    #   prompt 17, 20, 32 -> 32; cache 32 + 40 = 72   -> 128
+    #   prompt 33, 64    -> 64;  cache 64 + 40 = 104  -> 128 (shared with the 32 bucket)
+    #   prompt 65, 100   -> 128; cache 128 + 40 = 168 -> 256
+    # so 4 prefill ("start") compilations and 3 decode-loop ("run") ones.
+    for n in (1, 5, 16, 17, 20, 32, 33, 64, 65, 100):
+        sampler.generate_ids(_prompts(256, [n]), 40)
+    assert sampler.trace_counts["start"] == 4
+    assert sampler.trace_counts["run"] == 3
     # A long generation, streamed one step per call, compiles nothing new.
     gen = sampling.Generation(sampler, _prompts(256, [5]), 40)
     before = dict(sampler.trace_counts)

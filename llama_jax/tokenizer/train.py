@@ -1,25 +1,20 @@
-"""Training a SentencePiece BPE tokenizer that speaks the Llama 3 chat format; the CLI.
+"""Training a SentencePiece BPE tokenizer that speaks the Llama 3 chat format.
 
 The model is written to `<output_dir>/tokenizer.model` and loads with `load_tokenizer`. It keeps
 text exactly (identity normalisation, no dummy prefix, whitespace kept, byte fallback for every
 character outside the learned vocabulary) and carries the Llama 3 special tokens as control
 symbols, so `encode_dialog` works with it.
-
-`build_cli_parser` / `run_cli` are the `llama3 tokenizer {train,encode,decode,info}` command
-behind `llama_jax.tokenizer.cli_main`.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from llama_jax.tokenizer import (
+from llama_jax.tokenizer.chat import (
     BEGIN_OF_TEXT,
     END_HEADER,
     END_OF_MESSAGE,
@@ -28,9 +23,8 @@ from llama_jax.tokenizer import (
     FINETUNE_RIGHT_PAD,
     PYTHON_TAG,
     START_HEADER,
-    SentencePieceTokenizer,
-    load_tokenizer,
 )
+from llama_jax.tokenizer.spm import SentencePieceTokenizer
 
 UNK = "<unk>"
 # Special tokens as control symbols, not user_defined_symbols: SentencePiece matches a
@@ -125,6 +119,32 @@ def _sentences(files: list[Path], show_progress: bool) -> Iterator[str]:
             bar.update(done)
 
 
+def _seeded_sample(files: list[Path], size: int, seed: int, show_progress: bool) -> Iterator[str]:
+    """`size` sentences drawn uniformly with `seed` (all of them when there are no more), in
+    their order in the files.
+
+    SentencePiece's own sampling (`input_sentence_size`) ignores `spm.set_random_generator_seed`
+    when it trains from an iterator: its generator is thread-local and seeded from the device,
+    so the sample, and the model, changed from one process to the next whatever the seed. The
+    sample is drawn here instead: one pass counts the sentences, a second yields the chosen ones.
+    """
+    if size <= 0:
+        yield from _sentences(files, show_progress)
+        return
+    count = sum(1 for _ in _sentences(files, False))
+    if count <= size:
+        yield from _sentences(files, show_progress)
+        return
+    import numpy as np
+
+    chosen = np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+    k = 0
+    for i, sentence in enumerate(_sentences(files, show_progress)):
+        if k < size and chosen[k] == i:
+            k += 1
+            yield sentence
+
+
 def train_tokenizer(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     vocab_size: int,
@@ -184,13 +204,13 @@ def train_tokenizer(
         spm.SentencePieceTrainer.train(
             # An iterator and an in-memory writer keep input and output paths out of the model,
             # so the file is the same wherever it is trained.
-            sentence_iterator=_sentences(files, show_progress),
+            sentence_iterator=_seeded_sample(files, input_sentence_size, seed, show_progress),
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
             character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # sampled by _seeded_sample, reproducibly
+            shuffle_input_sentence=False,
             max_sentence_length=4 * MAX_LINE_CHARS,
             # The model file records the thread count: one thread makes it byte-identical on
             # every machine (BPE merges are single-threaded anyway; only loading is parallel).
@@ -225,82 +245,3 @@ def train_tokenizer(
     path = out / SentencePieceTokenizer.FILE_NAME
     path.write_bytes(model.getvalue())
     return SentencePieceTokenizer(path)
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def build_cli_parser(prog: str = "llama3 tokenizer") -> argparse.ArgumentParser:
-    """The `llama3 tokenizer` argument parser: subcommands train, encode, decode, info."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train or inspect a tokenizer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer on text files")
-    train.add_argument("--input", action="append", required=True, help="file or glob; repeatable")
-    train.add_argument("--vocab_size", "--vocab-size", type=int, required=True)
-    train.add_argument("--output", required=True, help="directory to write tokenizer.model to")
-    train.add_argument("--model_type", "--model-type", default="bpe", choices=MODEL_TYPES)
-    train.add_argument("--character_coverage", "--character-coverage", type=float, default=0.9995)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--input_sentence_size",
-        "--input-sentence-size",
-        type=int,
-        default=10_000_000,
-        help="lines sampled (seeded) for training; 0 uses every line",
-    )
-    train.add_argument(
-        "--num_reserved_special_tokens", "--num-reserved-special-tokens", type=int, default=0
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress output")
-
-    encode = sub.add_parser("encode", help="print the ids of a text")
-    encode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    encode.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
-    encode.add_argument("--bos", action="store_true", help="prepend the bos id")
-    encode.add_argument("--eos", action="store_true", help="append the eos id")
-    encode.add_argument(
-        "--allow_special",
-        "--allow-special",
-        action="store_true",
-        help="encode special-token text (e.g. <|eot_id|>) as the special ids",
-    )
-
-    decode = sub.add_parser("decode", help="print the text of ids")
-    decode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    decode.add_argument("ids", nargs="*", type=int, help="ids (default: read stdin)")
-
-    info = sub.add_parser("info", help="print format, vocabulary size and special ids")
-    info.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
-    return parser
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Runs a parsed `llama3 tokenizer` command; returns the exit status."""
-    if args.command == "train":
-        tok = train_tokenizer(
-            args.input,
-            args.vocab_size,
-            args.output,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            seed=args.seed,
-            input_sentence_size=args.input_sentence_size,
-            num_reserved_special_tokens=args.num_reserved_special_tokens,
-            show_progress=not args.quiet,
-        )
-        print(f"wrote {tok.path} (vocab_size {tok.vocab_size})")
-        return 0
-    tok = load_tokenizer(args.tokenizer)
-    if args.command == "encode":
-        text = sys.stdin.read() if args.text is None else args.text
-        allowed = "all" if args.allow_special else ()
-        print(*tok.encode(text, bos=args.bos, eos=args.eos, allowed_special=allowed))
-    elif args.command == "decode":
-        ids = args.ids or [int(i) for i in sys.stdin.read().split()]
-        sys.stdout.write(tok.decode(ids) + "\n")
-    else:
-        print(f"format: {tok.FORMAT}\npath: {tok.path}\nvocab_size: {tok.vocab_size}")
-        print(f"bos_id: {tok.bos_id}\neos_id: {tok.eos_id}\npad_id: {tok.pad_id}")
-        print(f"stop_ids: {' '.join(map(str, tok.stop_ids))}")
-    return 0

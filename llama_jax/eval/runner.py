@@ -1,0 +1,388 @@
+"""Running tasks: built-in ones directly, others through lm-eval; the results in three forms.
+
+`Evaluator` holds one model as params + config + mesh + tokenizer (a `Llama3`'s, or the
+trainer's live params) and runs built-in tasks on its `Scorer` and `Sampler`. `evaluate`
+adds lm-eval tasks (through `harness.LlamaJaxLM`) for a `Llama3`. Results are `Metric`s:
+`format_table` prints them (task, metric, value, stderr, n), `to_lm_eval_json` writes lm-eval's
+results layout, `log_to_run_dir` appends them to a run directory's metrics.jsonl and
+TensorBoard at the evaluated step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from llama_jax.eval import tasks as builtin
+from llama_jax.eval.choice import ChoiceItem, evaluate_choice
+from llama_jax.eval.fewshot import choose_examples, fewshot_prompt
+from llama_jax.eval.generation import generate_until, qa_metrics, translation_metrics
+from llama_jax.eval.perplexity import evaluate_perplexity
+from llama_jax.eval.requests import Metric
+
+LM_EVAL_EXTRA = "pip install llama_jax[eval]"
+
+
+class _Bar:
+    """A tqdm bar over a task's requests (or nothing when progress is off)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self._enabled, self._desc, self._bar = enabled, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=self._desc, unit="req", file=sys.stderr, dynamic_ncols=True
+            )
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Evaluator:
+    """Built-in tasks on one model.
+
+    Attributes:
+      config, params, mesh, tokenizer: the model.
+      truncated: per task, prompts / requests cut on the left to fit the window.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        params: Any,
+        mesh: Any,
+        tokenizer: Any,
+        *,
+        scorer: Any = None,
+        sampler: Any = None,
+        batch_size: int = 32,
+    ):
+        self.config, self.params, self.mesh, self.tokenizer = config, params, mesh, tokenizer
+        self._scorer, self._sampler, self.batch_size = scorer, sampler, batch_size
+        self.truncated: dict[str, int] = {}
+
+    @classmethod
+    def from_llama(cls, model: Any, batch_size: int = 32) -> Evaluator:
+        return cls(
+            model.config,
+            model.params,
+            model.mesh,
+            model.tokenizer,
+            scorer=model.scorer(max_batch_size=batch_size),
+            sampler=model.sampler(),
+            batch_size=batch_size,
+        )
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from llama_jax.eval.scoring import Scorer
+
+            self._scorer = Scorer(
+                self.config, self.params, self.mesh, max_batch_size=self.batch_size
+            )
+        return self._scorer
+
+    @property
+    def sampler(self) -> Any:
+        if self._sampler is None:
+            from llama_jax.sampling import Sampler
+
+            self._sampler = Sampler(self.config, self.params, self.mesh)
+        return self._sampler
+
+    def run_task(
+        self,
+        name: str,
+        num_fewshot: int = 0,
+        limit: int | None = None,
+        seed: int = 1234,
+        chat: bool = False,
+        cache: str | None = None,
+        progress: bool = True,
+    ) -> list[Metric]:
+        """Runs one built-in task; returns its metrics."""
+        task = builtin.get_task(name)
+        data = task.load(cache)
+        bar = _Bar(progress, name)
+        try:
+            return self._run(task, data, num_fewshot, limit, seed, chat, bar)
+        finally:
+            bar.close()
+
+    def _run(self, task, data, k, limit, seed, chat, bar) -> list[Metric]:
+        shots = choose_examples(data.fewshot, k, seed) if k else []
+        if task.kind == "perplexity":
+            if k or chat:
+                raise ValueError(
+                    f"task {task.name!r} is perplexity: num_fewshot / chat do not apply"
+                )
+            docs = data.documents[:limit]
+            before = self.scorer.truncated
+            metrics, _ = evaluate_perplexity(
+                self.scorer, self.tokenizer, docs, task.name, progress=bar
+            )
+            self.truncated[task.name] = self.scorer.truncated - before
+            return metrics
+        if task.kind == "choice":
+            items = data.items[:limit]
+            if chat:
+                raise ValueError(f"task {task.name!r} is multiple choice: chat does not apply")
+            items = [
+                ChoiceItem(fewshot_prompt(shots, it.context), it.choices, it.gold) for it in items
+            ]
+            before = self.scorer.truncated
+            metrics, _ = evaluate_choice(
+                self.scorer, self.tokenizer, items, task.name, macro_f1=task.macro_f1, progress=bar
+            )
+            self.truncated[task.name] = self.scorer.truncated - before
+            return metrics
+        prompts = [fewshot_prompt(shots, p, self.tokenizer, chat) for p in data.prompts[:limit]]
+        refs = data.references[:limit]
+        # A small model's window must still hold the prompt: at most half of it for the answer.
+        max_new = min(task.max_new_tokens, self.config.max_seq_len // 2)
+        texts, cut = generate_until(
+            self.sampler,
+            self.tokenizer,
+            prompts,
+            max_new,
+            task.stop,
+            batch_size=self.batch_size,
+            progress=bar,
+        )
+        self.truncated[task.name] = cut
+        if task.metrics == "qa":
+            return qa_metrics(texts, refs, task.name)
+        return translation_metrics(texts, [r[0] for r in refs], task.name)
+
+
+# ----------------------------------------------------------------------------- lm-eval
+def check_tasks(names: Sequence[str], include_path: str | None = None) -> tuple[list, list]:
+    """Splits task names into (built-in, lm-eval); raises ValueError for an unknown name or
+    when lm-eval tasks are asked for without lm-eval installed."""
+    if not names:
+        raise ValueError(f"no tasks given; built-in tasks: {', '.join(builtin.TASKS)}")
+    ours = [n for n in names if n in builtin.TASKS]
+    others = [n for n in names if n not in builtin.TASKS]
+    if others:
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise ValueError(
+                f"task(s) {', '.join(others)} are not built in (built-in: "
+                f"{', '.join(builtin.TASKS)}); lm-eval tasks need lm-evaluation-harness: "
+                f"{LM_EVAL_EXTRA}"
+            ) from None
+        unknown = [n for n in others if n not in _local_tasks(include_path)]
+        if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
+            known = set(TaskManager(include_path=include_path).all_tasks)
+            unknown = [n for n in others if n not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown task(s) {', '.join(unknown)}; valid: the built-in tasks "
+                f"({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls tasks) or YAML "
+                f"tasks in --include_path{f' ({include_path})' if include_path else ''}"
+            )
+    return ours, others
+
+
+def _local_tasks(include_path: str | None) -> set[str]:
+    if not include_path:
+        return set()
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=include_path, include_defaults=False).all_tasks)
+
+
+def run_lm_eval(
+    model: Any,
+    names: Sequence[str],
+    include_path: str | None,
+    num_fewshot: int,
+    limit: int | None,
+    batch_size: int,
+) -> tuple[list[Metric], dict]:
+    """lm-eval tasks on a `Llama3` through the llama_jax backend."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax.eval.harness import LlamaJaxLM
+
+    lm = LlamaJaxLM(model=model, batch_size=batch_size)
+    local = set(names) <= _local_tasks(include_path)
+    manager = TaskManager(include_path=include_path, include_defaults=not local)
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(names),
+            task_manager=manager,
+            num_fewshot=num_fewshot or None,
+            limit=limit,
+        )
+    except Exception as e:  # datasets raises its own ConnectionError / FileNotFoundError types
+        if "offline" in str(e).lower() or "connect" in str(e).lower() or "hub" in str(e).lower():
+            raise ValueError(
+                f"lm-eval could not load the data of {', '.join(names)}: it lives on the "
+                f"Hugging Face Hub, which this machine cannot reach ({type(e).__name__}: {e}). "
+                "Use a YAML task with local data (--include_path) or a built-in task."
+            ) from e
+        raise
+    metrics = []
+    for task, values in out["results"].items():
+        n = int(out.get("n-samples", {}).get(task, {}).get("effective", 0))
+        for key, value in values.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            name, filt = key.split(",", 1)
+            stderr = values.get(f"{name}_stderr,{filt}")
+            metrics.append(
+                Metric(
+                    task,
+                    name if filt == "none" else key,
+                    float(value),
+                    float(stderr) if isinstance(stderr, (int, float)) else None,
+                    n,
+                )
+            )
+    return metrics, out
+
+
+# ----------------------------------------------------------------------------- results
+def format_table(metrics: Sequence[Metric]) -> str:
+    rows = [("task", "metric", "value", "stderr", "n")]
+    for m in metrics:
+        se = "" if m.stderr is None or math.isnan(m.stderr) else f"{m.stderr:.4f}"
+        value = f"{m.value:.4f}" if abs(m.value) < 1e6 else f"{m.value:.4g}"
+        rows.append((m.task, m.name, value, se, str(m.n)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def to_lm_eval_json(metrics: Sequence[Metric], config: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's results layout: results[task]["metric,none"] / ["metric_stderr,none"]."""
+    results: dict[str, dict[str, Any]] = {}
+    samples: dict[str, dict[str, int]] = {}
+    for m in metrics:
+        r = results.setdefault(m.task, {"alias": m.task})
+        key = m.name if "," in m.name else f"{m.name},none"
+        name, filt = key.split(",", 1)
+        r[key] = m.value
+        r[f"{name}_stderr,{filt}"] = "N/A" if m.stderr is None else m.stderr
+        samples[m.task] = {"original": m.n, "effective": m.n}
+    return {
+        "results": results,
+        "n-samples": samples,
+        "n-shot": {t: config.get("num_fewshot", 0) for t in results},
+        "versions": {t: 1.0 for t in results},
+        "config": config,
+    }
+
+
+def log_to_run_dir(run_dir: str, metrics: Sequence[Metric], step: int | None = None) -> int:
+    """Appends `eval/<task>/<metric>` to metrics.jsonl and TensorBoard at `step` (default:
+    the newest committed checkpoint); returns the step."""
+    from llama_jax.checkpoint import committed_steps
+    from llama_jax.metrics import MetricsWriter
+
+    if step is None:
+        steps = committed_steps(os.path.join(run_dir, "checkpoints"))
+        step = steps[-1] if steps else 0
+    writer = MetricsWriter(run_dir, tensorboard=True)
+    try:
+        writer.write(step, {f"eval/{m.task}/{m.name}": m.value for m in metrics})
+    finally:
+        writer.close()
+    return step
+
+
+def evaluate(
+    model: Any,
+    tasks: Sequence[str],
+    *,
+    include_path: str | None = None,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    seed: int = 1234,
+    chat: bool = False,
+    batch_size: int = 32,
+    cache: str | None = None,
+    progress: bool = True,
+) -> tuple[list[Metric], dict[str, int]]:
+    """Runs built-in and lm-eval tasks on a `Llama3`; returns the metrics and, per task, how
+    many prompts were truncated to fit the window (built-in tasks)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}; valid: an int >= 1 (or None for every item)")
+    ours, others = check_tasks(tasks, include_path)
+    ev = Evaluator.from_llama(model, batch_size=batch_size)
+    metrics: list[Metric] = []
+    for name in tasks:
+        if name in ours:
+            metrics += ev.run_task(name, num_fewshot, limit, seed, chat, cache, progress)
+    if others:
+        metrics += run_lm_eval(model, others, include_path, num_fewshot, limit, batch_size)[0]
+    return metrics, ev.truncated
+
+
+def write_json(path: str, metrics: Sequence[Metric], config: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(to_lm_eval_json(metrics, config), f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- trainer
+def task_names(value: Any) -> list[str]:
+    """The trainer's `eval_tasks` (a comma-separated string or a list) as checked names."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    names = [n.strip() for n in names if n.strip()]
+    for n in names:
+        builtin.get_task(n)  # ValueError listing the valid names
+    return names
+
+
+class TrainerEval:
+    """The trainer's `eval_tasks` hook: built-in tasks on the live params at eval time.
+
+    One `Scorer` is kept across evaluations (its compiled programs are reused; only the params
+    change); generation tasks make a fresh `Sampler` for the new params.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        config: Any,
+        mesh: Any,
+        tokenizer: Any,
+        limit: int = 0,
+        batch_size: int = 16,
+        cache: str | None = None,
+    ):
+        self.names, self.limit, self.cache = list(names), limit or None, cache
+        self._ev = Evaluator(config, None, mesh, tokenizer, batch_size=batch_size)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        """{"eval/<task>/<metric>": value} for the given params."""
+        ev = self._ev
+        ev.params = params
+        if ev._scorer is not None:
+            ev._scorer.params = params
+        ev._sampler = None
+        out = {}
+        for name in self.names:
+            for m in ev.run_task(name, limit=self.limit, cache=self.cache, progress=False):
+                out[f"eval/{m.task}/{m.name}"] = m.value
+        return out

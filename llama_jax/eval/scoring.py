@@ -1,0 +1,391 @@
+"""Log-likelihood scoring: (context, continuation) token requests, batched and bucketed.
+
+This is the one jitted function every log-likelihood measurement goes through (multiple choice,
+classification, rolling perplexity, the lm-eval backend). It works on params + config + mesh
+(the trainer's live params or a `Llama3`'s), never on a checkpoint.
+
+How a request is scored (the same rules as lm-eval's `hf` backend):
+  - the model sees `(context + continuation)[-(max_seq_len + 1):][:-1]`: a request longer than
+    the window loses its oldest context tokens (counted in `Scorer.truncated`);
+  - its value is the sum of log p(continuation token | everything before it), and `greedy` says
+    whether every continuation token was the argmax.
+
+Every process runs the same requests (each feeds its own devices' rows) and gets every
+result back.
+
+Batching: requests whose model input is the same sequence, or a prefix of another request's
+input, share one row (a context with one-token choices, e.g. " positive" / " negative", is
+scored once for all of them). Rows whose scored tokens all follow one common context of at
+least MIN_SHARED tokens (multiple choice with multi-token choices) run that context once into
+a KV cache and each choice on top of it (`_shared_fn`). Only the scored positions of a row
+are projected to the vocabulary (the [D, V] matmul and the log-softmax are the expensive part
+for Llama 3's 128k vocabulary). Rows are sorted by length and packed into batches whose
+float32 logits stay under a byte budget; batch rows, row length and scored positions per row
+are padded to powers of two (`sampling.bucket`), so a new request length reuses compiled code.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax import sharding
+from llama_jax.config import ModelConfig
+from llama_jax.model import Transformer, init_cache
+from llama_jax.sampling import batch_bucket, bucket
+
+MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
+MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLikelihood:
+    """One request's result: summed log-probability and whether greedy decoding gives it."""
+
+    logprob: float
+    greedy: bool
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_id: int, window: int, stride: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """Splits a document into (context, continuation) requests that predict each token once.
+
+    The first window predicts `tokens[:window]` from `prefix_id` (the model sees
+    `[prefix_id] + tokens[:window - 1]`); each
+    later one predicts the next `stride` tokens with as much preceding context as fits the
+    window (lm-eval's `get_rolling_token_windows` + `make_disjoint_window` with
+    `context_len = window - stride + 1`; the default stride = window gives lm-eval's own).
+
+    Args:
+      tokens: the document's ids (no BOS).
+      prefix_id: the id the first token is predicted from (BOS).
+      window: the model's context length.
+      stride: tokens predicted per window after the first, in [1, window].
+
+    Returns:
+      (context ids, continuation ids) pairs; their continuations concatenate to `tokens`.
+    """
+    stride = window if stride is None else stride
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride={stride}; valid: 1 to the window ({window})")
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    out = []
+    first = min(window, len(tokens))
+    out.append(([prefix_id], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(stride, len(tokens) - done)
+        end = done + n
+        inp = tokens[max(0, end - 1 - window) : end - 1]  # window inputs ending before `end-1`
+        # lm-eval's disjoint form: context = inputs before the predicted span.
+        ctx = inp[: len(inp) - (n - 1)]
+        out.append((ctx, tokens[done:end]))
+        done = end
+    return out
+
+
+class Scorer:
+    """Batched log-likelihood of token requests for one model on one mesh.
+
+    Attributes:
+      config, params, mesh: the model (params in the training layout, sharded over `mesh`).
+      trace_counts: how often the scoring function was traced (= compiled); for tests.
+      truncated: requests whose context was cut on the left to fit the window, so far.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        mesh: Mesh,
+        *,
+        max_batch_bytes: int = 1 << 29,
+        max_batch_size: int = 64,
+    ):
+        """Args:
+        config, params, mesh: the model.
+        max_batch_bytes: rows per forward pass are limited so the float32 logits of a
+          batch stay under this size.
+        max_batch_size: at most this many rows per forward pass.
+        """
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}; valid: an int >= 1")
+        self.config, self.params, self.mesh = config, params, mesh
+        self.max_batch_bytes, self.max_batch_size = int(max_batch_bytes), int(max_batch_size)
+        self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self.truncated = 0
+        self.window = config.max_seq_len  # tokens the model sees per request (at most)
+        self._model = Transformer(config)
+        self._jit = jax.jit(self._fn)
+        self._shared_jit = jax.jit(self._shared_fn)
+
+    @contextlib.contextmanager
+    def _context(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            yield
+
+    def _fn(self, params, tokens, pos, tok):
+        """tokens [B, T]; pos, tok [B, X] -> (log p(tok at pos) [B, X], argmax == tok [B, X])."""
+        self.trace_counts["score"] += 1
+        # Only the scored positions go through the [D, V] output projection.
+        logits, _ = self._model.apply({"params": params}, tokens, logits_at=pos)  # [B, X, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, X]
+        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]  # [B, X]
+        return picked - lse, jnp.argmax(logits, axis=-1) == tok
+
+    def _shared_fn(self, params, prefix, suffix, start, owner, pos, tok):
+        """Rows that share a context: the contexts run once into a KV cache, each row's suffix
+        runs on its context's cache.
+
+        Args:
+          prefix: [P, Tp] contexts (right-padded); suffix: [R, Ts] the rest of each row,
+          starting at position start [R] of context owner [R]; pos, tok: [R, X] scored
+          positions (relative to the suffix) and tokens.
+        """
+        self.trace_counts["score_shared"] += 1
+        p, tp = prefix.shape
+        r, ts = suffix.shape
+        cache = init_cache(self.config, p, tp + ts)
+        positions = jnp.broadcast_to(jnp.arange(tp), (p, tp))
+        _, cache = self._model.apply(
+            {"params": params}, prefix, positions, cache=cache, logits_at=jnp.zeros((p, 1), int)
+        )
+        # Scanned caches are [L, B, S, K, H], per-layer ones [B, S, K, H].
+        cache = jax.tree.map(lambda c: jnp.take(c, owner, axis=c.ndim - 4), cache)
+        spos = start[:, None] + jnp.arange(ts)[None, :]
+        # Slots from a context's padding are overwritten by the suffix before it attends.
+        logits, _ = self._model.apply(
+            {"params": params}, suffix, spos, cache=cache, logits_at=pos
+        )  # [R, X, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]
+        return picked - lse, jnp.argmax(logits, axis=-1) == tok
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A [B, ...] host array (the same on every process) with rows over the batch axes;
+        each process supplies only its own devices' shards, so this works multi-host too."""
+        spec = sharding.batch_sharding(self.mesh, x.ndim)
+        return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+    @staticmethod
+    def _fetch(a: jax.Array) -> np.ndarray:
+        """The whole array on the host, gathered from every process when there are several."""
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    def loglikelihood(
+        self,
+        requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+        progress: Callable[[int], Any] | None = None,
+    ) -> list[LogLikelihood]:
+        """Scores each (context ids, continuation ids) pair; results in request order.
+
+        Args:
+          requests: contexts of >= 1 id (e.g. BOS), continuations of 1..max_seq_len ids.
+          progress: called with the number of requests finished after each batch.
+
+        Returns:
+          One `LogLikelihood` per request.
+        """
+        limit, v = self.window, self.config.vocab_size
+        inputs, targets = [], []  # per request: model input, and its scored (pos, tok) pairs
+        for i, (ctx, cont) in enumerate(requests):
+            ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+            if not ctx:
+                raise ValueError(f"request {i} has an empty context; give at least BOS")
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation; nothing to score")
+            if len(cont) > limit:
+                raise ValueError(
+                    f"request {i}: continuation of {len(cont)} tokens is longer than the "
+                    f"model's window ({limit} tokens)"
+                )
+            bad = [t for t in ctx + cont if not 0 <= t < v]
+            if bad:
+                raise ValueError(f"request {i}: token id {bad[0]} outside the vocabulary [0, {v})")
+            full = ctx + cont
+            if len(full) > limit + 1:
+                self.truncated += 1
+                full = full[-(limit + 1) :]
+            inp = tuple(full[:-1])
+            n = len(inp)
+            targets.append([(p, full[p + 1]) for p in range(n - len(cont), n)])
+            inputs.append(inp)
+
+        # Rows: distinct inputs; an input that is a prefix of another is scored in that row.
+        # (Sorted, a prefix of any sequence is a prefix of its immediate successor.)
+        distinct = sorted(set(inputs))
+        host = list(range(len(distinct)))
+        for j in range(len(distinct) - 2, -1, -1):
+            a, b = distinct[j], distinct[j + 1]
+            if len(a) <= len(b) and b[: len(a)] == a:
+                host[j] = host[j + 1]
+        row_of_input = {seq: host[j] for j, seq in enumerate(distinct)}
+        rows = sorted(set(host), key=lambda r: len(distinct[r]))
+        pairs: dict[int, dict[tuple[int, int], int]] = {r: {} for r in rows}
+        for tg, inp in zip(targets, inputs):
+            slots = pairs[row_of_input[inp]]
+            for pair in tg:
+                slots.setdefault(pair, len(slots))
+
+        values: dict[tuple[int, int, int], tuple[float, bool]] = {}
+        finished = 0
+        waiting = collections.Counter(row_of_input[inp] for inp in inputs)
+        # Rows whose scored positions all follow one common context (multiple choice with
+        # multi-token choices): that context runs once, through a KV cache.
+        first = {r: min(p for p, _ in pairs[r]) for r in rows}
+        groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+        for r in rows:
+            if first[r] >= MIN_SHARED:
+                groups[distinct[r][: first[r]]].append(r)
+        groups = {k: g for k, g in groups.items() if len(g) > 1}
+        shared = {r for g in groups.values() for r in g}
+        rows = [r for r in rows if r not in shared]
+        for batch in self._shared_batches(list(groups.values()), distinct, pairs, first):
+            self._run_shared(batch, distinct, pairs, first, values)
+            finished += sum(waiting[r] for g in batch for r in g)
+            if progress is not None:
+                progress(finished)
+        i = 0
+        while i < len(rows):
+            # Grow the batch while its float32 logits ([B, X, V], X scored positions per row)
+            # fit the budget.
+            chunk, t = [rows[i]], bucket(len(distinct[rows[i]]), limit)
+            x = bucket(len(pairs[rows[i]]), 1 << 30, MIN_TARGETS)
+            while i + len(chunk) < len(rows) and len(chunk) < self.max_batch_size:
+                nxt = rows[i + len(chunk)]
+                x_next = max(x, bucket(len(pairs[nxt]), 1 << 30, MIN_TARGETS))
+                b_next = batch_bucket(len(chunk) + 1, self.batch_multiple)
+                if b_next * x_next * v * 4 > self.max_batch_bytes:
+                    break
+                chunk.append(nxt)
+                t, x = bucket(len(distinct[nxt]), limit), x_next
+            b = batch_bucket(len(chunk), self.batch_multiple)
+            tokens = np.zeros((b, t), np.int32)
+            pos = np.zeros((b, x), np.int32)
+            tok = np.zeros((b, x), np.int32)
+            for k, r in enumerate(chunk):
+                seq = distinct[r]
+                tokens[k, : len(seq)] = seq
+                for (p, target), slot in pairs[r].items():
+                    pos[k, slot], tok[k, slot] = p, target
+            with self._context():
+                logp, hit = self._jit(
+                    self.params, self._put(tokens), self._put(pos), self._put(tok)
+                )
+            logp, hit = self._fetch(logp), self._fetch(hit)
+            for k, r in enumerate(chunk):
+                for (p, target), slot in pairs[r].items():
+                    values[(r, p, target)] = (float(logp[k, slot]), bool(hit[k, slot]))
+                finished += waiting[r]
+            i += len(chunk)
+            if progress is not None:
+                progress(finished)
+
+        out = []
+        for tg, inp in zip(targets, inputs):
+            r = row_of_input[inp]
+            got = [values[(r, p, target)] for p, target in tg]
+            # float64 on the host: a long document's sum keeps float32 per-token precision.
+            out.append(
+                LogLikelihood(
+                    float(np.sum([g[0] for g in got], dtype=np.float64)), all(g[1] for g in got)
+                )
+            )
+        return out
+
+    def _shared_batches(self, groups, distinct, pairs, first):
+        """Groups of rows (one context each; a group is never split) packed into batches
+        whose logits fit the budget."""
+        v = self.config.vocab_size
+        batch, rows, x = [], 0, MIN_TARGETS
+        for g in sorted(groups, key=lambda g: len(distinct[g[0]])):
+            gx = max(bucket(len(pairs[r]), 1 << 30, MIN_TARGETS) for r in g)
+            nx = max(x, gx) if batch else gx
+            n = batch_bucket(rows + len(g), self.batch_multiple)
+            too_big = n * nx * v * 4 > self.max_batch_bytes or rows + len(g) > self.max_batch_size
+            if batch and too_big:
+                yield batch
+                batch, rows, nx = [], 0, gx
+            batch.append(g)
+            rows, x = rows + len(g), nx
+        if batch:
+            yield batch
+
+    def _run_shared(self, batch, distinct, pairs, first, values) -> None:
+        limit = self.window
+        prefixes = [distinct[g[0]][: first[g[0]]] for g in batch]
+        members = [(k, r) for k, g in enumerate(batch) for r in g]
+        tp = bucket(max(len(q) for q in prefixes), limit)
+        ts = bucket(max(len(distinct[r]) - first[r] for _, r in members), limit)
+        x = bucket(max(len(pairs[r]) for _, r in members), 1 << 30, MIN_TARGETS)
+        np_, nr = (
+            batch_bucket(len(prefixes), self.batch_multiple),
+            batch_bucket(len(members), self.batch_multiple),
+        )
+        prefix = np.zeros((np_, tp), np.int32)
+        for k, q in enumerate(prefixes):
+            prefix[k, : len(q)] = q
+        suffix = np.zeros((nr, ts), np.int32)
+        start, owner = np.zeros((nr,), np.int32), np.zeros((nr,), np.int32)
+        pos, tok = np.zeros((nr, x), np.int32), np.zeros((nr, x), np.int32)
+        for j, (k, r) in enumerate(members):
+            rest = distinct[r][first[r] :]
+            suffix[j, : len(rest)] = rest
+            start[j], owner[j] = first[r], k
+            for (p, target), slot in pairs[r].items():
+                pos[j, slot], tok[j, slot] = p - first[r], target
+        with self._context():
+            logp, hit = self._shared_jit(
+                self.params, self._put(prefix), self._put(suffix), self._put(start),
+                self._put(owner), self._put(pos), self._put(tok),
+            )  # fmt: skip
+        logp, hit = self._fetch(logp), self._fetch(hit)
+        for j, (_, r) in enumerate(members):
+            for (p, target), slot in pairs[r].items():
+                values[(r, p, target)] = (float(logp[j, slot]), bool(hit[j, slot]))
+
+    def loglikelihood_rolling(
+        self,
+        documents: Sequence[Sequence[int]],
+        prefix_id: int,
+        stride: int | None = None,
+        progress: Callable[[int], Any] | None = None,
+    ) -> list[float]:
+        """Log-likelihood of whole documents (each token predicted once; see `rolling_windows`).
+
+        Args:
+          documents: token ids of each document, without BOS (empty documents score 0.0).
+          prefix_id: the id the first token is predicted from (BOS).
+          stride: tokens predicted per window after the first (default: the window).
+          progress: called with the number of windows finished after each batch.
+
+        Returns:
+          One float per document.
+        """
+        windows, owner = [], []
+        for d, doc in enumerate(documents):
+            for w in rolling_windows(doc, prefix_id, self.window, stride):
+                windows.append(w)
+                owner.append(d)
+        totals = [0.0] * len(documents)
+        if windows:
+            for d, r in zip(owner, self.loglikelihood(windows, progress)):
+                totals[d] += r.logprob
+        return totals
