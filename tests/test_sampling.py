@@ -435,7 +435,8 @@ def test_cli_generate_and_chat(tok, tmp_path, capsys, monkeypatch):
     shutil.copy(tok.path, tmp_path / "m" / "tokenizer.model")
     from llama_jax.cli import main
 
-    args = ["--model_path", str(tmp_path / "m"), "--dtype", "float32"]
+    # The CLI samples like Meta's reference by default; --temperature 0 is greedy.
+    args = ["--model_path", str(tmp_path / "m"), "--dtype", "float32", "--temperature", "0"]
     assert main(["generate", *args, "--max_new_tokens", "3", ""]) == 0
     assert capsys.readouterr().out == model.generate("", max_new_tokens=3) + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nHi\n/exit\nnever read\n"))
