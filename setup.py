@@ -42,7 +42,7 @@ setup(
             "lm-eval[api]>=0.4.13",  # [api]: local-completions against llama3 serve
             "sacrebleu>=2.4",
             "openai>=1.40",
-            "fastapi>=0.110",
+            "starlette>=0.37",
             "uvicorn>=0.29",
             "httpx>=0.27",
         ],
