@@ -340,6 +340,7 @@ class Transformer(nn.Module):
         segment_ids: Array | None = None,
         cache: Cache | None = None,
         logits_at: Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Array, Cache | None]:
         """Runs the model.
 
@@ -354,9 +355,13 @@ class Transformer(nn.Module):
           logits_at: int [B, P]; when given, only these time indices of each row are projected
             to logits (e.g. each prompt's last token when prefilling a cache), saving the
             [B, T, V] output projection.
+          return_hidden: return the final-normed hidden states [B, T, D] instead of logits,
+            for a loss that applies the output head itself (loss.py's chunked cross-entropy,
+            which never materialises [B*T, V] logits). The head params are still created.
 
         Returns:
-          (logits float32 [B, T, V] (or [B, P, V] with logits_at), updated cache or None)
+          (logits float32 [B, T, V] (or [B, P, V] with logits_at; [B, T, D] in the model dtype
+          with return_hidden), updated cache or None)
         """
         c = self.config
         dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -402,6 +407,8 @@ class Transformer(nn.Module):
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, P, D]
         x = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x)
         if c.tie_embeddings:
+            if return_hidden:
+                return x, cache
             logits = self.dense(
                 "BTD,VD->BTV", x, embed.astype(dtype), preferred_element_type=jnp.float32
             )
@@ -412,6 +419,8 @@ class Transformer(nn.Module):
                 (c.dim, c.vocab_size),
                 pdtype,
             )
+            if return_hidden:
+                return x, cache
             logits = self.dense(
                 "BTD,DV->BTV", x, kernel.astype(dtype), preferred_element_type=jnp.float32
             )
