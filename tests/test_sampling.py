@@ -274,9 +274,9 @@ def test_mesh_generation_equals_single_device(mesh_reference, mesh_shape, layout
     sampler = model.sampler(layout=layout)
     gen = sampling.Generation(sampler, MESH_PROMPTS, 10)
     # The cache is laid out like the model: kv heads over `tensor`, rows over data * fsdp.
-    k = gen._state["cache"][0]["k"]  # [B=4, S, K=4, H]
+    k = gen._state["cache"][0]["k"]  # [B=4, K=4, S, H]
     data, fsdp, tensor = mesh_shape
-    want = (4 // (data * fsdp), k.shape[1], 4 // tensor, k.shape[3])
+    want = (4 // (data * fsdp), 4 // tensor, k.shape[2], k.shape[3])
     assert k.sharding.shard_shape(k.shape) == want
     gen.advance(10)
     assert gen.tokens == greedy
