@@ -69,6 +69,9 @@ def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model_path", required=True, help="llama_jax or Hugging Face model directory")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantisation"
+    )
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: no limit")
@@ -91,7 +94,7 @@ def _generate(argv: list[str]) -> int:
     from llama_jax.api import Llama3
 
     try:
-        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
         for i, prompt in enumerate(args.prompt):
             # The prompt, then its continuation as it streams; a blank line between prompts.
             sys.stdout.write(("\n" if i else "") + prompt)
@@ -115,7 +118,7 @@ def _chat(argv: list[str]) -> int:
     from llama_jax.text_stream import run_chat
 
     try:
-        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
         prompt = "> " if sys.stdin.isatty() else ""
         run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **_sampling_kwargs(args))
     except (ValueError, FileNotFoundError) as e:
