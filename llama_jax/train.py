@@ -239,6 +239,10 @@ def loss_terms(params, batch, model: Transformer, z_loss: float, chunk_tokens: i
     chunk_tokens > 0 computes the cross-entropy in chunks of that many tokens from the hidden
     states (loss.py: no [B*T, V] float32 logits, same values and gradients); 0 from full logits.
     """
+    if chunk_tokens < 0:
+        raise ValueError(
+            f"loss_chunk_tokens={chunk_tokens}; valid: 0 (full logits) or a positive int"
+        )
     mask = batch["loss_mask"]
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     if chunk_tokens > 0:

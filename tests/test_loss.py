@@ -105,6 +105,8 @@ def test_trainer_loss_terms_chunked_equal_plain(tie):
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
+    with pytest.raises(ValueError, match=r"loss_chunk_tokens=-8; valid: 0 \(full logits\)"):
+        trainer.loss_terms(params, batch, model, 0.0, -8)
     (_, plain_terms), plain_g = grads(0)
     (_, chunk_terms), chunk_g = grads(8)  # 8 tokens = 2 positions x 4 rows per chunk
     for a, b_ in zip(plain_terms, chunk_terms):
