@@ -32,7 +32,7 @@ class Llama3:
         *,
         config: ModelConfig | None = None,
         params: Any | None = None,
-        dtype: str | None = "bfloat16",
+        dtype: str | None = None,
         mesh: Mesh | None = None,
         mesh_shape: Sequence[int] | None = None,
         tokenizer: Any | None = None,
@@ -43,8 +43,8 @@ class Llama3:
         Args:
           model_path: a model directory (llama_jax, Hugging Face or Meta).
           config, params: an in-memory model instead of a path (params may be numpy or jax).
-          dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None keeps the
-            checkpoint's dtype.
+          dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None or "auto"
+            (the default, like transformers' dtype="auto") keeps the checkpoint's own dtypes.
           mesh / mesh_shape: where the params live; default one device. mesh_shape is
             (data, fsdp, tensor) over all devices, one entry may be -1.
           tokenizer: a `llama_jax.tokenizer.Tokenizer`; by default the tokenizer file found in
@@ -53,8 +53,10 @@ class Llama3:
             and per-channel scales (quantize.py); None (default) uses the weights as loaded.
         """
         self.quantize = check_quantize(quantize)
+        if dtype == "auto":
+            dtype = None
         if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; valid: {DTYPES}")
+            raise ValueError(f"dtype={dtype!r}; valid: 'auto', {', '.join(map(repr, DTYPES))}")
         if (model_path is None) == (config is None):
             raise ValueError("give either model_path or config (with params), not both/neither")
         self.model_path = model_path
@@ -82,8 +84,9 @@ class Llama3:
         self._tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | None = "bfloat16", **kwargs: Any) -> Llama3:
-        """Loads a llama_jax, Hugging Face or Meta model directory."""
+    def from_pretrained(cls, path: str, dtype: str | None = None, **kwargs: Any) -> Llama3:
+        """Loads a llama_jax, Hugging Face, Meta or run directory, in its own dtype unless
+        `dtype` says otherwise (see `__init__`)."""
         return cls(model_path=path, dtype=dtype, **kwargs)
 
     @staticmethod

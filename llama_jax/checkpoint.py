@@ -8,6 +8,7 @@ crash never leaves a half-written `params/` that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -15,8 +16,11 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("llama_jax.checkpoint")
 
 PARAMS_DIR = "params"
 
@@ -132,7 +136,12 @@ def _is_array_meta(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- training state
-_ITEMS = ("state", "data", "config")
+_ITEMS = ("state", "data", "config")  # every committed step has these
+VERIFY_ITEM = "verify"  # fingerprint + finiteness, written since format 1 (older steps lack it)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no checkpoint could be restored."""
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -160,6 +169,14 @@ def _is_committed(step_dir: str) -> bool:
     return all(os.path.isdir(os.path.join(step_dir, item)) for item in _ITEMS)
 
 
+def read_json_item(step_dir: str, item: str) -> Any:
+    """A JSON item (`config`, `data`, `verify`) of a committed step, read without orbax."""
+    with _quiet_orbax_warnings():
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+            os.path.abspath(os.path.join(step_dir, item))
+        )
+
+
 def quarantine_uncommitted(directory: str) -> list[str]:
     """Moves step directories that are not committed aside (never deletes them).
 
@@ -172,32 +189,100 @@ def quarantine_uncommitted(directory: str) -> list[str]:
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
         if name.isdigit() and not _is_committed(path):
-            dest = os.path.join(directory, f"{name}.uncommitted-{int(time.time())}")
-            os.replace(path, dest)
-            moved.append(dest)
+            moved.append(_move_aside(path, "uncommitted"))
     return moved
 
 
-class TrainCheckpointer:
-    """Orbax CheckpointManager over `<run_dir>/checkpoints/<step>/{state,data,config}`.
+def _move_aside(path: str, why: str) -> str:
+    dest = f"{path}.{why}-{int(time.time())}"
+    os.replace(path, dest)
+    return dest
 
-    Saves are asynchronous (orbax writes a temporary directory and renames it on commit);
-    `restore_latest` takes the newest committed step onto any mesh (the target's shardings).
+
+# The fingerprint: per leaf, the wrapping uint32 sum of its raw bits times odd position weights.
+# Any single flipped bit changes it (2^k times an odd number is never 0 mod 2^32), and so do
+# swapped elements; it is computed on device, sharded like the state, and costs one read.
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.bool_(True)
+    return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> tuple[list, jax.Array]:
+    leaves = jax.tree.leaves(tree)
+    finite = jnp.all(jnp.stack([_leaf_finite(x) for x in leaves]))
+    return [_leaf_fingerprint(x) for x in leaves], finite
+
+
+def state_fingerprint(state: Any) -> dict[str, Any]:
+    """{"finite": bool, "leaves": {path: uint32 fingerprint}} of a (possibly sharded) tree."""
+    sums, finite = jax.device_get(_fingerprints(state))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    return {"format": 1, "finite": bool(finite), "leaves": dict(zip(paths, map(int, sums)))}
+
+
+def verification_problem(state: Any, recorded: dict | None) -> str | None:
+    """Why a restored state cannot be trusted (None: it can)."""
+    now = state_fingerprint(state)
+    if not now["finite"]:
+        return "holds non-finite values"
+    if recorded is None:  # written before fingerprints existed: finiteness is all we know
+        return None
+    bad = [
+        p
+        for p, v in now["leaves"].items()
+        if p in recorded["leaves"] and recorded["leaves"][p] != v
+    ]
+    if bad:
+        return (
+            f"does not match the fingerprint written at save ({len(bad)} arrays differ, "
+            f"e.g. {bad[0]})"
+        )
+    return None
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over `<run_dir>/checkpoints/<step>/{state,data,config,verify}`.
+
+    Saves are asynchronous (orbax writes a temporary directory and renames it on commit), each
+    with the fingerprint of the state it holds; `restore_latest` takes the newest committed
+    step that verifies (readable, finite, fingerprint equal) onto any mesh, moving aside the
+    newer ones that do not. Only finite states are ever saved (the trainer guarantees it), so
+    keep-K rotation only ever deletes checkpoints older than K verified ones.
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         if jax.process_index() == 0:
             for path in quarantine_uncommitted(self.directory):
-                logging.getLogger("llama_jax.checkpoint").warning(
-                    "ignoring uncommitted checkpoint directory (moved to %s)", path
-                )
+                log.warning("ignoring uncommitted checkpoint directory (moved to %s)", path)
         _sync("quarantine")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._last_saved: int | None = None
+        self._in_flight: int | None = None
 
     def latest_step(self) -> int | None:
         steps = committed_steps(self.directory)
@@ -206,31 +291,85 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         if step == self._last_saved or step in committed_steps(self.directory):
             return
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-            ),
-        )
-        self._last_saved = step
+        verify = state_fingerprint(state)
+        if not verify["finite"]:  # the trainer never gets here; a last line of defence
+            raise CheckpointError(f"refusing to save step {step}: the state is not finite")
+        with self._disk_errors(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config),
+                    verify=ocp.args.JsonSave(verify),
+                ),
+            )
+        self._last_saved = self._in_flight = step
 
     def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
-        """(state, data_state) of the newest committed step, or None for a fresh run."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-            ),
-        )
-        return out["state"], out["data"]
+        """(state, data_state) of the newest committed step that verifies, or None for a fresh
+        run. Steps that fail (unreadable, non-finite, fingerprint mismatch) are logged in one
+        line each and, once an older one verifies, moved aside as `<step>.corrupt-<time>`."""
+        steps = committed_steps(self.directory)
+        failed: list[tuple[int, str]] = []
+        for i, step in enumerate(reversed(steps)):
+            problem, out = self._try_restore(step, target)
+            older = steps[-i - 2] if i + 1 < len(steps) else None
+            if problem is None:
+                if failed and jax.process_index() == 0:
+                    for bad, _ in failed:
+                        _move_aside(os.path.join(self.directory, str(bad)), "corrupt")
+                if failed:
+                    _sync("corrupt-checkpoints")
+                    self._manager.reload()
+                return out
+            failed.append((step, problem))
+            then = f"falling back to step {older}" if older is not None else "no older checkpoint"
+            log.error("checkpoint step %d %s; %s", step, problem, then)
+        if failed:
+            listing = "; ".join(f"step {s} {p}" for s, p in failed)
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored ({listing}); move the "
+                "directory aside to start from scratch"
+            )
+        return None
+
+    def _try_restore(self, step: int, target: Any) -> tuple[str | None, Any]:
+        step_dir = os.path.join(self.directory, str(step))
+        has_verify = os.path.isdir(os.path.join(step_dir, VERIFY_ITEM))
+        args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+        if has_verify:
+            args[VERIFY_ITEM] = ocp.args.JsonRestore()
+        try:
+            with _quiet_orbax_warnings():
+                out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # truncated, deleted or unparsable files: orbax raises anything
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            return f"is unreadable ({type(e).__name__}: {first})", None
+        problem = verification_problem(out["state"], out[VERIFY_ITEM] if has_verify else None)
+        return problem, (out["state"], out["data"])
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._disk_errors(self._in_flight):
+            self._manager.wait_until_finished()
+        self._in_flight = None
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None):
+        """A full disk is named as such, with the checkpoint that is still intact."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            with contextlib.suppress(Exception):
+                self._manager.wait_until_finished()
+            intact = [s for s in committed_steps(self.directory) if s != step]
+            prev = f"step {intact[-1]}" if intact else "none"
+            raise CheckpointError(
+                f"No space left on device while saving step {step} to {self.directory}; "
+                f"the previous checkpoint ({prev}) is intact"
+            ) from e
 
 
 def _sync(name: str) -> None:

@@ -1,9 +1,17 @@
-"""The `llama3` command: argument parsing only; each subcommand calls into the library."""
+"""The `llama3` command: argument parsing only; each subcommand calls into the library.
+
+A mistake of the user's (a bad flag value, a missing file, a refused checkpoint, a full disk)
+ends in one line `error: ...` and exit code 1; `--verbose` (anywhere on the line) or
+`LLAMA_JAX_DEBUG=1` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
+import traceback
 
 
 def _convert(argv: list[str]) -> int:
@@ -38,18 +46,28 @@ def _train(argv: list[str]) -> int:
         "--data_path --valid_data_path --model_path (run dir) --num_gpus --batch_size "
         "--learning_rate --num_epochs.",
     )
-    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="experiments/NAME.py[:VARIANT]; default: a small model for your own --data_path "
+        "(llama_jax.experiment.default_config)",
+    )
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
     from llama_jax import experiment
 
-    config = experiment.load_config(args.config)
+    config = experiment.load_config(args.config) if args.config else experiment.default_config()
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
     if args.print_config:
         print(config)
         return 0
+    if not config.data_path:
+        raise ValueError(
+            "no training data: give --data_path (text files, a directory or a glob; "
+            "'shakespeare'; or tfds:NAME), or --config experiments/NAME.py"
+        )
     from llama_jax.train import train
 
     result = train(config)
@@ -68,23 +86,34 @@ def _tokenizer(argv: list[str]) -> int:
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model_path", required=True, help="llama_jax or Hugging Face model directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's own dtype",
+    )
     p.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantisation"
     )
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    # Meta's reference sampling settings; --temperature 0 is greedy.
+    p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: no limit")
-    p.add_argument("--top_p", type=float, default=1.0, help="1: no limit")
+    p.add_argument("--top_p", type=float, default=0.9, help="1: no limit")
     p.add_argument("--min_p", type=float, default=0.0, help="0: no limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop the oldest prompt tokens that do not fit the model's context",
+    )
     return p
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
+def _sampling_kwargs(args: argparse.Namespace, truncate: bool = True) -> dict:
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop")
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name in names + (("truncate",) if truncate else ())}
 
 
 def _generate(argv: list[str]) -> int:
@@ -93,18 +122,14 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from llama_jax.api import Llama3
 
-    try:
-        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
-        for i, prompt in enumerate(args.prompt):
-            # The prompt, then its continuation as it streams; a blank line between prompts.
-            sys.stdout.write(("\n" if i else "") + prompt)
-            for piece in model.stream(prompt, **_sampling_kwargs(args)):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
+    for i, prompt in enumerate(args.prompt):
+        # The prompt, then its continuation as it streams; a blank line between prompts.
+        sys.stdout.write(("\n" if i else "") + prompt)
+        for piece in model.stream(prompt, **_sampling_kwargs(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 
@@ -117,13 +142,10 @@ def _chat(argv: list[str]) -> int:
     from llama_jax.api import Llama3
     from llama_jax.text_stream import run_chat
 
-    try:
-        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
-        prompt = "> " if sys.stdin.isatty() else ""
-        run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **_sampling_kwargs(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
+    prompt = "> " if sys.stdin.isatty() else ""
+    kwargs = _sampling_kwargs(args, truncate=False)
+    run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **kwargs)
     return 0
 
 
@@ -136,8 +158,36 @@ COMMANDS = {
 }
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something that cannot be done (not a bug)."""
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.train import NonFiniteLossError
+
+    return (
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        ImportError,
+        pickle.UnpicklingError,
+        CheckpointError,
+        NonFiniteLossError,
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    text = " ".join(str(text).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv or os.environ.get("LLAMA_JAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: llama3 <command> [options]\n\ncommands:\n" + "\n".join(lines))
@@ -146,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     fn, _ = COMMANDS[argv[0]]
-    return fn(argv[1:])
+    try:
+        return fn(argv[1:])
+    except _user_errors() as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

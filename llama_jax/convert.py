@@ -262,7 +262,9 @@ def load_hf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     config = read_hf_config(path)
     get = hf_tensor_getter(path)
     params = tensors_to_params(get, config, dtype)
-    return _with_param_dtype(config, params), params
+    # HF checkpoints record no compute dtype: compute in the weights' own (transformers'
+    # dtype="auto" does the same), not in ModelConfig's float32 default.
+    return _with_param_dtype(config, params, compute=True), params
 
 
 def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 5 << 30) -> None:
@@ -299,7 +301,9 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
 
 
 # ----------------------------------------------------------------------------- Meta
-_META_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split on dim 0
+# Llama 3's reference model (fairscale) splits these on dim 0: the column-parallel projections
+# and `tok_embeddings`, a VocabParallelEmbedding (Llama 2's ParallelEmbedding split dim 1).
+_META_DIM0 = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")
 
 
 def is_meta_dir(path: str) -> bool:
@@ -323,6 +327,22 @@ def _torch_to_numpy(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+def _load_pth(torch: Any, path: str) -> Any:
+    """torch.load that only unpickles tensors; anything else is refused, in one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{path}: refused an unsafe pickle (it holds more than tensors, so loading it could "
+            f"run code; torch.load weights_only=True said: {first[:200]})"
+        ) from None
+    except RuntimeError as e:  # a truncated or corrupt zip archive
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+
+
 def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.ndarray]:
     """HF name -> array, reading Meta model-parallel shards lazily (mmap) and merging them."""
     try:
@@ -330,7 +350,7 @@ def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.nda
     except ImportError as e:  # torch is only needed for Meta .pth files.
         raise ImportError("reading Meta .pth checkpoints needs torch: pip install torch") from e
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_load_pth(torch, f) for f in files]
     hf_to_meta = {
         "model.embed_tokens.weight": "tok_embeddings.weight",
         "model.norm.weight": "norm.weight",
@@ -364,9 +384,9 @@ def meta_tensor_getter(path: str, config: ModelConfig) -> Callable[[str], np.nda
         kind = mname.split(".")[-2]
         if len(parts) == 1 or parts[0].ndim == 1:
             w = parts[0]
-        elif kind in _META_COLUMN_PARALLEL:
+        elif kind in _META_DIM0:
             w = np.concatenate(parts, axis=0)
-        else:  # wo, w2 and tok_embeddings are split on dim 1
+        else:  # the row-parallel wo and w2 are split on dim 1
             w = np.concatenate(parts, axis=1)
         if kind == "wq":
             w = _meta_permute(w, config.n_heads)
@@ -382,16 +402,19 @@ def load_meta(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     with open(os.path.join(path, "params.json")) as f:
         config = ModelConfig.from_meta(json.load(f))
     params = tensors_to_params(meta_tensor_getter(path, config), config, dtype)
-    return _with_param_dtype(config, params), params
+    return _with_param_dtype(config, params, compute=True), params  # as for HF, above
 
 
-def _with_param_dtype(config: ModelConfig, params: dict) -> ModelConfig:
+def _with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -> ModelConfig:
+    """config with param_dtype (and with `compute`, dtype too) set to the params' dtype."""
     import dataclasses
 
     dt = np.dtype(params["embedding"].dtype)
     name = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(
         dt, "float16" if dt == np.float16 else "float32"
     )
+    if compute:
+        return dataclasses.replace(config, param_dtype=name, dtype=name)
     return dataclasses.replace(config, param_dtype=name)
 
 

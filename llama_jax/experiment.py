@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -57,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data dir ("" = TFDS default)
     c.cache_dir = ""  # token cache ("" = <run_dir>/../.token_cache)
     c.text_field = "text"
+    # how a local .txt file splits into documents: "document" (the whole file), "paragraph"
+    # (blank-line separated) or "line" (as Hugging Face's `text` loader's sample_by).
+    c.text_unit = "document"
+    # local data_path with no valid_data_path: this share of the documents (or, for a single
+    # document, of its tokens) is held out for validation; 0 = no validation.
+    c.valid_fraction = 0.05
     c.seq_len = 256
     c.add_bos = True
     c.add_eos = True
@@ -110,6 +117,94 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug_nan_step = -1
     c.debug_stop_after = -1
     return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`llama3 train` without `--config`: your own text on a CPU.
+
+    A 10.4M-parameter Llama 3 (8 layers, d=256, 4 query / 2 kv heads, MLP 768, context 512;
+    the Shakespeare demo's model), a SentencePiece tokenizer of up to 8,000 ids trained on the
+    training data (unless `--config.tokenizer_path` is given), rows of 256 tokens, cosine
+    schedule with 5% warmup, one epoch unless `--num_epochs` / `--config.num_steps` say
+    otherwise. Local `.txt` files are split into paragraphs (blank-line separated); without
+    `--valid_data_path`, 5% of them (or of the tokens, for a single paragraph) are held out.
+    Every key can be changed with `--config.KEY=VALUE`; `llama3 train --print_config` shows
+    them all.
+    """
+    c = base_config()
+    c.model = model_config_dict(
+        "small",
+        vocab_size=8000,
+        dim=256,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_dim=768,
+        max_seq_len=512,
+    )
+    c.data_path = ""
+    c.text_unit = "paragraph"
+    c.tokenizer_vocab_size = 8000
+    c.seq_len = 256
+    c.batch_size = 8
+    c.num_steps = 0
+    c.num_epochs = 1
+    c.learning_rate = 1e-3
+    c.warmup_steps = -1  # 5% of the steps
+    c.eval_every = 0
+    c.checkpoint_every = 500
+    c.run_dir = "runs/default"
+    return c
+
+
+# Counts that must be >= their lower bound; the text says what a boundary value means.
+RANGES = {
+    "batch_size": (1, ""),
+    "seq_len": (2, ""),
+    "grad_accum_steps": (1, ""),
+    "num_steps": (0, "0 = derive from num_epochs"),
+    "num_epochs": (0, "used when num_steps = 0"),
+    "warmup_steps": (-1, "-1 = 5% of the steps"),
+    "num_devices": (0, "0 = all devices"),
+    "log_every": (1, ""),
+    "eval_every": (0, "0 = only at the end"),
+    "eval_batches": (0, "0 = the whole validation set"),
+    "checkpoint_every": (0, "0 = only the final checkpoint"),
+    "keep_checkpoints": (1, ""),
+    "tokenizer_vocab_size": (1, ""),
+    "model.n_layers": (1, ""),
+    "model.dim": (1, ""),
+    "model.n_heads": (1, ""),
+    "model.n_kv_heads": (1, ""),
+    "model.vocab_size": (1, ""),
+    "model.mlp_dim": (1, ""),
+    "model.max_seq_len": (2, ""),
+}
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+    """Rejects counts out of range (negative, or 0 where 0 means nothing) before any work."""
+    for key, (low, meaning) in RANGES.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            continue
+        value = node[leaf]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            note = f"; {meaning}" if meaning else ""
+            flag = {v: k for k, v in LEGACY_FLAGS.items()}.get(key)
+            name = f"--{flag}" if flag else f"--config.{key}"
+            raise ValueError(f"{name}={value!r}: must be an integer >= {low}{note}")
+    for key in ("learning_rate",):
+        if not c[key] > 0:
+            raise ValueError(f"--{key}={c[key]!r}: must be > 0")
+    if not 0.0 <= c.valid_fraction < 1.0:
+        raise ValueError(f"--config.valid_fraction={c.valid_fraction!r}: must be in [0, 1)")
+    units = ("document", "paragraph", "line")
+    if c.text_unit not in units:
+        raise ValueError(f"--config.text_unit={c.text_unit!r}; valid: {', '.join(units)}")
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
@@ -186,12 +281,38 @@ def apply_override(c: ml_collections.ConfigDict, key: str, text: str) -> None:
 
 
 def _unknown(c: ml_collections.ConfigDict, key: str) -> str:
-    return f"unknown config key {key!r}; valid keys: {', '.join(sorted(_all_keys(c)))}"
+    keys = _all_keys(c)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right parent, or the right leaf elsewhere
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:3] or [
+            k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], 1, 0.75)
+        ][:3]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint} (llama3 train --print_config lists all {len(keys)})"
 
 
 def parse_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
-    """Applies `--config.k=v` and the legacy flags in `argv`; returns what it did not consume."""
-    rest = []
+    """Applies `--config.k=v` and the legacy flags in `argv`; returns what it did not consume.
+
+    What the user gives wins over the experiment file: a given number of epochs replaces the
+    file's `num_steps` (set to 0, "derive from epochs"); giving both is refused.
+    """
+    given = _apply_overrides(c, argv)
+    keys = {key for key, _ in given}
+    if "num_epochs" in keys:
+        if "num_steps" in keys and c.num_steps > 0:
+            raise ValueError(
+                f"both num_steps={c.num_steps} and num_epochs={c.num_epochs} were given; "
+                "give one (num_steps wins only when num_epochs is not set)"
+            )
+        c.num_steps = 0
+    return [a for key, a in given if key is None]
+
+
+def _apply_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list:
+    """(config key or None, argument) per argument, applying each recognised override."""
+    given = []
     args = list(argv)
     i = 0
     while i < len(args):
@@ -203,7 +324,7 @@ def parse_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list[s
         elif name in LEGACY_FLAGS:
             key = LEGACY_FLAGS[name]
         if key is None:
-            rest.append(a)
+            given.append((None, a))
             i += 1
             continue
         if not eq:
@@ -212,5 +333,6 @@ def parse_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list[s
             value = args[i + 1]
             i += 1
         apply_override(c, key, value)
+        given.append((key, a))
         i += 1
-    return rest
+    return given

@@ -527,7 +527,8 @@ def check_prompts(
                     f"prompt {i} has {len(ids)} tokens{need}, more than the model's context "
                     f"(max_seq_len={limit}); shorten it"
                     + (", lower max_new_tokens" if max_new_tokens else "")
-                    + f" or pass truncate=True to keep its last {room} tokens"
+                    + f" or truncate it (truncate=True; --truncate in the CLI) to keep its last "
+                    f"{room} tokens"
                 )
             ids = ids[len(ids) - room :]
         out.append(ids)

@@ -125,6 +125,32 @@ def _sentences(files: list[Path], show_progress: bool) -> Iterator[str]:
             bar.update(done)
 
 
+def _seeded_sample(files: list[Path], size: int, seed: int, show_progress: bool) -> Iterator[str]:
+    """`size` sentences drawn uniformly with `seed` (all of them when there are no more), in
+    their order in the files.
+
+    SentencePiece's own sampling (`input_sentence_size`) ignores `spm.set_random_generator_seed`
+    when it trains from an iterator: its generator is thread-local and seeded from the device,
+    so the sample, and the model, changed from one process to the next whatever the seed. The
+    sample is drawn here instead: one pass counts the sentences, a second yields the chosen ones.
+    """
+    if size <= 0:
+        yield from _sentences(files, show_progress)
+        return
+    count = sum(1 for _ in _sentences(files, False))
+    if count <= size:
+        yield from _sentences(files, show_progress)
+        return
+    import numpy as np
+
+    chosen = np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+    k = 0
+    for i, sentence in enumerate(_sentences(files, show_progress)):
+        if k < size and chosen[k] == i:
+            k += 1
+            yield sentence
+
+
 def train_tokenizer(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     vocab_size: int,
@@ -184,13 +210,13 @@ def train_tokenizer(
         spm.SentencePieceTrainer.train(
             # An iterator and an in-memory writer keep input and output paths out of the model,
             # so the file is the same wherever it is trained.
-            sentence_iterator=_sentences(files, show_progress),
+            sentence_iterator=_seeded_sample(files, input_sentence_size, seed, show_progress),
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
             character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # sampled by _seeded_sample, reproducibly
+            shuffle_input_sentence=False,
             max_sentence_length=4 * MAX_LINE_CHARS,
             # The model file records the thread count: one thread makes it byte-identical on
             # every machine (BPE merges are single-threaded anyway; only loading is parallel).

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -117,24 +118,35 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
                 raise FileNotFoundError(f"{name}={value!r} does not exist")
     if c.init_from and not os.path.isdir(c.init_from):
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
-    # The run directory must be writable and, if it holds a model already, the same model.
-    try:
-        os.makedirs(c.run_dir, exist_ok=True)
-        probe = os.path.join(c.run_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"run directory {c.run_dir!r} is not writable: {e}") from None
-    existing = os.path.join(c.run_dir, "config.json")
+    check_run_dir(c.run_dir, model_cfg)
+
+
+def check_run_dir(run_dir: str, model_cfg: ModelConfig) -> None:
+    """The run directory must be writable and, if it holds a model or checkpoints already, of
+    the same model: its checkpoints' own stored config is what is read, so a missing or
+    edited config.json cannot hide another model. Writes nothing."""
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"run directory {run_dir!r} is not writable ({parent} is not)")
+    found = []
+    steps = checkpoint.committed_steps(os.path.join(run_dir, "checkpoints"))
+    if steps:
+        step_dir = os.path.join(run_dir, "checkpoints", str(steps[-1]))
+        with contextlib.suppress(Exception):  # unreadable: restore reports it, step by step
+            stored = checkpoint.read_json_item(step_dir, "config")["model"]
+            found.append((f"its checkpoint of step {steps[-1]}", ModelConfig(**stored)))
+    existing = os.path.join(run_dir, "config.json")
     if os.path.isfile(existing):
         with open(existing) as f:
-            old = ModelConfig.from_dict(json.load(f))
+            found.append(("its config.json", ModelConfig.from_dict(json.load(f))))
+    for where, old in found:
         diff = old.architecture_diff(model_cfg)
         if diff:
             raise ValueError(
-                f"run directory {c.run_dir} holds a different model (field: (there, here)): "
-                f"{diff}; use a new run_dir"
+                f"run directory {run_dir} holds a different model ({where}; field: (there, "
+                f"here)): {diff}; use a new run_dir"
             )
 
 
@@ -149,22 +161,61 @@ def get_tokenizer(c: ml_collections.ConfigDict):
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
         return load_tokenizer(tok_dir)
     from llama_jax.data import open_source
-    from llama_jax.tokenizer_train import train_tokenizer
 
     corpus = os.path.join(c.run_dir, "tokenizer_corpus.txt")
     if jax.process_index() == 0:
+        train_split, _ = data_splits(c)
         source = open_source(
-            c.data_path, split=c.train_split, data_dir=c.data_dir or None, text_field=c.text_field
+            c.data_path,
+            split=train_split,
+            data_dir=c.data_dir or None,
+            text_field=c.text_field,
+            txt_mode=TXT_MODES[c.text_unit],
+        )
+        docs = list(source.documents())
+        start, stop = source.select(len(docs))
+        if len(docs) == 1 and getattr(source, "is_sliced", False):  # held out by tokens later
+            docs = [docs[0][slice(*source.token_range(len(docs[0])))]]
+            start, stop = 0, 1
+        log.info(
+            "training a SentencePiece tokenizer (%d ids) on %d documents of %s",
+            c.tokenizer_vocab_size,
+            stop - start,
+            c.data_path,
         )
         with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for doc in source.documents():
+            for doc in docs[start:stop]:
                 f.write(doc.rstrip("\n") + "\n")
         os.replace(corpus + ".tmp", corpus)
-        train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", seed=c.seed)
+        _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
         os.replace(tok_dir + ".tmp", tok_dir)
         os.remove(corpus)
     _sync_hosts("tokenizer")
     return load_tokenizer(tok_dir)
+
+
+def _train_tokenizer(corpus: str, vocab_size: int, out_dir: str, seed: int) -> None:
+    """SentencePiece on the corpus, quietly; a corpus too small for vocab_size gets the
+    largest vocabulary SentencePiece says it supports (logged)."""
+    import re
+
+    from llama_jax.tokenizer_train import train_tokenizer
+
+    try:
+        train_tokenizer(corpus, vocab_size, out_dir, seed=seed, show_progress=False)
+    except ValueError as e:
+        m = re.search(
+            r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e)
+        )
+        if not m:
+            raise
+        log.warning(
+            "the training data supports at most %s tokenizer ids, not %s: using %s",
+            m[2],
+            vocab_size,
+            m[2],
+        )
+        train_tokenizer(corpus, int(m[2]), out_dir, seed=seed, show_progress=False)
 
 
 def _sync_hosts(name: str) -> None:
@@ -175,8 +226,42 @@ def _sync_hosts(name: str) -> None:
 
 
 # ============================================================================ 4. data
+# config.text_unit -> how data/sources splits a .txt file into documents
+TXT_MODES = {"document": "file", "paragraph": "blank_lines", "line": "lines"}
+
+
+def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
+    """(train split, validation split or None) of data_path.
+
+    A separate local valid_data_path is its whole set ("train", local files' one split). A
+    local data_path with no validation given holds out its last `valid_fraction` of documents
+    (of tokens, when it is a single document); 0 means no validation.
+    """
+    from llama_jax.data import parse_data_path
+
+    local = lambda p: parse_data_path(p).scheme == "files"
+    if c.valid_data_path:
+        return c.train_split, ("train" if local(c.valid_data_path) else c.valid_split)
+    if local(c.data_path) and (c.train_split, c.valid_split) == ("train", "validation"):
+        if c.valid_fraction <= 0:
+            return "train", None
+        pct = f"{100 * (1 - c.valid_fraction):g}%"
+        return f"train[:{pct}]", f"train[{pct}:]"
+    return c.train_split, c.valid_split
+
+
 def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelConfig):
     from llama_jax.data import make_eval_iterator, make_train_iterator
+
+    train_split, valid_split = data_splits(c)
+    if valid_split and not c.valid_data_path and valid_split != c.valid_split:
+        log.info(
+            "no valid_data_path: holding out the last %g%% of %s for validation (split %r; "
+            "--config.valid_fraction sets the share)",
+            100 * c.valid_fraction,
+            c.data_path,
+            valid_split,
+        )
 
     common = dict(
         seq_len=c.seq_len,
@@ -188,18 +273,21 @@ def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelCon
         data_dir=c.data_dir or None,
         cache_dir=c.cache_dir or os.path.join(c.run_dir, "token_cache"),
         text_field=c.text_field,
+        txt_mode=TXT_MODES[c.text_unit],
     )
     train_it = make_train_iterator(
         c.data_path,
         tokenizer,
         seed=c.seed,
-        split=c.train_split,
+        split=train_split,
         num_epochs=None if c.num_steps > 0 else c.num_epochs,
         **common,
     )
-    eval_it = make_eval_iterator(
-        c.valid_data_path or c.data_path, tokenizer, split=c.valid_split, **common
-    )
+    eval_it = None
+    if valid_split is not None:
+        eval_it = make_eval_iterator(
+            c.valid_data_path or c.data_path, tokenizer, split=valid_split, **common
+        )
     return train_it, eval_it
 
 
@@ -298,9 +386,10 @@ def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.Conf
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step changes nothing but the step counter (skip), or is reported and
-        # the run stops (abort); either way no non-finite value reaches the state.
+        # The updated state is checked too (a finite gradient can still overflow a moment or a
+        # weight). A non-finite step changes nothing but the step counter (skip), or is
+        # reported and the run stops (abort); either way no non-finite value reaches the state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_opt))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
             "params": keep(new_params, params),
@@ -322,6 +411,11 @@ def make_train_step(model_cfg: ModelConfig, tx, schedule, c: ml_collections.Conf
     return train_step
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_eval_step(model_cfg: ModelConfig):
     model = Transformer(model_cfg)
 
@@ -337,12 +431,29 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
     _setup_logging()
     c = ml_collections.ConfigDict(c)
+    experiment.check_ranges(c)
+    # SIGTERM from here on saves and exits 0, the same before the loop as in it.
+    stop = _StopSignal()
+    try:
+        return _train(c, stop)
+    finally:
+        stop.restore()
+
+
+def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
     init_distributed(c)
     mesh = make_run_mesh(c)
     model_cfg = experiment.model_config(c)
     check_config(c, model_cfg, mesh)
     is_main = jax.process_index() == 0
     rules = sharding.LOGICAL_RULES
+    os.makedirs(c.run_dir, exist_ok=True)  # every check has passed: the first write
+    name = "train.log" if is_main else f"train.{jax.process_index()}.log"
+    with _log_to_file(os.path.join(c.run_dir, name)):
+        return _run(c, stop, mesh, model_cfg, is_main, rules)
+
+
+def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ 3-4. tokenizer, data
     tokenizer = get_tokenizer(c)
@@ -402,8 +513,13 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     tokens_per_step = c.batch_size * c.seq_len
     flops_per_token = model_cfg.flops_per_token(c.seq_len)
     peak = c.peak_flops or metrics.measure_peak_flops()
+    log.info(
+        "MFU is model FLOPs/s over %s %.0f GFLOP/s per device x %d devices",
+        "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
+        peak / 1e9,
+        mesh.size,
+    )
     writer = metrics.MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
-    stop = _StopSignal()
     pending: collections.deque = collections.deque()
     window: list[dict] = []
     t_window = time.perf_counter()
@@ -427,6 +543,8 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                     aborted = s
 
     def run_eval(at_step: int) -> dict[str, float]:
+        if eval_it is None:
+            return {}
         total = jnp.zeros(()), jnp.zeros(())
         for i, batch in enumerate(eval_it):
             if c.eval_batches and i >= c.eval_batches:
@@ -444,7 +562,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         try:
-            while step < num_steps:
+            while step < num_steps and not stop.requested:
                 batch = next(train_it)
                 state, step_metrics = train_step(state, batch)
                 pending.append((step, step_metrics))
@@ -474,27 +592,39 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                     break
                 if c.eval_every and step % c.eval_every == 0 and step < num_steps:
                     final.update(run_eval(step))
-                if step % c.checkpoint_every == 0 and step < num_steps:
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step < num_steps:
+                    drain(all_=True)  # never checkpoint past a step not yet known finite
+                    if aborted is not None:
+                        break
                     ckpt.save(step, state, train_it.get_state(), c.to_dict())
-                if stop.requested or step == c.debug_stop_after:
-                    log.info(
-                        "stopping at step %d (%s): saving",
-                        step,
-                        "SIGTERM" if stop.requested else "debug_stop_after",
-                    )
+                if step == c.debug_stop_after:
                     break
+            if stop.requested or step == c.debug_stop_after:
+                log.info(
+                    "stopping at step %d (%s): saving",
+                    step,
+                    "SIGTERM" if stop.requested else "debug_stop_after",
+                )
             drain(all_=True)
             if aborted is not None:
+                ckpt.wait()
+                intact = [s for s in checkpoint.committed_steps(ckpt.directory) if s <= aborted]
+                where = (
+                    f"the newest checkpoint, step {intact[-1]}, is intact and a rerun resumes "
+                    "from it"
+                    if intact
+                    else "no checkpoint was written; a rerun starts afresh"
+                )
                 raise NonFiniteLossError(
-                    f"step {aborted}: non-finite loss or gradient (nan_policy=abort); the last "
-                    f"checkpoint ({ckpt.latest_step()}) is intact"
+                    f"the step from {aborted} to {aborted + 1} gave a non-finite loss, gradient "
+                    f"or update (nan_policy=abort); nothing after step {aborted} was saved; "
+                    f"{where}"
                 )
             ckpt.save(step, state, train_it.get_state(), c.to_dict())
             if step >= num_steps:
                 final.update(run_eval(step))
         finally:
             ckpt.wait()
-            stop.restore()
             if bar is not None:
                 bar.close()
             train_it.close()
@@ -519,15 +649,50 @@ def _load_init_params(path: str, model_cfg: ModelConfig, state_shardings) -> Any
     return jax.device_put(params, state_shardings["params"])
 
 
+class _ConsoleHandler(logging.Handler):
+    """The trainer's own lines and every warning, written through tqdm so that a line never
+    lands inside the progress bar's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == log.name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging() -> None:
-    """INFO lines of llama_jax to stderr, whatever logging setup the libraries did."""
+    """The trainer's lines and warnings to stderr, whatever logging setup the libraries did;
+    everything else of llama_jax goes to the run's log file (`_log_to_file`)."""
     logger = logging.getLogger("llama_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+@contextlib.contextmanager
+def _log_to_file(path: str):
+    """All of llama_jax's log lines, and the libraries' (absl, orbax, TFDS) chatter that
+    would otherwise reach the terminal, to `path` for the duration of the run."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger("llama_jax"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:

@@ -38,7 +38,16 @@ def hf_config(
         pad_token_id=None,
     )
     rope = {"rope_type": "default", "rope_theta": 500000.0}
-    if rope_scaling:
+    if rope_scaling == "meta":  # what Meta's reference hard-codes for use_scaled_rope
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    elif rope_scaling:
         # original context 16: the tests run sequences of 40+, past it.
         rope = {
             "rope_type": "llama3",

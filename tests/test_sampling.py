@@ -20,7 +20,7 @@ from hf_reference import make_hf_model
 from llama_jax import Llama3, decode_layout, sampling, sharding
 from llama_jax.config import get_config
 from llama_jax.model import Transformer, init_params
-from llama_jax.sampling import SamplingParams, bucket, sample_tokens
+from llama_jax.sampling import SamplingParams, sample_tokens
 from llama_jax.text_stream import TextStream
 from llama_jax.tokenizer import load_tokenizer
 
@@ -287,14 +287,19 @@ def test_mesh_generation_equals_single_device(mesh_reference, mesh_shape, layout
 # ----------------------------------------------------------------------------- compilation
 def test_compilations_stay_at_the_bucket_count():
     config, params = _tiny_model(7)
+    assert config.max_seq_len == 256
     sampler = Llama3(config=config, params=params, dtype="float32").sampler()
-    lengths = np.random.RandomState(0).randint(1, 100, 20)
-    for n in lengths:
-        sampler.generate_ids(_prompts(256, [int(n)]), 6)
-    prompt_buckets = {bucket(int(n), config.max_seq_len) for n in lengths}
-    cache_buckets = {bucket(t + 6, config.max_seq_len) for t in prompt_buckets}
-    assert sampler.trace_counts["start"] == len(prompt_buckets)
-    assert sampler.trace_counts["run"] == len(cache_buckets)
+    # Prompt lengths are padded to powers of two from 16 up, caches to the power of two that
+    # holds the padded prompt + 40 new tokens (worked out by hand):
+    #   prompt 1, 5, 16  -> 16;  cache 16 + 40 = 56   -> 64
+    #   prompt 17, 20, 32 -> 32; cache 32 + 40 = 72   -> 128
+    #   prompt 33, 64    -> 64;  cache 64 + 40 = 104  -> 128 (shared with the 32 bucket)
+    #   prompt 65, 100   -> 128; cache 128 + 40 = 168 -> 256
+    # so 4 prefill ("start") compilations and 3 decode-loop ("run") ones.
+    for n in (1, 5, 16, 17, 20, 32, 33, 64, 65, 100):
+        sampler.generate_ids(_prompts(256, [n]), 40)
+    assert sampler.trace_counts["start"] == 4
+    assert sampler.trace_counts["run"] == 3
     # A long generation, streamed one step per call, compiles nothing new.
     gen = sampling.Generation(sampler, _prompts(256, [5]), 40)
     before = dict(sampler.trace_counts)
@@ -435,7 +440,8 @@ def test_cli_generate_and_chat(tok, tmp_path, capsys, monkeypatch):
     expected = model.generate("", max_new_tokens=3) + "\n"
     assert capsys.readouterr().out == expected
     # int8 weights keep this model's wide-margin greedy script.
-    assert main(["generate", *args, "--quantize", "int8", "--max_new_tokens", "3", ""]) == 0
+    int8 = ["--quantize", "int8", "--temperature", "0", "--max_new_tokens", "3", ""]
+    assert main(["generate", *args, *int8]) == 0
     assert capsys.readouterr().out == expected
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nHi\n/exit\nnever read\n"))
     assert main(["chat", *args]) == 0
@@ -456,7 +462,8 @@ def tiny():
         (
             dict(prompts=[[1] * 250], max_new_tokens=10),
             r"prompt 0 has 250 tokens \+ max_new_tokens=10, more than the model's context "
-            r"\(max_seq_len=256\).*truncate=True to keep its last 246 tokens",
+            r"\(max_seq_len=256\).*truncate=True; --truncate in the CLI\) to keep its last "
+            r"246 tokens",
         ),
         (dict(max_new_tokens=0), r"max_new_tokens=0; valid: 1 to 255"),
         (dict(max_new_tokens=-3), r"max_new_tokens=-3; valid: 1 to 255"),

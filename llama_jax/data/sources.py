@@ -7,8 +7,8 @@ A `data_path` names a corpus:
   that is not prepared in `data_dir` is prepared there (as ArrayRecord) when `download=True`.
 - ``shakespeare`` -- the built-in TFDS dataset of `llama_jax.data.shakespeare`.
 - ``[file:]PATH`` -- a local file, directory (searched recursively) or glob of ``.txt`` (one
-  document per file, or one per blank-line separated paragraph: `txt_mode`), ``.jsonl`` (one
-  JSON object per line, text in `text_field`) or ``.parquet`` (text in column `text_field`).
+  document per file, per blank-line separated paragraph, or per line: `txt_mode`), ``.jsonl``
+  (one JSON object per line, text in `text_field`) or ``.parquet`` (text in column `text_field`).
   Files are read in sorted path order; in a directory or glob, hidden files and files with
   other suffixes (README.md, ...) are ignored, and empty files are skipped with a warning.
 
@@ -24,9 +24,12 @@ the documents in sorted-file order. TFDS splits accept whatever TFDS accepts.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import glob
+import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -34,14 +37,16 @@ from collections.abc import Iterator
 from typing import Any
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_MODES = ("file", "blank_lines")
+TXT_MODES = ("file", "blank_lines", "lines")
 
 # "gs://x", "hf:name", "s3://b" ... (two characters at least, so "C:\\data" stays a path).
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+):")
 _TFDS = re.compile(
     r"^(?P<name>[A-Za-z0-9_]+(?:/[A-Za-z0-9_.+\-]+)?)(?::(?P<version>[0-9]+\.[0-9*]+\.[0-9*]+))?$"
 )
-_LOCAL_SPLIT = re.compile(r"^train(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+_LOCAL_SPLIT = re.compile(
+    r"^train(?:\[(?P<start>-?\d+(?:\.\d+)?%?)?:(?P<stop>-?\d+(?:\.\d+)?%?)?\])?$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +237,9 @@ class _Slice:
             if b is None:
                 return default
             if b.endswith("%"):
-                value = n * int(b[:-1]) // 100
+                value = int(n * float(b[:-1]) / 100)
+            elif "." in b:
+                raise ValueError(f"slice bound {b!r}: a fraction needs a '%'")
             else:
                 value = int(b)
             if value < 0:
@@ -315,6 +322,14 @@ class FilesSource(Source):
     def select(self, num_documents: int) -> tuple[int, int]:
         return self._slice.resolve(num_documents)
 
+    @property
+    def is_sliced(self) -> bool:
+        return self.split != "train"
+
+    def token_range(self, num_tokens: int) -> tuple[int, int]:
+        """The split applied to the tokens of a corpus that is a single document."""
+        return self._slice.resolve(num_tokens)
+
     def _texts(self) -> Iterator[str | bytes | None]:
         for f in self.files:
             if f.endswith(".txt"):
@@ -334,7 +349,13 @@ class FilesSource(Source):
         if bad:
             self.stats.invalid_utf8 += bad
             self.stats.invalid_utf8_documents += 1
-        for para in re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n")):
+        text = text.replace("\r\n", "\n")
+        if self.txt_mode == "lines":
+            for line in text.split("\n"):
+                if line.strip():
+                    yield line
+            return
+        for para in re.split(r"\n[ \t\r\f\v]*\n", text):
             if para.strip():
                 yield para.strip("\n")
 
@@ -494,12 +515,41 @@ def tfds_builder(
     return builder
 
 
+def _no_missing_dataset_info(record: logging.LogRecord) -> bool:
+    # A dataset that is about to be prepared has no dataset_info.json yet: nothing to say.
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS prints ("Downloading and preparing dataset ...") and draws progress bars while it
+    prepares a dataset: both go to the log (the run's log file in a training run) instead."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = getattr(tqdm_utils, "_active", True)
+    out = io.StringIO()
+    absl = logging.getLogger("absl")
+    absl.addFilter(_no_missing_dataset_info)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        tfds.display_progress_bar(shown)
+        absl.removeFilter(_no_missing_dataset_info)
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger("llama_jax.data").info("tfds: %s", line.strip())
+
+
 def prepare_tfds(builder: Any, *, manual_dir: str | None = None) -> None:
     """Runs `download_and_prepare` writing ArrayRecord, without touching GCS (needs TF)."""
     import tensorflow_datasets as tfds
 
     config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=config, file_format="array_record")
+    with quiet_tfds():
+        builder.download_and_prepare(download_config=config, file_format="array_record")
 
 
 def open_source(
@@ -521,7 +571,8 @@ def open_source(
       manual_dir: a directory holding manually downloaded archives (TFDS `manual_dir`).
       download: prepare a TFDS dataset that is not prepared yet.
       text_field: the JSON field, parquet column or TFDS feature holding the text.
-      txt_mode: "file" (one document per .txt file) or "blank_lines" (split on blank lines).
+      txt_mode: "file" (one document per .txt file), "blank_lines" (split on blank lines) or
+        "lines" (one document per non-empty line).
     """
     dp = parse_data_path(data_path) if isinstance(data_path, str) else data_path
     if dp.scheme == "files":

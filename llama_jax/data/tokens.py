@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -185,6 +186,32 @@ def _encoder(tokenizer: Any, num_workers: int | None) -> tuple[Callable[[list[st
     return lambda texts: tokenizer.encode_batch(texts, bos=False, eos=False), num_workers or cpus
 
 
+def _tmp_prefix(key: str) -> str:
+    return f".tmp-{key}-{socket.gethostname()}-"
+
+
+def _remove_stale_builds(cache_dir: str, key: str) -> None:
+    """Deletes what killed builds of `key` on this host left (their process is gone); builds
+    that are still running, or on other hosts sharing the directory, are left alone."""
+    prefix = _tmp_prefix(key)
+    for name in os.listdir(cache_dir):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_or_build(
     source: Source,
     tokenizer: Any,
@@ -220,7 +247,7 @@ def load_or_build(
     vocab = int(tokenizer.vocab_size)
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     encode, num_workers = _encoder(tokenizer, num_workers)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{key}-")
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f"{_tmp_prefix(key)}{os.getpid()}-")
     t0 = time.time()
     try:
         lengths: list[int] = []
@@ -314,6 +341,7 @@ def load_or_build(
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_builds(cache_dir, key)
 
     log.info(
         "tokenized %s: %d docs, %d tokens in %.1fs",
