@@ -5,8 +5,11 @@ for a ~50M float32 model and a Llama-3.2-1B-shaped random bfloat16 model (built 
 random numpy params; the HF model gets the same weights). For the 1B model the decode rate is
 also given as a fraction of its memory-bandwidth bound (parameter bytes read per token /
 read bandwidth measured here with a 1 GiB reduction), and the decode layouts are compared:
-"matvec" (the CPU default for 16-bit weights), "standard" (the model's own layout) and a float32
-decode copy. For the 50M model, scanned vs unrolled layers.
+"matvec" (the CPU default for 16-bit weights), "standard" (the model's own layout), a float32
+decode copy and int8 weights (quantize="int8"). For the 50M model, scanned vs unrolled layers.
+Every row times the same number of new tokens; a row whose dtype differs from transformers'
+is compared with llama_jax's default row of the same model instead (each ratio names its
+denominator).
 
 Method: ttft = time of a 1-token generation (prefill + first token); decode ms/token =
 (time(N tokens) - ttft) / (N - 1); medians of `--repeats` runs after a warm-up (which also
@@ -14,7 +17,8 @@ compiles). Prints numbers and ratios; never asserts on time. These machines are 
 jobs share the CPUs): compare within one run.
 
   python bench/bench_sampling.py              # both models (~10 minutes on 2 CPUs)
-  python bench/bench_sampling.py --only small
+  python bench/bench_sampling.py --only small --batches 1
+  python bench/bench_sampling.py --tiny        # a smoke run at toy sizes
 """
 
 from __future__ import annotations
@@ -142,13 +146,15 @@ def read_bandwidth(repeats: int = 5) -> float:
 ROWS: list[dict] = []
 
 
-def report(model: str, path: str, batch: int, ttft: float, step: float, ref: dict | None = None):
+def report(
+    model: str, path: str, batch: int, ttft: float, step: float, ref: dict | None = None
+) -> None:
     row = dict(model=model, path=path, batch=batch, ttft=ttft, step=step)
     ROWS.append(row)
     extra = ""
     if ref is not None:
         extra = (
-            f"  decode x{ref['step'] / step:.2f} vs transformers, ttft x{ref['ttft'] / ttft:.2f}"
+            f"  decode x{ref['step'] / step:.2f} vs {ref['path']}, ttft x{ref['ttft'] / ttft:.2f}"
         )
     print(
         f"{model:6s} {path:34s} B={batch}: ttft {ttft * 1e3:8.1f} ms, {step * 1e3:7.1f} ms/step, "
@@ -157,28 +163,35 @@ def report(model: str, path: str, batch: int, ttft: float, step: float, ref: dic
     )
 
 
-def bench_model(name, config, prompt_len, n_new, repeats, variants, bw_bytes=None):
+def bench_model(name, config, prompt_len, n_new, repeats, variants, batches, bw_bytes=None):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = random_params(config)
     hf = hf_model(config, params)
     torch.set_num_threads(torch.get_num_threads())
     rng = np.random.default_rng(1)
-    prompts = {b: rng.integers(3, config.vocab_size, (b, prompt_len)).tolist() for b in (1, 8)}
-    hf_res = {}
-    for b in (1, 8):
+    prompts = {
+        b: rng.integers(3, config.vocab_size, (b, prompt_len)).tolist() for b in (*batches, 4)
+    }
+    hf_res, ours_default = {}, {}
+    for b in batches:
         ttft, step = measure(hf_fn(hf, prompts[b]), n_new, repeats)
         report(name, f"transformers generate ({config.dtype})", b, ttft, step)
         hf_res[b] = ROWS[-1]
-    for label, kwargs, batches, n in variants:
+    for label, kwargs in variants:
         kwargs = dict(kwargs)
         check = kwargs.pop("check", True)
         sampler = Sampler(config, params, mesh, **kwargs)
+        decode_dtype = kwargs.get("dtype") or config.dtype
         label = f"llama_jax {label} [{sampler.layout}]"
         if check:
-            print(f"  tokens: {check_same_tokens(sampler, hf, prompts[8][:4])}", flush=True)
+            print(f"  tokens: {check_same_tokens(sampler, hf, prompts[4])}", flush=True)
         for b in batches:
-            ttft, step = measure(ours_fn(sampler, prompts[b]), n or n_new, repeats)
-            report(name, label, b, ttft, step, hf_res[b])
+            ttft, step = measure(ours_fn(sampler, prompts[b]), n_new, repeats)
+            like_for_like = decode_dtype == config.dtype and not kwargs.get("quantize")
+            ref = hf_res[b] if like_for_like else ours_default.get(b)
+            report(name, label, b, ttft, step, ref)
+            if like_for_like:
+                ours_default.setdefault(b, ROWS[-1])
             if bw_bytes is not None and b == 1:
                 per_token = sum(x.nbytes for x in jax.tree.leaves(sampler.params))
                 bound = per_token / bw_bytes
@@ -198,27 +211,36 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["small", "1b"], default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=32, help="new tokens timed, every row")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--tiny", action="store_true", help="toy model sizes (a smoke run)")
     args = p.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
     print(
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
     )
+    small, big = SMALL, get_config("llama3.2-1b")
+    if args.tiny:
+        small = dataclasses.replace(SMALL, vocab_size=512, dim=64, n_layers=2, mlp_dim=128)
+        big = dataclasses.replace(small, tie_embeddings=True)
     if args.only in (None, "small"):
         bench_model(
-            "50M", SMALL, 64, 64, args.repeats,
-            [("unrolled", dict(unroll=True), (1, 8), None),
-             ("scanned layers", dict(unroll=False, check=False), (1, 8), None)],
+            "50M", small, 64, args.new_tokens, args.repeats,
+            [("unrolled", dict(unroll=True)),
+             ("scanned layers", dict(unroll=False, check=False)),
+             ("int8", dict(quantize="int8", check=False))],
+            batches,
         )  # fmt: skip
     if args.only in (None, "1b"):
-        one_b = dataclasses.replace(
-            get_config("llama3.2-1b"), param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096
-        )
+        one_b = dataclasses.replace(big, param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096)
         bench_model(
             "1B", one_b, 64, args.new_tokens, args.repeats,
-            [("bf16 (default)", dict(), (1, 8), None),
-             ("float32 decode copy", dict(dtype="float32", check=False), (1,), 8),
-             ("bf16 model layout", dict(layout="standard", check=False), (1,), 4)],
+            [("bf16 (default)", dict()),
+             ("float32 decode copy", dict(dtype="float32", check=False)),
+             ("bf16 model layout", dict(layout="standard", check=False)),
+             ("int8", dict(quantize="int8", check=False))],
+            batches,
             bw_bytes=read_bandwidth(),
         )  # fmt: skip
     print("\nmodel  path                               batch  ttft ms  ms/step   tok/s")

@@ -9,6 +9,7 @@ Side by side in one run, same architecture, float32, AdamW:
     when JAX starts), so sharding overhead is visible.
 
     python bench/bench_train.py [--steps 6] [--skip_torch] [--skip_devices]
+        [--models 50M,demo] [--chunks 1024,0]   (chunked vs full-logits loss, same run)
 Prints numbers and ratios; never asserts on time.
 """
 
@@ -65,7 +66,9 @@ def matmul_peak() -> float:
     return 2 * n**3 / min(times)
 
 
-def jax_step_time(fields: dict, batch: int, seq: int, steps: int, mesh_shape=(1, 1, 1)):
+def jax_step_time(
+    fields: dict, batch: int, seq: int, steps: int, mesh_shape=(1, 1, 1), chunk_tokens=None
+):
     import flax.linen as nn
     import jax
 
@@ -76,6 +79,8 @@ def jax_step_time(fields: dict, batch: int, seq: int, steps: int, mesh_shape=(1,
     c = experiment.base_config()
     mc = ModelConfig(**{**fields, "max_seq_len": max(fields.get("max_seq_len", seq), seq)})
     c.batch_size, c.seq_len = batch, seq
+    if chunk_tokens is not None:
+        c.loss_chunk_tokens = chunk_tokens
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     tx, sched = T.make_optimizer(c, 1000)
     abstract = jax.eval_shape(functools.partial(T.init_state, mc, tx, 0))
@@ -161,6 +166,10 @@ def devices_child(steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--models", default="50M,demo", help="comma-separated: 50M, demo")
+    p.add_argument(
+        "--chunks", default="1024,0", help="loss_chunk_tokens values to time (0 = full logits)"
+    )
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--skip_devices", action="store_true")
     p.add_argument("--devices_child", action="store_true", help=argparse.SUPPRESS)
@@ -176,25 +185,38 @@ def main() -> None:
         f"{peak / 1e9:.0f} GFLOP/s (4096^2 jnp.dot)"
     )
     fields, batch, seq = demo_model()
-    cases = [("50M", MODELS["50M"], 8, 256), ("demo", fields, batch, seq)]
+    known = {"50M": (MODELS["50M"], 8, 256), "demo": (fields, batch, seq)}
+    names = args.models.split(",")
+    for n in names:
+        if n not in known:
+            raise SystemExit(f"error: --models {n!r}; valid: {', '.join(known)}")
+    chunks = [int(x) for x in args.chunks.split(",")]
     print(
-        f"\n{'model':<6} {'params':>8} {'B x T':>9} {'llama_jax tok/s':>16} {'MFU':>6} "
-        f"{'torch tok/s':>12} {'MFU':>6} {'ratio':>6}"
+        "MFU = tokens/s x FLOPs/token (6 x matmul params + 12 L T N H) / the measured peak; "
+        "ratio = llama_jax tok/s / torch tok/s (both float32)"
     )
-    for name, f, b, t in cases:
-        jt, mc = jax_step_time(f, b, t, args.steps)
+    print(
+        f"\n{'model':<6} {'params':>8} {'B x T':>9} {'loss':>12} {'llama_jax tok/s':>16} "
+        f"{'MFU':>6} {'torch tok/s':>12} {'MFU':>6} {'ratio':>6}"
+    )
+    for name in names:
+        f, b, t = known[name]
         tokens = b * t
-        flops = mc.flops_per_token(t)
-        jtps = tokens / jt
-        row = (
-            f"{name:<6} {mc.param_count() / 1e6:>7.1f}M {b:>4}x{t:<4} {jtps:>16.0f} "
-            f"{jtps * flops / peak:>6.1%}"
-        )
+        ttps = None
         if not args.skip_torch:
-            tt = torch_step_time(f, b, t, args.steps)
-            ttps = tokens / tt
-            row += f" {ttps:>12.0f} {ttps * flops / peak:>6.1%} {jtps / ttps:>5.2f}x"
-        print(row, flush=True)
+            ttps = tokens / torch_step_time(f, b, t, args.steps)
+        for chunk in chunks:
+            jt, mc = jax_step_time(f, b, t, args.steps, chunk_tokens=chunk)
+            flops = mc.flops_per_token(t)
+            jtps = tokens / jt
+            loss = f"chunk {chunk}" if chunk else "full logits"
+            row = (
+                f"{name:<6} {mc.param_count() / 1e6:>7.1f}M {b:>4}x{t:<4} {loss:>12} "
+                f"{jtps:>16.0f} {jtps * flops / peak:>6.1%}"
+            )
+            if ttps is not None:
+                row += f" {ttps:>12.0f} {ttps * flops / peak:>6.1%} {jtps / ttps:>5.2f}x"
+            print(row, flush=True)
     if not args.skip_devices:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
         res = subprocess.run(

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from llama_jax import convert, sampling, sharding, text_stream
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.model import Transformer, init_params
+from llama_jax.quantize import as_qweights, check_quantize, int8_dense, quantize_params
 
 
 class Llama3:
@@ -36,6 +37,7 @@ class Llama3:
         mesh_shape: Sequence[int] | None = None,
         tokenizer: Any | None = None,
         adapter: str | None = None,
+        quantize: str | None = None,
     ):
         """Loads `model_path`, or wraps an in-memory (config, params) pair.
 
@@ -50,7 +52,10 @@ class Llama3:
             `model_path`, loaded on first use.
           adapter: a PEFT LoRA directory or a llama_jax LoRA run, merged into the base weights
             (checked to fit the base).
+          quantize: "int8" runs generation, scoring and `logits` with int8 projection weights
+            and per-channel scales (quantize.py); None (default) uses the weights as loaded.
         """
+        self.quantize = check_quantize(quantize)
         if dtype == "auto":
             dtype = None
         if dtype is not None and dtype not in DTYPES:
@@ -111,6 +116,12 @@ class Llama3:
     # ------------------------------------------------------------------ forward
     @functools.cached_property
     def _forward(self):
+        if self.quantize:
+            model = Transformer(self.config, int8_dense)
+            with jax.set_mesh(self.mesh):
+                qparams = jax.jit(quantize_params)(self.params)
+                f = jax.jit(lambda p, t: model.apply({"params": as_qweights(p)}, t)[0])
+            return lambda p, t: f(qparams if p is self.params else quantize_params(p), t)
         model = Transformer(self.config)
         with jax.set_mesh(self.mesh):
             return jax.jit(lambda p, t: model.apply({"params": p}, t)[0])
@@ -149,9 +160,11 @@ class Llama3:
         prefill / decode functions.
 
         Args:
-          **options: `layout`, `unroll`, `dtype` of `sampling.Sampler` (default: chosen for
-            the platform, see `decode_layout.prepare_decode_params`).
+          **options: `layout`, `unroll`, `dtype`, `quantize` of `sampling.Sampler` (default:
+            chosen for the platform, see `decode_layout.prepare_decode_params`; quantize as
+            given to `Llama3`).
         """
+        options = {"quantize": self.quantize, **options}
         cached = getattr(self, "_sampler_cache", None)
         if cached is None or cached[0] is not self.params or cached[1] != options:
             self._sampler_cache = None  # let the old copy go before making the new one

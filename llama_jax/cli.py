@@ -135,6 +135,9 @@ def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: the checkpoint's own dtype",
     )
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantisation"
+    )
     p.add_argument("--max_new_tokens", type=int, default=256)
     # Meta's reference sampling settings; --temperature 0 is greedy.
     p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
@@ -162,7 +165,7 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from llama_jax.api import Llama3
 
-    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
     for i, prompt in enumerate(args.prompt):
         # The prompt, then its continuation as it streams; a blank line between prompts.
         sys.stdout.write(("\n" if i else "") + prompt)
@@ -182,7 +185,7 @@ def _chat(argv: list[str]) -> int:
     from llama_jax.api import Llama3
     from llama_jax.text_stream import run_chat
 
-    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
     prompt = "> " if sys.stdin.isatty() else ""
     kwargs = _sampling_kwargs(args, truncate=False)
     run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **kwargs)

@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.1
     c.grad_clip = 1.0
     c.z_loss = 0.0
+    c.loss_chunk_tokens = 1024  # cross-entropy over chunks of this many tokens; 0 = full logits
     c.nan_policy = "abort"  # abort | skip
     c.seed = 0
 

@@ -38,9 +38,12 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.config import ModelConfig
 
 Array = jax.Array
-Cache = Any  # {"k": [L, B, S, K, H], "v": ...} when scanned; tuple of per-layer dicts otherwise
+Cache = Any  # {"k": [L, B, K, S, H], "v": ...} when scanned; tuple of per-layer dicts otherwise
 
-CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+# [B, K, S, H] per layer: the attention dots contract the cache with (B, K) as batch dims, so
+# this layout is read in place; [B, S, K, H] cost a transposed copy of the cache per layer per
+# step (bench/RESULTS.md). Rows stay on axis 1 of the stacked [L, B, ...] leaves.
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_length", "head_dim")
 
 
 def _dtype(name: str):
@@ -166,6 +169,25 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(b, t, n, h)
 
 
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`xla_attention` over a KV cache in its [B, K, S, H] layout.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, K, S, H]; mask: bool [B, T, S].
+    Returns:
+      [B, T, N, H]
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / np.sqrt(h))
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
 def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
     """cuDNN flash attention (GPU) through jax.nn.dot_product_attention; causal + segments."""
     mask = None
@@ -208,7 +230,7 @@ class Attention(nn.Module):
         segment_ids: Array | None,
         cache: dict[str, Array] | None,
     ) -> tuple[Array, dict[str, Array] | None]:
-        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache {k, v: [B, S, K, H]})."""
+        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache {k, v: [B, K, S, H]})."""
         c = self.config
         d, n, kh, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -239,14 +261,15 @@ class Attention(nn.Module):
         if cache is not None:
             # Each row writes its new keys at its own positions; slots past a row's current
             # position may hold stale values (padding, an earlier request) and are masked.
+            # (rows [B, 1], :, positions [B, T]) indexes [B, T, K, H], k's own layout.
             rows = jnp.arange(x.shape[0])[:, None]
             cache = {
-                "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
+                "k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
+                "v": cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype)),
             }
             keys, values = cache["k"].astype(dtype), cache["v"].astype(dtype)
-            mask = attention_mask(positions, keys.shape[1], None, None)
-            out = xla_attention(q, keys, values, mask)
+            mask = attention_mask(positions, keys.shape[2], None, None)
+            out = cached_attention(q, keys, values, mask)
         elif c.attention_impl == "cudnn":
             out = cudnn_attention(q, k, v, segment_ids)
         elif c.attention_impl == "splash":
@@ -340,6 +363,7 @@ class Transformer(nn.Module):
         segment_ids: Array | None = None,
         cache: Cache | None = None,
         logits_at: Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Array, Cache | None]:
         """Runs the model.
 
@@ -354,9 +378,13 @@ class Transformer(nn.Module):
           logits_at: int [B, P]; when given, only these time indices of each row are projected
             to logits (e.g. each prompt's last token when prefilling a cache), saving the
             [B, T, V] output projection.
+          return_hidden: return the final-normed hidden states [B, T, D] instead of logits,
+            for a loss that applies the output head itself (loss.py's chunked cross-entropy,
+            which never materialises [B*T, V] logits). The head params are still created.
 
         Returns:
-          (logits float32 [B, T, V] (or [B, P, V] with logits_at), updated cache or None)
+          (logits float32 [B, T, V] (or [B, P, V] with logits_at; [B, T, D] in the model dtype
+          with return_hidden), updated cache or None)
         """
         c = self.config
         dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -402,6 +430,8 @@ class Transformer(nn.Module):
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)  # [B, P, D]
         x = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x)
         if c.tie_embeddings:
+            if return_hidden:
+                return x, cache
             logits = self.dense(
                 "BTD,VD->BTV", x, embed.astype(dtype), preferred_element_type=jnp.float32
             )
@@ -412,6 +442,8 @@ class Transformer(nn.Module):
                 (c.dim, c.vocab_size),
                 pdtype,
             )
+            if return_hidden:
+                return x, cache
             logits = self.dense(
                 "BTD,DV->BTV", x, kernel.astype(dtype), preferred_element_type=jnp.float32
             )
@@ -432,7 +464,7 @@ def init_params(config: ModelConfig, rng: Array, batch_size: int = 1, seq_len: i
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: str | None = None):
     """Zeroed KV cache for `batch_size` rows of `max_len` slots, laid out for the model."""
     dt = _dtype(dtype or config.dtype)
-    shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # [B, K, S, H]
     if config.scan_layers:
         full = (config.n_layers, *shape)
         return {"k": jnp.zeros(full, dt), "v": jnp.zeros(full, dt)}

@@ -45,6 +45,7 @@ from llama_jax.model import (
     init_cache,
     init_params,
 )
+from llama_jax.quantize import as_qweights, check_quantize, int8_dense, quantize_params
 
 Array = jax.Array
 
@@ -195,6 +196,7 @@ class Sampler:
         layout: str = "auto",
         unroll: bool = True,
         dtype: str | None = None,
+        quantize: str | None = None,
     ):
         """Prepares the decode params from `params` (left untouched) and the jitted functions.
 
@@ -202,15 +204,26 @@ class Sampler:
           config, params: the model.
           mesh: the (data, fsdp, tensor) mesh the params and caches live on.
           layout, unroll, dtype: see `prepare_decode_params`.
+          quantize: "int8" stores the projection weights as int8 with per-channel scales
+            (quantize.py; needs the standard layout, which "auto" then picks), None keeps them.
         """
         self.mesh = mesh
+        self.quantize = check_quantize(quantize)
+        if self.quantize and layout == "matvec":
+            raise ValueError("layout='matvec' cannot be combined with quantize='int8'")
+        if self.quantize and layout == "auto":
+            layout = "standard"
         self.params, self.config, self.layout = prepare_decode_params(
             params, config, mesh, layout=layout, unroll=unroll, dtype=dtype
         )
+        if self.quantize:
+            with jax.set_mesh(mesh):
+                self.params = jax.jit(quantize_params)(self.params)
         self._model_shapes = jax.eval_shape(
             lambda k: nn.unbox(init_params(self.config, k)), jax.random.key(0)
         )
         dense = matvec_dense if self.layout == "matvec" else einsum_dense
+        dense = int8_dense if self.quantize else dense
         self._model = Transformer(self.config, dense)
         self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.trace_counts: collections.Counter[str] = collections.Counter()
@@ -256,6 +269,8 @@ class Sampler:
     def _apply(self, params, tokens, positions, cache, logits_at=None):
         if self.layout == "matvec":
             params = _to_model_layout(params, self._model_shapes)
+        if self.quantize:
+            params = as_qweights(params)
         return self._model.apply(
             {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
         )

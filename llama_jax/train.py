@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from llama_jax import checkpoint, experiment, finetune, lora, metrics, optim, sharding
+from llama_jax import loss as loss_lib
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_params
 
@@ -357,16 +358,27 @@ def base_shardings(model_cfg: ModelConfig, mesh, dtype: str):
     return shard, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), nn.unbox(abstract))
 
 
-def loss_terms(params, batch, model: Transformer, z_loss: float):
-    """Summed masked next-token NLL, summed z-loss and the mask count of one (micro)batch."""
-    logits, _ = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
-    )
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+def loss_terms(params, batch, model: Transformer, z_loss: float, chunk_tokens: int = 0):
+    """Summed masked next-token NLL, summed z-loss and the mask count of one (micro)batch.
+
+    chunk_tokens > 0 computes the cross-entropy in chunks of that many tokens from the hidden
+    states (loss.py: no [B*T, V] float32 logits, same values and gradients); 0 from full logits.
+    """
+    if chunk_tokens < 0:
+        raise ValueError(
+            f"loss_chunk_tokens={chunk_tokens}; valid: 0 (full logits) or a positive int"
+        )
     mask = batch["loss_mask"]
-    nll = jnp.sum((logz - target_logit) * mask)
-    zl = z_loss * jnp.sum(jnp.square(logz) * mask)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if chunk_tokens > 0:
+        hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+        w, layout = loss_lib.output_head(params, model.config)
+        nll, zl = loss_lib.chunked_cross_entropy(
+            hidden, w, layout, batch["targets"], mask, z_loss, chunk_tokens
+        )
+    else:
+        logits, _ = model.apply({"params": params}, *args)
+        nll, zl = loss_lib.plain_cross_entropy(logits, batch["targets"], mask, z_loss)
     return nll, zl, jnp.sum(mask)
 
 
@@ -382,7 +394,7 @@ def make_train_step(
     def micro_grads(params, mb, base, rng):
         def f(p):
             full = p if lora_cfg is None else lora.combine(base, p, lora_cfg, rng)
-            nll, zl, n = loss_terms(full, mb, model, c.z_loss)
+            nll, zl, n = loss_terms(full, mb, model, c.z_loss, c.get("loss_chunk_tokens", 0))
             return nll + zl, (nll, n)
 
         (_, (nll, n)), g = jax.value_and_grad(f, has_aux=True)(params)

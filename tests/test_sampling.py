@@ -274,9 +274,9 @@ def test_mesh_generation_equals_single_device(mesh_reference, mesh_shape, layout
     sampler = model.sampler(layout=layout)
     gen = sampling.Generation(sampler, MESH_PROMPTS, 10)
     # The cache is laid out like the model: kv heads over `tensor`, rows over data * fsdp.
-    k = gen._state["cache"][0]["k"]  # [B=4, S, K=4, H]
+    k = gen._state["cache"][0]["k"]  # [B=4, K=4, S, H]
     data, fsdp, tensor = mesh_shape
-    want = (4 // (data * fsdp), k.shape[1], 4 // tensor, k.shape[3])
+    want = (4 // (data * fsdp), 4 // tensor, k.shape[2], k.shape[3])
     assert k.sharding.shard_shape(k.shape) == want
     gen.advance(10)
     assert gen.tokens == greedy
@@ -435,10 +435,15 @@ def test_cli_generate_and_chat(tok, tmp_path, capsys, monkeypatch):
     shutil.copy(tok.path, tmp_path / "m" / "tokenizer.model")
     from llama_jax.cli import main
 
-    # The CLI samples like Meta's reference by default; --temperature 0 is greedy.
-    args = ["--model_path", str(tmp_path / "m"), "--dtype", "float32", "--temperature", "0"]
-    assert main(["generate", *args, "--max_new_tokens", "3", ""]) == 0
-    assert capsys.readouterr().out == model.generate("", max_new_tokens=3) + "\n"
+    args = ["--model_path", str(tmp_path / "m"), "--dtype", "float32"]
+    # The CLI samples by default (Meta's 0.6 / 0.9); the API's generate is greedy.
+    assert main(["generate", *args, "--temperature", "0", "--max_new_tokens", "3", ""]) == 0
+    expected = model.generate("", max_new_tokens=3) + "\n"
+    assert capsys.readouterr().out == expected
+    # int8 weights keep this model's wide-margin greedy script.
+    int8 = ["--quantize", "int8", "--temperature", "0", "--max_new_tokens", "3", ""]
+    assert main(["generate", *args, *int8]) == 0
+    assert capsys.readouterr().out == expected
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nHi\n/exit\nnever read\n"))
     assert main(["chat", *args]) == 0
     out = capsys.readouterr().out
