@@ -573,11 +573,16 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
     tokens_per_step = c.batch_size * c.seq_len
     flops_per_token = model_cfg.flops_per_token(c.seq_len)
     peak = c.peak_flops or metrics.measure_peak_flops()
+    # CPU "devices" of one process share its cores (and one matmul already uses them all):
+    # the peak counts once per process there, once per device on accelerators.
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    units = jax.process_count() if cpu else mesh.size
     log.info(
-        "MFU is model FLOPs/s over %s %.0f GFLOP/s per device x %d devices",
+        "MFU is model FLOPs/s over %s %.0f GFLOP/s x %d %s",
         "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
         peak / 1e9,
-        mesh.size,
+        units,
+        "processes (CPU devices share cores)" if cpu else "devices",
     )
     writer = metrics.MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
     pending: collections.deque = collections.deque()
@@ -647,7 +652,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
                     drain(all_=True)
                     now = time.perf_counter()
                     row = metrics.summarise(
-                        window, now - t_window, tokens_per_step, flops_per_token, peak * mesh.size
+                        window, now - t_window, tokens_per_step, flops_per_token, peak * units
                     )
                     window, t_window = [], now
                     if writer and row:
