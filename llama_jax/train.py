@@ -385,8 +385,8 @@ def loss_terms(params, batch, model: Transformer, z_loss: float, chunk_tokens: i
 def make_train_step(
     model_cfg: ModelConfig, tx, schedule, c: ml_collections.ConfigDict, lora_cfg=None
 ):
-    """train_step(state, batch, base) -> (state, metrics); `base` is the frozen base under LoRA
-    (the state's params are then the adapters) and {} otherwise."""
+    """train_step(state, batch, base=None) -> (state, metrics); `base` is the frozen base under
+    LoRA (the state's params are then the adapters) and unused (may be omitted) otherwise."""
     model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
     accum = c.grad_accum_steps
     nan_step = c.debug_nan_step
@@ -400,7 +400,7 @@ def make_train_step(
         (_, (nll, n)), g = jax.value_and_grad(f, has_aux=True)(params)
         return g, nll, n
 
-    def train_step(state, batch, base):
+    def train_step(state, batch, base=None):
         params = state["params"]
         rng = jax.random.wrap_key_data(state["rng"])
         if accum == 1:
@@ -463,7 +463,7 @@ def _all_finite(tree) -> jax.Array:
 def make_eval_step(model_cfg: ModelConfig, lora_cfg=None):
     model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
 
-    def eval_step(params, batch, base):
+    def eval_step(params, batch, base=None):
         full = params if lora_cfg is None else lora.combine(base, params, lora_cfg)
         nll, _, n = loss_terms(full, batch, model, 0.0)
         return nll, n
