@@ -16,21 +16,12 @@ Variants (`--config experiments/shakespeare_tiny.py:VARIANT`):
   runlocal  a 2-layer d=64 model for 20 steps on 8 x 64 tokens: a smoke test in ~1 minute.
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.experiment import base_config, demo_model_config, model_config_dict
 
 
 def get_config(arg: str | None = None):
     c = base_config()
-    c.model = model_config_dict(
-        "small",
-        vocab_size=8000,
-        dim=256,
-        n_layers=8,
-        n_heads=4,
-        n_kv_heads=2,
-        mlp_dim=768,
-        max_seq_len=512,
-    )
+    c.model = demo_model_config()
     c.data_path = "shakespeare"
     c.tokenizer_vocab_size = 8000
     c.seq_len = 256

@@ -124,6 +124,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def demo_model_config() -> ml_collections.ConfigDict:
+    """The Shakespeare demo's 10.4M-parameter model (8 layers, d=256, 4 query / 2 kv heads,
+    MLP 768, 8k vocabulary, context 512), also the default for `llama3 train` on your data."""
+    return model_config_dict(
+        "small",
+        vocab_size=8000,
+        dim=256,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_dim=768,
+        max_seq_len=512,
+    )
+
+
 def default_config() -> ml_collections.ConfigDict:
     """`llama3 train` without `--config`: your own text on a CPU.
 
@@ -137,16 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
     them all.
     """
     c = base_config()
-    c.model = model_config_dict(
-        "small",
-        vocab_size=8000,
-        dim=256,
-        n_layers=8,
-        n_heads=4,
-        n_kv_heads=2,
-        mlp_dim=768,
-        max_seq_len=512,
-    )
+    c.model = demo_model_config()
     c.data_path = ""
     c.text_unit = "paragraph"
     c.tokenizer_vocab_size = 8000

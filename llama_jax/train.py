@@ -318,11 +318,13 @@ def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelCon
 
 # ============================================================================ 5. state + step
 def make_optimizer(c: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    # warmup_steps = -1: 5% of the steps (the default experiment's, whose length is in epochs)
+    warmup = c.warmup_steps if c.warmup_steps >= 0 else max(1, round(0.05 * num_steps))
     schedule = optim.make_schedule(
         c.schedule,
         c.learning_rate,
         num_steps,
-        c.warmup_steps,
+        warmup,
         c.min_lr_ratio,
         c.wsd_decay_fraction,
     )

@@ -409,3 +409,11 @@ def test_killed_token_cache_build_leaves_nothing_behind(tmp_path):
         sources.open_source(str(path), split="train"), _ByteTokenizer(), cache_dir=str(cache)
     )
     assert not [n for n in os.listdir(cache) if n.startswith(".tmp-")], os.listdir(cache)
+
+
+def test_default_experiment_warms_up_over_5_percent_of_its_steps():
+    c = experiment.default_config()
+    c.learning_rate = 1e-3
+    _, schedule = trainer.make_optimizer(c, 200)  # 5% of 200: 10 warmup steps
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
