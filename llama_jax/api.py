@@ -164,13 +164,23 @@ class Llama3:
             chosen for the platform, see `decode_layout.prepare_decode_params`; quantize as
             given to `Llama3`).
         """
-        options = {"quantize": self.quantize, **options}
+        options = {"quantize": self.quantize, "vocab_limit": self._decodable_vocab(), **options}
         cached = getattr(self, "_sampler_cache", None)
         if cached is None or cached[0] is not self.params or cached[1] != options:
             self._sampler_cache = None  # let the old copy go before making the new one
             made = sampling.Sampler(self.config, self.params, self.mesh, **options)
             self._sampler_cache = (self.params, dict(options), made)
         return self._sampler_cache[2]
+
+    def _decodable_vocab(self) -> int | None:
+        """The tokenizer's id count, when there is a tokenizer (the sampler never draws past
+        it); None for an in-memory model without one."""
+        if self._tokenizer is None and self.model_path is None:
+            return None
+        try:
+            return int(self.tokenizer.vocab_size)
+        except (ValueError, OSError):
+            return None
 
     def scorer(self, **options: Any) -> Any:
         """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first

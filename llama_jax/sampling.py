@@ -197,6 +197,7 @@ class Sampler:
         unroll: bool = True,
         dtype: str | None = None,
         quantize: str | None = None,
+        vocab_limit: int | None = None,
     ):
         """Prepares the decode params from `params` (left untouched) and the jitted functions.
 
@@ -206,8 +207,12 @@ class Sampler:
           layout, unroll, dtype: see `prepare_decode_params`.
           quantize: "int8" stores the projection weights as int8 with per-channel scales
             (quantize.py; needs the standard layout, which "auto" then picks), None keeps them.
+          vocab_limit: ids >= this (a model vocabulary larger than its tokenizer's, e.g. a
+            tokenizer trained smaller than asked) get probability 0, so nothing is sampled that
+            the tokenizer cannot decode; None: every id of the model.
         """
         self.mesh = mesh
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < config.vocab_size else None
         self.quantize = check_quantize(quantize)
         if self.quantize and layout == "matvec":
             raise ValueError("layout='matvec' cannot be combined with quantize='int8'")
@@ -271,9 +276,12 @@ class Sampler:
             params = _to_model_layout(params, self._model_shapes)
         if self.quantize:
             params = as_qweights(params)
-        return self._model.apply(
+        logits, cache = self._model.apply(
             {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
         )
+        if self.vocab_limit is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        return logits, cache
 
     def _prefill_body(self, params, tokens, lengths, cache_len):
         b, t = tokens.shape

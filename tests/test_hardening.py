@@ -417,3 +417,24 @@ def test_default_experiment_warms_up_over_5_percent_of_its_steps():
     _, schedule = trainer.make_optimizer(c, 200)  # 5% of 200: 10 warmup steps
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)
+
+
+def test_sampling_never_draws_ids_the_tokenizer_cannot_decode(tmp_path):
+    """A model vocabulary larger than its tokenizer's (the default experiment on a small
+    corpus, whose trained tokenizer has fewer ids than asked): ids past the tokenizer's never
+    come out, so the text decodes."""
+    import flax.linen as nn
+
+    from llama_jax import Llama3
+    from llama_jax.config import get_config
+    from llama_jax.model import init_params
+    from llama_jax.tokenizer.train import train_tokenizer
+
+    (tmp_path / "c.txt").write_text(_prose(50))
+    tok = train_tokenizer(str(tmp_path / "c.txt"), 400, str(tmp_path / "tok"), show_progress=False)
+    cfg = get_config("tiny", vocab_size=600, max_seq_len=64)
+    params = nn.unbox(jax.device_get(init_params(cfg, jax.random.key(0))))
+    model = Llama3(config=cfg, params=params, tokenizer=tok, dtype="float32")
+    ids = model.generate_ids([[tok.bos_id]] * 4, max_new_tokens=40, temperature=1.0, seed=3)
+    assert max(max(row) for row in ids) < 400
+    assert isinstance(model.generate("the king", max_new_tokens=20, temperature=1.0), str)
