@@ -253,7 +253,7 @@ def verification_problem(state: Any, recorded: dict | None) -> str | None:
     return None
 
 
-def _is_disk_full(e: BaseException | None) -> bool:
+def is_disk_full(e: BaseException | None) -> bool:
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             return True
@@ -360,7 +360,7 @@ class TrainCheckpointer:
         try:
             yield
         except Exception as e:
-            if not _is_disk_full(e):
+            if not is_disk_full(e):
                 raise
             with contextlib.suppress(Exception):
                 self._manager.wait_until_finished()

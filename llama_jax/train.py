@@ -703,6 +703,18 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
             ckpt.save(step, state, train_it.get_state(), c.to_dict())
             if step >= num_steps:
                 final.update(run_eval(step))
+        except OSError as e:  # metrics, logs or a checkpoint's own files on a full disk
+            if not checkpoint.is_disk_full(e):
+                raise
+            with contextlib.suppress(Exception):
+                ckpt.wait()
+            intact = checkpoint.committed_steps(ckpt.directory)
+            prev = f"step {intact[-1]}" if intact else "none"
+            raise checkpoint.CheckpointError(
+                f"No space left on device while saving step {step} (writing "
+                f"{getattr(e, 'filename', None) or c.run_dir}); the previous checkpoint ({prev}) "
+                "is intact"
+            ) from e
         finally:
             ckpt.wait()
             if bar is not None:
