@@ -789,7 +789,8 @@ def _log_to_file(path: str):
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk: the run's own error says so
+            handler.close()
 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:
