@@ -377,3 +377,34 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def check_run_dir(run_dir: str, model_cfg) -> None:
+    """The run directory must be writable and, if it holds a model or checkpoints already, of
+    the same model: its checkpoints' own stored config is what is read, so a missing or
+    edited config.json cannot hide another model. Writes nothing."""
+    from llama_jax.config import ModelConfig
+
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"run directory {run_dir!r} is not writable ({parent} is not)")
+    found = []
+    steps = committed_steps(os.path.join(run_dir, "checkpoints"))
+    if steps:
+        step_dir = os.path.join(run_dir, "checkpoints", str(steps[-1]))
+        with contextlib.suppress(Exception):  # unreadable: restore reports it, step by step
+            stored = read_json_item(step_dir, "config")["model"]
+            found.append((f"its checkpoint of step {steps[-1]}", ModelConfig(**stored)))
+    existing = os.path.join(run_dir, "config.json")
+    if os.path.isfile(existing):
+        with open(existing) as f:
+            found.append(("its config.json", ModelConfig.from_dict(json.load(f))))
+    for where, old in found:
+        diff = old.architecture_diff(model_cfg)
+        if diff:
+            raise ValueError(
+                f"run directory {run_dir} holds a different model ({where}; field: (there, "
+                f"here)): {diff}; use a new run_dir"
+            )

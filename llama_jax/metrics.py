@@ -1,4 +1,5 @@
-"""Training metrics: tokens/s and MFU, metrics.jsonl, TensorBoard, the progress bar.
+"""Training metrics: tokens/s and MFU, metrics.jsonl, TensorBoard, the progress bar, and the
+run's console and log-file handlers.
 
 MFU = tokens/s x FLOPs/token / (peak FLOP/s per device x devices), with FLOPs/token from
 `ModelConfig.flops_per_token` (6 x matmul params + 12 x L x T x N x H; causal attention not
@@ -7,7 +8,9 @@ halved) and the peak measured by `measure_peak_flops` unless configured.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -77,3 +80,50 @@ def progress_bar(c, start: int, total: int):
     return tqdm(
         total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
+
+
+class ConsoleHandler(logging.Handler):
+    """The trainer's own lines and every warning, written through tqdm so that a line never
+    lands inside the progress bar's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == "llama_jax.train"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """The trainer's lines and warnings to stderr, whatever logging setup the libraries did;
+    everything else of llama_jax goes to the run's log file (`log_to_file`)."""
+    logger = logging.getLogger("llama_jax")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        handler = ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def log_to_file(path: str):
+    """All of llama_jax's log lines, and the libraries' (absl, orbax, TFDS) chatter that
+    would otherwise reach the terminal, to `path` for the duration of the run."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger("llama_jax"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        with contextlib.suppress(OSError):  # a full disk: the run's own error says so
+            handler.close()

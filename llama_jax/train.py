@@ -4,8 +4,10 @@ The same code runs on one CPU, on 8 fake devices, and on many hosts (`jax.distri
 
   1. distributed init and mesh       5. one jitted train_step (explicit shardings, donation)
   2. checks that fail fast           6. resume from the newest committed checkpoint
-  3. tokenizer (load or train)       7. the loop: async metrics, eval, checkpoints, SIGTERM
-  4. data iterators                  8. final checkpoint and validation loss
+  3. tokenizer (load or train)*      7. the loop: async metrics, eval, checkpoints, SIGTERM
+  4. data iterators*                 8. final checkpoint and validation loss
+
+(* in train_data.py)
 
 The run directory is also a model directory (`config.json` + tokenizer file); its params are
 those of the newest committed checkpoint, so `Llama3.from_pretrained(run_dir)` works at any
@@ -17,12 +19,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -37,6 +37,7 @@ from llama_jax import checkpoint, experiment, finetune, lora, metrics, optim, sh
 from llama_jax import loss as loss_lib
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_params
+from llama_jax.train_data import TXT_MODES, data_splits, get_tokenizer, make_data  # noqa: F401
 
 log = logging.getLogger("llama_jax.train")
 
@@ -124,196 +125,7 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
     if finetune.lora_config(c) is not None and not c.init_from:
         raise ValueError("lora.rank > 0 trains adapters on a base: set init_from (--init_from)")
-    check_run_dir(c.run_dir, model_cfg)
-
-
-def check_run_dir(run_dir: str, model_cfg: ModelConfig) -> None:
-    """The run directory must be writable and, if it holds a model or checkpoints already, of
-    the same model: its checkpoints' own stored config is what is read, so a missing or
-    edited config.json cannot hide another model. Writes nothing."""
-    parent = os.path.abspath(run_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"run directory {run_dir!r} is not writable ({parent} is not)")
-    found = []
-    steps = checkpoint.committed_steps(os.path.join(run_dir, "checkpoints"))
-    if steps:
-        step_dir = os.path.join(run_dir, "checkpoints", str(steps[-1]))
-        with contextlib.suppress(Exception):  # unreadable: restore reports it, step by step
-            stored = checkpoint.read_json_item(step_dir, "config")["model"]
-            found.append((f"its checkpoint of step {steps[-1]}", ModelConfig(**stored)))
-    existing = os.path.join(run_dir, "config.json")
-    if os.path.isfile(existing):
-        with open(existing) as f:
-            found.append(("its config.json", ModelConfig.from_dict(json.load(f))))
-    for where, old in found:
-        diff = old.architecture_diff(model_cfg)
-        if diff:
-            raise ValueError(
-                f"run directory {run_dir} holds a different model ({where}; field: (there, "
-                f"here)): {diff}; use a new run_dir"
-            )
-
-
-# ============================================================================ 3. tokenizer
-def get_tokenizer(c: ml_collections.ConfigDict):
-    """Loads tokenizer_path, or trains a SentencePiece model on the training split once."""
-    from llama_jax.tokenizer import load_tokenizer
-
-    if c.tokenizer_path:
-        return load_tokenizer(c.tokenizer_path)
-    tok_dir = os.path.join(c.run_dir, "tokenizer")
-    if os.path.isdir(tok_dir) and os.listdir(tok_dir):
-        return load_tokenizer(tok_dir)
-    from llama_jax.data import open_source
-
-    corpus = os.path.join(c.run_dir, "tokenizer_corpus.txt")
-    if jax.process_index() == 0:
-        train_split, _ = data_splits(c)
-        source = open_source(
-            c.data_path,
-            split=train_split,
-            data_dir=c.data_dir or None,
-            text_field=c.text_field,
-            txt_mode=TXT_MODES[c.text_unit],
-        )
-        docs = list(source.documents())
-        start, stop = source.select(len(docs))
-        if len(docs) == 1 and getattr(source, "is_sliced", False):  # held out by tokens later
-            docs = [docs[0][slice(*source.token_range(len(docs[0])))]]
-            start, stop = 0, 1
-        log.info(
-            "training a SentencePiece tokenizer (%d ids) on %d documents of %s",
-            c.tokenizer_vocab_size,
-            stop - start,
-            c.data_path,
-        )
-        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for doc in docs[start:stop]:
-                f.write(doc.rstrip("\n") + "\n")
-        os.replace(corpus + ".tmp", corpus)
-        _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
-        os.replace(tok_dir + ".tmp", tok_dir)
-        os.remove(corpus)
-    _sync_hosts("tokenizer")
-    return load_tokenizer(tok_dir)
-
-
-def _train_tokenizer(corpus: str, vocab_size: int, out_dir: str, seed: int) -> None:
-    """SentencePiece on the corpus, quietly; a corpus too small for vocab_size gets the
-    largest vocabulary SentencePiece says it supports (logged)."""
-    import re
-
-    from llama_jax.tokenizer.train import train_tokenizer
-
-    try:
-        train_tokenizer(corpus, vocab_size, out_dir, seed=seed, show_progress=False)
-    except ValueError as e:
-        m = re.search(
-            r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e)
-        )
-        if not m:
-            raise
-        log.warning(
-            "the training data supports at most %s tokenizer ids, not %s: using %s",
-            m[2],
-            vocab_size,
-            m[2],
-        )
-        train_tokenizer(corpus, int(m[2]), out_dir, seed=seed, show_progress=False)
-
-
-def _sync_hosts(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-# ============================================================================ 4. data
-# config.text_unit -> how data/sources splits a .txt file into documents
-TXT_MODES = {"document": "file", "paragraph": "blank_lines", "line": "lines"}
-
-
-def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
-    """(train split, validation split or None) of data_path.
-
-    A separate local valid_data_path is its whole set ("train", local files' one split). A
-    local data_path with no validation given holds out its last `valid_fraction` of documents
-    (of tokens, when it is a single document); 0 means no validation.
-    """
-    from llama_jax.data import parse_data_path
-
-    local = lambda p: parse_data_path(p).scheme == "files"
-    if c.valid_data_path:
-        return c.train_split, ("train" if local(c.valid_data_path) else c.valid_split)
-    if local(c.data_path) and (c.train_split, c.valid_split) == ("train", "validation"):
-        if c.valid_fraction <= 0:
-            return "train", None
-        pct = f"{100 * (1 - c.valid_fraction):g}%"
-        return f"train[:{pct}]", f"train[{pct}:]"
-    return c.train_split, c.valid_split
-
-
-def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelConfig):
-    if c.data_format == "chat":  # fine-tuning dialogs (data/chat.py); eval may be None
-        from llama_jax.data.chat import make_chat_iterators
-
-        train_it, eval_it, _ = make_chat_iterators(
-            c.data_path,
-            tokenizer,
-            seq_len=c.seq_len,
-            global_batch_size=c.batch_size,
-            mesh=mesh,
-            seed=c.seed,
-            num_epochs=None if c.num_steps > 0 else c.num_epochs,
-            valid_data_path=c.valid_data_path,
-            train_split=c.train_split,
-            valid_split=c.valid_split,
-            data_dir=c.data_dir or None,
-            train_on=c.train_on,
-            truncation=c.truncation,
-        )
-        return train_it, eval_it
-    from llama_jax.data import make_eval_iterator, make_train_iterator
-
-    train_split, valid_split = data_splits(c)
-    if valid_split and not c.valid_data_path and valid_split != c.valid_split:
-        log.info(
-            "no valid_data_path: holding out the last %g%% of %s for validation (split %r; "
-            "--config.valid_fraction sets the share)",
-            100 * c.valid_fraction,
-            c.data_path,
-            valid_split,
-        )
-
-    common = dict(
-        seq_len=c.seq_len,
-        global_batch_size=c.batch_size,
-        mesh=mesh,
-        max_seq_len=model_cfg.max_seq_len,
-        add_bos=c.add_bos,
-        add_eos=c.add_eos,
-        data_dir=c.data_dir or None,
-        cache_dir=c.cache_dir or os.path.join(c.run_dir, "token_cache"),
-        text_field=c.text_field,
-        txt_mode=TXT_MODES[c.text_unit],
-    )
-    train_it = make_train_iterator(
-        c.data_path,
-        tokenizer,
-        seed=c.seed,
-        split=train_split,
-        num_epochs=None if c.num_steps > 0 else c.num_epochs,
-        **common,
-    )
-    eval_it = None
-    if valid_split is not None:
-        eval_it = make_eval_iterator(
-            c.valid_data_path or c.data_path, tokenizer, split=valid_split, **common
-        )
-    return train_it, eval_it
+    checkpoint.check_run_dir(c.run_dir, model_cfg)
 
 
 # ============================================================================ 5. state + step
@@ -476,7 +288,7 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg=None):
 # ============================================================================ the trainer
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
-    _setup_logging()
+    metrics.setup_logging()
     c = ml_collections.ConfigDict(c)
     experiment.check_ranges(c)
     # SIGTERM from here on saves and exits 0, the same before the loop as in it.
@@ -496,7 +308,7 @@ def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
     rules = sharding.LOGICAL_RULES
     os.makedirs(c.run_dir, exist_ok=True)  # every check has passed: the first write
     name = "train.log" if is_main else f"train.{jax.process_index()}.log"
-    with _log_to_file(os.path.join(c.run_dir, name)):
+    with metrics.log_to_file(os.path.join(c.run_dir, name)):
         return _run(c, stop, mesh, model_cfg, is_main, rules)
 
 
@@ -744,53 +556,6 @@ def _place_init_params(params: Any, model_cfg: ModelConfig, state_shardings) -> 
     dt = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda a: np.asarray(a).astype(dt), params)
     return jax.device_put(params, state_shardings["params"])
-
-
-class _ConsoleHandler(logging.Handler):
-    """The trainer's own lines and every warning, written through tqdm so that a line never
-    lands inside the progress bar's."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name == log.name
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def _setup_logging() -> None:
-    """The trainer's lines and warnings to stderr, whatever logging setup the libraries did;
-    everything else of llama_jax goes to the run's log file (`_log_to_file`)."""
-    logger = logging.getLogger("llama_jax")
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        handler = _ConsoleHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-@contextlib.contextmanager
-def _log_to_file(path: str):
-    """All of llama_jax's log lines, and the libraries' (absl, orbax, TFDS) chatter that
-    would otherwise reach the terminal, to `path` for the duration of the run."""
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    loggers = [logging.getLogger("llama_jax"), logging.getLogger()]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-        with contextlib.suppress(OSError):  # a full disk: the run's own error says so
-            handler.close()
 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:
