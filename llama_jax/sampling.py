@@ -1,8 +1,8 @@
 """Text generation: jitted prefill and decode over a KV cache, token sampling, stop handling.
 
 Bottom up:
-  SamplingParams         temperature / top-k / top-p / min-p, validated.
-  sample_tokens          greedy, or a seeded draw from the filtered distribution, for [B, V].
+  (sampling_params.py)   SamplingParams (temperature / top-k / top-p / min-p, validated),
+                         sample_tokens (the per-row draw) and the bucket sizes.
   (decode_layout.py)     the params laid out for decoding: layers unrolled and, on CPU with
                          16-bit weights, projections as matrix-vector-friendly chunks.
   Sampler                owns the decode params and the jitted functions: `prefill`,
@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import math
-import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,134 +43,18 @@ from llama_jax.model import (
     init_params,
 )
 from llama_jax.quantize import as_qweights, check_quantize, int8_dense, quantize_params
+from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
+    MIN_BUCKET,
+    SamplingParams,
+    _step_keys,
+    batch_bucket,
+    bucket,
+    sample_tokens,
+)
 
 Array = jax.Array
 
-MIN_BUCKET = 16  # shortest prompt / cache bucket: tiny prompts share one compilation
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
-
-
-# ----------------------------------------------------------------------------- parameters
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen from the logits.
-
-    Attributes:
-      temperature: 0 is greedy (argmax); > 0 divides the logits before sampling.
-      top_k: keep the k most likely tokens (0: no limit).
-      top_p: keep the smallest set of most likely tokens whose probability reaches top_p,
-        measured after top-k (1: no limit).
-      min_p: keep tokens whose probability is at least min_p times the most likely one's (0: no
-        limit). Filters apply in the order top-k, top-p, min-p, as in Hugging Face.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-
-    def __post_init__(self):
-        t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
-
-        def number(v):
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not number(t) or t < 0:
-            raise ValueError(f"temperature={t!r}; valid: a finite number >= 0 (0 is greedy)")
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"top_k={k!r}; valid: an int >= 0 (0 keeps every token)")
-        if not number(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p={p!r}; valid: a number in (0, 1] (1 keeps every token)")
-        if not number(m) or not 0 <= m < 1:
-            raise ValueError(f"min_p={m!r}; valid: a number in [0, 1) (0 keeps every token)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def needs_sort(self) -> bool:
-        """top-k and top-p need the logits sorted; min-p and plain sampling do not."""
-        return self.top_k > 0 or self.top_p < 1
-
-    def arrays(self) -> tuple[Array, Array, Array, Array]:
-        """The values as traced scalars, so changing them never recompiles."""
-        return (
-            jnp.float32(max(float(self.temperature), 1e-6)),  # greedy never divides by it
-            jnp.int32(self.top_k),
-            jnp.float32(self.top_p),
-            jnp.float32(self.min_p),
-        )
-
-
-def sample_tokens(
-    logits: Array,
-    keys: Array,
-    temperature: Array,
-    top_k: Array,
-    top_p: Array,
-    min_p: Array,
-    *,
-    greedy: bool,
-    needs_sort: bool,
-) -> Array:
-    """Chooses one token per row.
-
-    Args:
-      logits: float32 [B, V].
-      keys: typed PRNG keys [B], one per row.
-      temperature, top_k, top_p, min_p: scalars (see SamplingParams).
-      greedy: static; argmax, ignoring everything else.
-      needs_sort: static; whether top_k/top_p are active (they need a sort over V).
-
-    Returns:
-      int32 [B]
-    """
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = logits.astype(jnp.float32) / temperature
-    neg_inf = jnp.float32(-jnp.inf)
-    keep = jnp.ones(x.shape, bool)
-    if needs_sort:
-        v = x.shape[-1]
-        ids = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
-        # Descending by logit; a stable sort keeps the lower token id first among ties.
-        neg_sorted, ids = jax.lax.sort((-x, ids), dimension=-1, num_keys=1, is_stable=True)
-        xs = -neg_sorted  # [B, V], xs[:, 0] is the most likely token
-        rank = jnp.arange(v)
-        kept = (top_k <= 0) | (rank < top_k)
-        probs = jax.nn.softmax(jnp.where(kept, xs, neg_inf), axis=-1)
-        # Keep a token while the mass strictly before it is below top_p: the smallest set
-        # reaching top_p. top_p == 1 keeps all (float cumsums can round to 1 early).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        kept &= (before < top_p) | (top_p >= 1)
-        # Back to vocabulary order, and draw there: the token drawn then depends on the
-        # logits' values, not on how near-equal ones happened to sort, so rounding-level
-        # differences (another batch size, another kernel) cannot swap it for a neighbour.
-        keep = jnp.zeros(x.shape, bool).at[jnp.arange(x.shape[0])[:, None], ids].set(kept)
-    probs = jax.nn.softmax(jnp.where(keep, x, neg_inf), axis=-1)
-    keep &= probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, x, neg_inf))
-    return choice.astype(jnp.int32)
-
-
-def _step_keys(seed: Array, rows: Array, step: Array) -> Array:
-    """[B] keys for `step`: depend on (seed, row, step) only."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
-
-
-# ----------------------------------------------------------------------------- buckets
-def bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= max(n, minimum), but at most `limit` (which must be >= n)."""
-    return min(limit, max(minimum, 1 << max(0, n - 1).bit_length()))
-
-
-def batch_bucket(n: int, multiple: int) -> int:
-    """Rows a batch of n prompts is padded to: a power of two, and a multiple of the mesh's
-    batch axes (data * fsdp) so the cache can be split over them."""
-    b = 1 << max(0, n - 1).bit_length()
-    return -(-b // multiple) * multiple
 
 
 # ----------------------------------------------------------------------------- sampler
