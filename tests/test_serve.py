@@ -6,6 +6,7 @@ request alone. The model is tiny and random, with the real Llama 3 tokenizer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -66,26 +67,31 @@ def server(model):
     engine = Engine(model.sampler(), max_batch=16, max_seq_len=SEQ, max_queue=64)
     engine.warmup()
     compiled = dict(engine.trace_counts)
-    # Every XLA compilation on the engine thread (the only thread that runs engine work
-    # after warm-up), whatever function it is for.
+    app = ServeApp(engine, model.tokenizer, NAME, api_key=KEY)
+    with compiles_on_engine_thread(engine) as late, ServerThread(app) as srv:
+        srv.engine = engine
+        yield srv
+    engine.close()
+    # After warm-up nothing compiled, whatever the requests were.
+    assert late == [] and dict(engine.trace_counts) == compiled
+
+
+@contextlib.contextmanager
+def compiles_on_engine_thread(engine):
+    """Starts `engine`; yields the list of XLA compilations its thread does (the only thread
+    that runs its work after warm-up), whatever function they are for."""
     late = []
 
     def on_event(event, duration, **kwargs):
-        if event == BACKEND_COMPILE and threading.current_thread().name == "llama_jax-engine":
+        if event == BACKEND_COMPILE and threading.current_thread() is engine._thread:
             late.append(kwargs.get("fun_name", "?"))
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
-    engine.start()
-    app = ServeApp(engine, model.tokenizer, NAME, api_key=KEY)
     try:
-        with ServerThread(app) as srv:
-            srv.engine = engine
-            yield srv
-        engine.close()
+        engine.start()
+        yield late
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
-    # After warm-up nothing compiled, whatever the requests were.
-    assert late == [] and dict(engine.trace_counts) == compiled
 
 
 @pytest.fixture(scope="module")
@@ -411,9 +417,9 @@ def test_server_on_eight_devices_equals_one_device(model):
         jax.devices()
     )
     engine.warmup()
-    engine.start()
     prompts = ["Once upon a time", "x", "The cat sat on the mat and", "Hello"]
-    with ServerThread(ServeApp(engine, sharded.tokenizer, NAME)) as srv:
+    app = ServeApp(engine, sharded.tokenizer, NAME)
+    with compiles_on_engine_thread(engine) as late, ServerThread(app) as srv:
 
         async def run():
             client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
@@ -432,6 +438,7 @@ def test_server_on_eight_devices_equals_one_device(model):
 
         *texts, chat = asyncio.run(run())
     engine.close()
+    assert late == []
     assert [t.choices[0].text for t in texts] == model.generate(prompts, max_new_tokens=10)
     want = model.chat([{"role": "user", "content": "Hi there"}], 8, temperature=0.8, seed=4)
     assert chat.choices[0].message.content == want
@@ -452,3 +459,15 @@ def test_cli_serve_rejects_bad_arguments_before_loading(args, words, capsys, tmp
     assert main(["serve", "--model_path", str(tmp_path / "missing"), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err
+
+
+def test_cli_serve_names_a_port_in_use_before_loading(capsys, tmp_path):
+    from llama_jax.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model_path", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--port {port}" in err and "in use" in err

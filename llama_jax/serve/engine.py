@@ -5,8 +5,9 @@ every slot's state, so each decode step is one jitted call for all slots whose i
 own outputs. The thread's loop, per step:
 
   1. cancelled choices free their slots (one `release` call for all of them);
-  2. queued requests take free slots, all of them in one bucketed prefill + insert (`admit`;
-     split only where rows x prompt bucket would pass PREFILL_TOKENS), first come first served;
+  2. queued requests take free slots, first come first served, and are prefilled together in
+     bucketed prefill + insert calls (`admit`: one for a burst of short prompts; split where
+     rows x prompt bucket would pass PREFILL_TOKENS or padding would double the rows);
   3. the next decode step is queued (not waited for);
   4. the previous step's (token, status) [B, 2] is read: one transfer, while the device is busy
      with the step just queued; rows whose choice ended free their slot;
@@ -107,8 +108,9 @@ class Engine:
         self.deliver = deliver or _inline
         self.slots = Slots(sampler, max_batch, max_seq_len)
         self._multiple = m
-        # Prefill rows: multiples of the mesh's batch axes, doubling, up to max_batch.
-        self._row_buckets = [m << i for i in range(max_batch.bit_length()) if m << i < max_batch]
+        # Prefill rows: the mesh's batch axes times powers of 4, and max_batch (fewer shapes to
+        # compile than powers of 2; `_chunks` splits a group rather than pad it over 2x).
+        self._row_buckets = [m * 4**i for i in range(max_batch) if m * 4**i < max_batch]
         self._row_buckets.append(max_batch)
         self._prefill_tokens = max(PREFILL_TOKENS, m * max_seq_len)
 
@@ -144,6 +146,27 @@ class Engine:
     def _fits(self, rows: int, t: int) -> bool:
         b = self._row_bucket(rows)
         return b == self._row_buckets[0] or b * t <= self._prefill_tokens
+
+    def _chunks(self, rows: list) -> list[tuple[list, int, int]]:
+        """Splits rows (sorted by prompt length) into admit calls: (rows, row bucket, prompt
+        bucket), each within PREFILL_TOKENS, padding at most 2x (or to the smallest bucket)."""
+        out, i = [], 0
+        while i < len(rows):
+            left = len(rows) - i
+
+            def t_of(k, i=i, left=left):
+                return bucket(len(rows[i + min(k, left) - 1][1].prompt) - 1, self.max_seq_len)
+
+            fitting = [b for b in self._row_buckets if self._fits(b, t_of(b))]
+            below = [b for b in fitting if b <= left] or fitting[:1]
+            b = below[-1]
+            above = [b2 for b2 in fitting if b2 >= left and 2 * left >= b2]
+            if above and above[0] > b:
+                b = above[0]
+            k = min(b, left)
+            out.append((rows[i : i + k], b, t_of(k)))
+            i += k
+        return out
 
     def warmup(self) -> None:
         """Compiles every shape a request can need (each admit bucket, prompt logprobs, the
@@ -363,17 +386,9 @@ class Engine:
             return
         self.stats["peak_active"] = max(self.stats["peak_active"], self._used)
         rows.sort(key=lambda row: len(row[1].prompt))  # similar lengths share a call
-        chunk: list = []
-        for row in rows + [None]:
-            if row is not None:
-                t = bucket(len(row[1].prompt) - 1, self.max_seq_len)
-                if not chunk or self._fits(len(chunk) + 1, t):
-                    chunk.append(row)
-                    continue
-            t = bucket(len(chunk[-1][1].prompt) - 1, self.max_seq_len)
-            self.slots.admit(*pack_rows(chunk, self._row_bucket(len(chunk)), t, self.max_batch))
+        for chunk, b, t in self._chunks(rows):
+            self.slots.admit(*pack_rows(chunk, b, t, self.max_batch))
             self.stats["admit_calls"] += 1
-            chunk = [row]
 
     def _collect(self, out_dev: Any, lp_dev: Any, snapshot: tuple, want_lp: bool) -> tuple:
         """Reads a step's outputs; frees the slots of choices that ended there."""
