@@ -6,15 +6,16 @@ Method: a server (engine + HTTP app, uvicorn on 127.0.0.1, 16 slots) on a random
 list of `--requests` token-id prompts of realistic, varied lengths (log-normal, median
 `--prompt_median` tokens, clipped to [8, max_seq_len - max_tokens]; the same list for every
 row) and a fixed `--max_tokens` greedy tokens each (the random model's ids never hit a stop
-id, so every request generates all of them). C clients (`openai.AsyncOpenAI`, streaming) pull
-requests from the list one after another, so C are in flight at any time; they start spread
-over `--ramp` seconds (default: one single-client request's latency, measured in the
-sequential row), the way independent users arrive, not all in one millisecond. TTFT = until
-the first text chunk. Throughput = generated tokens / wall time of all the requests.
-"sequential" = C = 1, the denominator of the throughput ratios; its p99 TTFT is the
-denominator of the TTFT ratios. A "burst" row sends C = 16 at the same instant (ramp 0) and
-shows what a synchronized wave costs: on CPU, prefill is compute-bound, so the last of 16
-simultaneous prompts waits for all 16 prefills whatever the batching.
+id, so every request generates all of them). C clients (`openai.AsyncOpenAI`, streaming, in a
+process of their own: serve_clients.py) pull requests from the list one after another, so C
+are in flight at any time; they start spread over `--ramp` seconds (default: one
+single-client request's latency, measured in the sequential row), the way independent users
+arrive, not all in one millisecond. TTFT = until the first text chunk. Throughput =
+generated tokens / wall time of all the requests. "sequential" = C = 1, the denominator of the
+throughput ratios; its p99 TTFT is the denominator of the TTFT ratios. A "burst" row sends
+C = 16 at the same instant (ramp 0) and shows what a synchronized wave costs: on CPU, prefill
+is compute-bound, so the last of 16 simultaneous prompts waits for all 16 prefills whatever
+the batching.
 transformers: the same weights, `generate` on the same prompts in left-padded batches of 16,
 the throughput an offline script batched by hand gets. Prints numbers and ratios; never
 asserts on time.
@@ -28,15 +29,15 @@ Goal (issue 12): at 16 clients >= 4x the sequential throughput, p99 TTFT < 2x th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
-import openai
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -76,35 +77,21 @@ class _IdTokenizer:
         return self.decode_bytes(ids).decode()
 
 
-async def _clients(url, prompts, max_tokens, concurrency, ramp):
-    """(tokens/s, TTFTs [R], latencies [R]) of `prompts` sent by `concurrency` clients."""
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    todo = list(reversed(prompts))
-    ttfts, latencies, counts = [], [], []
-
-    async def worker(i):
-        await asyncio.sleep(ramp * i / concurrency)
-        while todo:
-            p = todo.pop()
-            t = time.perf_counter()
-            first, n = None, 0
-            stream = await client.completions.create(
-                model="bench", prompt=p, max_tokens=max_tokens, temperature=0, stream=True
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    first = first or time.perf_counter() - t
-                    n += chunk.choices[0].text.count(" t")
-            ttfts.append(first)
-            latencies.append(time.perf_counter() - t)
-            counts.append(n)
-
-    t = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    wall = time.perf_counter() - t
-    await client.close()
-    assert sum(counts) == len(prompts) * max_tokens, "a request ended early"
-    return sum(counts) / wall, np.array(ttfts), np.array(latencies)
+def _clients(url, prompts, max_tokens, concurrency, ramp):
+    """(tokens/s, TTFTs [R], latencies [R]), measured by serve_clients.py in its own process:
+    the clients' own Python (SSE parsing) does not take the server's GIL, as remote clients'
+    would not."""
+    job = dict(url=url, prompts=prompts, max_tokens=max_tokens, concurrency=concurrency,
+               ramp=ramp)  # fmt: skip
+    script = os.path.join(os.path.dirname(__file__), "serve_clients.py")
+    done = subprocess.run(
+        [sys.executable, script], input=json.dumps(job), capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    if done.returncode:
+        sys.exit(f"error: the clients failed:\n{done.stderr}")
+    out = json.loads(done.stdout)
+    return out["rate"], np.array(out["ttfts"]), np.array(out["latencies"])
 
 
 def _hf_rate(config, params, prompts, max_tokens) -> float:
@@ -178,13 +165,13 @@ def main():
     engine.start()
     rows = {}
     with ServerThread(ServeApp(engine, model.tokenizer, "bench")) as srv:
-        asyncio.run(_clients(srv.url, prompts[:2], 4, 2, 0))  # connections, first requests
-        rows["1"] = asyncio.run(_clients(srv.url, prompts, max_tokens, 1, 0))
+        _clients(srv.url, prompts[:2], 4, 2, 0)  # connections, first requests
+        rows["1"] = _clients(srv.url, prompts, max_tokens, 1, 0)
         ramp = float(np.median(rows["1"][2])) if args.ramp is None else args.ramp
         for c in (4, 16):
-            rows[str(c)] = asyncio.run(_clients(srv.url, prompts, max_tokens, c, ramp))
+            rows[str(c)] = _clients(srv.url, prompts, max_tokens, c, ramp)
             print(f"  {c} clients done", flush=True)
-        rows["16 burst"] = asyncio.run(_clients(srv.url, prompts, max_tokens, 16, 0))
+        rows["16 burst"] = _clients(srv.url, prompts, max_tokens, 16, 0)
     engine.close()
     hf_rate = None if args.skip_hf else _hf_rate(config, params, prompts, max_tokens)
 
