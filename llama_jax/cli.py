@@ -209,7 +209,12 @@ def _serve(argv: list[str]) -> int:
         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)",
     )
     p.add_argument("--max_batch", type=int, default=16, help="concurrent sequences (slots)")
-    p.add_argument("--max_seq_len", type=int, default=None, help="prompt + new tokens per slot")
+    p.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=None,
+        help="prompt + new tokens per slot (default: the model's context, at most 4096)",
+    )
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument(
         "--dtype",

@@ -6,10 +6,12 @@ request alone. The model is tiny and random, with the real Llama 3 tokenizer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -23,14 +25,16 @@ import pytest
 from llama_jax import Llama3
 from llama_jax.config import get_config
 from llama_jax.model import init_params
+from llama_jax.sampling import SamplingParams
 from llama_jax.serve.app import ServeApp
-from llama_jax.serve.engine import Engine
+from llama_jax.serve.engine import Engine, Finished, Request, Token
 from llama_jax.serve.server import ServerThread
 from llama_jax.tokenizer import load_tokenizer
 
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
 KEY = "sk-test-key"
 NAME = "tiny"
-SEQ = 64  # the server's context: three prompt buckets (16, 32, 64) to compile
+SEQ = 32  # the server's context: two prompt buckets (16, 32) to compile
 
 
 def _token_counter_dir() -> Path:
@@ -63,14 +67,31 @@ def server(model):
     engine = Engine(model.sampler(), max_batch=16, max_seq_len=SEQ, max_queue=64)
     engine.warmup()
     compiled = dict(engine.trace_counts)
-    engine.start()
     app = ServeApp(engine, model.tokenizer, NAME, api_key=KEY)
-    with ServerThread(app) as srv:
+    with compiles_on_engine_thread(engine) as late, ServerThread(app) as srv:
         srv.engine = engine
         yield srv
     engine.close()
     # After warm-up nothing compiled, whatever the requests were.
-    assert dict(engine.trace_counts) == compiled
+    assert late == [] and dict(engine.trace_counts) == compiled
+
+
+@contextlib.contextmanager
+def compiles_on_engine_thread(engine):
+    """Starts `engine`; yields the list of XLA compilations its thread does (the only thread
+    that runs its work after warm-up), whatever function they are for."""
+    late = []
+
+    def on_event(event, duration, **kwargs):
+        if event == BACKEND_COMPILE and threading.current_thread() is engine._thread:
+            late.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        engine.start()
+        yield late
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +224,38 @@ def test_sixteen_concurrent_requests_each_equal_their_offline_result(model, serv
     assert max(peak, server.engine.stats["peak_active"]) > 1  # they did share the batch
 
 
+def test_requests_queued_together_share_one_prefill_and_equal_their_offline_results(model, server):
+    engine = server.engine
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(0, 5000, rng.randint(1, 20)).tolist() for _ in range(16)]
+    settings = [SamplingParams(), SamplingParams(temperature=0.9, top_k=20)]
+    got = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(event):
+            if isinstance(event, Token):
+                got[i].append(event.id)
+            elif isinstance(event, Finished):
+                done.release()
+
+        return on_event
+
+    calls = engine.stats["admit_calls"]
+    with engine._lock:  # the engine thread sees all 16 at once
+        for i, p in enumerate(prompts):
+            request = Request(p, 6, settings[i % 2], seed=i)
+            engine.submit(request, listener(i))
+    for _ in prompts:
+        assert done.acquire(timeout=300)
+    # 16 rows of at most 32 tokens: one bucketed prefill call for all of them.
+    assert engine.stats["admit_calls"] == calls + 1
+    for i, p in enumerate(prompts):
+        sp = vars(settings[i % 2])
+        want = model.generate_ids([p], max_new_tokens=6, seed=i, stop_ids=(), **sp)[0]
+        assert got[i] == want, i
+
+
 # ----------------------------------------------------------------------------- lm-eval
 def test_lm_eval_local_completions_equals_score(model, server, tmp_path, monkeypatch):
     from lm_eval.api.instance import Instance
@@ -248,7 +301,7 @@ BAD = [
     ("wrong type", {"prompt": "a", "temperature": [1]}, None, 400, "temperature"),
     ("wrong type", {"prompt": {"text": "a"}}, None, 400, "prompt"),
     ("negative max_tokens", {"prompt": "a", "max_tokens": -1}, None, 400, "max_tokens=-1"),
-    ("too long", {"prompt": "a " * 80, "max_tokens": 4}, None, 400, "context of 64"),
+    ("too long", {"prompt": "a " * 40, "max_tokens": 4}, None, 400, "context of 32"),
     ("token outside vocab", {"prompt": [1, 10**7]}, None, 400, "outside the vocabulary"),
     ("top_p", {"prompt": "a", "top_p": 0}, None, 400, "top_p=0"),
     ("n", {"prompt": "a", "n": 17}, None, 400, "n=17"),
@@ -347,6 +400,50 @@ def test_full_queue_answers_429_and_a_queued_client_that_leaves_frees_its_place(
     assert engine.stats["cancelled"] == 1
 
 
+# ----------------------------------------------------------------------------- mesh
+def test_server_on_eight_devices_equals_one_device(model):
+    # conftest.py fakes 8 CPU devices (XLA_FLAGS) before JAX starts, as `llama3 serve
+    # --mesh_shape 2,2,2` would use 8 real ones: rows over data x fsdp, kv heads over tensor.
+    assert jax.device_count() == 8
+    sharded = Llama3(
+        config=model.config,
+        params=model.params,
+        dtype="float32",
+        tokenizer=model.tokenizer,
+        mesh_shape=(2, 2, 2),
+    )
+    engine = Engine(sharded.sampler(), max_batch=8, max_seq_len=SEQ)
+    assert {d for leaf in jax.tree.leaves(engine.slots.cache) for d in leaf.devices()} == set(
+        jax.devices()
+    )
+    engine.warmup()
+    prompts = ["Once upon a time", "x", "The cat sat on the mat and", "Hello"]
+    app = ServeApp(engine, sharded.tokenizer, NAME)
+    with compiles_on_engine_thread(engine) as late, ServerThread(app) as srv:
+
+        async def run():
+            client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+            calls = [
+                client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0)
+                for p in prompts
+            ]
+            chat = client.chat.completions.create(
+                model=NAME,
+                messages=[{"role": "user", "content": "Hi there"}],
+                max_tokens=8,
+                temperature=0.8,
+                seed=4,
+            )
+            return await asyncio.gather(*calls, chat)
+
+        *texts, chat = asyncio.run(run())
+    engine.close()
+    assert late == []
+    assert [t.choices[0].text for t in texts] == model.generate(prompts, max_new_tokens=10)
+    want = model.chat([{"role": "user", "content": "Hi there"}], 8, temperature=0.8, seed=4)
+    assert chat.choices[0].message.content == want
+
+
 # ----------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize(
     "args, words",
@@ -362,3 +459,15 @@ def test_cli_serve_rejects_bad_arguments_before_loading(args, words, capsys, tmp
     assert main(["serve", "--model_path", str(tmp_path / "missing"), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err
+
+
+def test_cli_serve_names_a_port_in_use_before_loading(capsys, tmp_path):
+    from llama_jax.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model_path", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--port {port}" in err and "in use" in err

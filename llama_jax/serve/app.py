@@ -17,30 +17,21 @@ method, 413 body over the size limit, 429 queue full, 500 engine failure, 503 sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llama_jax.serve.engine import (
-    TOP_LOGPROBS,
-    Engine,
-    EngineClosed,
-    Finished,
-    PromptLogprobs,
-    QueueFull,
-    Request,
-    Token,
-)
+from llama_jax.serve.engine import Engine
 from llama_jax.serve.protocol import (
     CHAT_FIELDS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -54,117 +45,8 @@ from llama_jax.serve.protocol import (
     sampling,
     token_text,
 )
-from llama_jax.text_stream import TextStream
-
-
-# ----------------------------------------------------------------------------- choices
-class _Choice:
-    """One choice being produced: its text (via TextStream, cut at stop strings), its token
-    ids and logprob entries, and why it ended."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str]):
-        self.stream = TextStream(tokenizer, stop)
-        self.tokens: list[int] = []
-        self.logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
-        self.text: list[str] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-
-    def push(self, event: Token) -> str:
-        """Adds a token; returns the text that can be shown now."""
-        if self.stream.stopped:
-            return ""
-        self.tokens.append(event.id)
-        if event.logprob is not None:
-            self.logprobs.append((event.id, event.logprob, event.top))
-        piece = self.stream.push([event.id])
-        self.text.append(piece)
-        return piece
-
-    def end(self, event: Finished) -> str:
-        """Records the end; returns the rest of the text."""
-        if self.stream.stopped:
-            self.finish_reason = "stop"  # a stop string: the cancel came from us
-            return ""
-        self.finish_reason = {"cancelled": "stop"}.get(event.reason, event.reason)
-        self.error = event.error
-        rest = self.stream.finish()
-        self.text.append(rest)
-        return rest
-
-
-# ----------------------------------------------------------------------------- the app
-class _Job:
-    """The engine requests of one HTTP request, their events bridged to the event loop."""
-
-    def __init__(self, app: ServeApp, requests: list[Request], stop: Sequence[str]):
-        self.app = app
-        self.n = requests[0].n
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [_Choice(app.tokenizer, stop) for _ in range(len(requests) * self.n)]
-        self.prompt_logprobs: list[PromptLogprobs | None] = [None] * len(requests)
-        self.prompt_tokens = sum(len(r.prompt) for r in requests)
-        self.handles = []
-        loop = asyncio.get_running_loop()
-        try:
-            for j, r in enumerate(requests):
-                put = self._putter(loop, j)
-                self.handles.append(app.engine.submit(r, put))
-        except QueueFull as e:
-            self.cancel()
-            raise ServeError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from e
-        except EngineClosed as e:
-            self.cancel()
-            raise ServeError(503, str(e), "server_error") from e
-        except ValueError as e:
-            self.cancel()
-            raise bad(str(e)) from e
-        self.open = len(self.choices)
-
-    def _putter(self, loop: asyncio.AbstractEventLoop, j: int) -> Callable[[Any], None]:
-        def put(event: Any) -> None:
-            loop.call_soon_threadsafe(self.queue.put_nowait, (j, event))
-
-        return put
-
-    def cancel(self) -> None:
-        for h in self.handles:
-            h.cancel()
-
-    async def events(self) -> AsyncIterator[tuple[int, str, bool]]:
-        """Yields (choice index, new text, whether a token was added) until every choice has
-        ended; "" pieces too."""
-        while self.open:
-            j, event = await self.queue.get()
-            if isinstance(event, PromptLogprobs):
-                self.prompt_logprobs[j] = event
-                continue
-            index = j * self.n + event.choice
-            choice = self.choices[index]
-            if isinstance(event, Token):
-                was_stopped = choice.stream.stopped
-                piece = choice.push(event)
-                if choice.stream.stopped and not was_stopped:
-                    self.handles[j].cancel(event.choice)  # a stop string: free the slot now
-                yield index, piece, not was_stopped
-            else:
-                piece = choice.end(event)
-                self.open -= 1
-                yield index, piece, False
-
-    def usage(self) -> dict:
-        completion = sum(len(c.tokens) for c in self.choices)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def error(self) -> ServeError | None:
-        for c in self.choices:
-            if c.finish_reason == "error":
-                return ServeError(500, f"generation failed: {c.error}", "server_error")
-        return None
+from llama_jax.serve.requests import TOP_LOGPROBS, Request
+from llama_jax.serve.responses import Deferred, Job, Stream, sse
 
 
 class ServeApp:
@@ -185,6 +67,8 @@ class ServeApp:
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
         self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        engine.deliver = self.deliver
 
         async def http_error(request, exc: HTTPException):
             if exc.status_code == 404:
@@ -213,7 +97,18 @@ class ServeApp:
         )
 
     async def __call__(self, scope, receive, send):
+        self._loop = self._loop or asyncio.get_running_loop()
         await self.starlette(scope, receive, send)
+
+    def deliver(self, batch: Callable[[], None]) -> None:
+        """The engine's batches of events run on the event loop, one hand-over per step:
+        callbacks, detokenisation and streaming stay off the engine thread."""
+        loop = self._loop
+        if loop is None:
+            batch()  # no request has come in yet, so the batch holds no one's events
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): no one listens
+            loop.call_soon_threadsafe(batch)
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: HTTPRequest) -> None:
@@ -361,7 +256,7 @@ class ServeApp:
             raise bad(
                 "max_tokens=0; valid: >= 1 (0 only with echo, to score the prompt)", "max_tokens"
             )
-        job = _Job(self, requests, stop)
+        job = Job(self.engine, self.tokenizer, requests, stop)
         ids_ = f"cmpl-{uuid.uuid4().hex}"
         head = {
             "id": ids_,
@@ -372,12 +267,12 @@ class ServeApp:
         echoes = [text for _, text in prompts]
         if body.get("stream"):
             include_usage = (body.get("stream_options") or {}).get("include_usage", False)
-            return _Stream(
+            return Stream(
                 self._completion_chunks(job, head, echoes, echo, include_usage), job.cancel
             )
-        return _Deferred(self._completion_result(job, head, echoes, echo, prompts), job.cancel)
+        return Deferred(self._completion_result(job, head, echoes, echo, prompts), job.cancel)
 
-    def _completion_logprobs(self, job: _Job, j: int, index: int, start: int, prompt_ids) -> dict:
+    def _completion_logprobs(self, job: Job, j: int, index: int, start: int, prompt_ids) -> dict:
         """OpenAI's completions logprobs object, from text offset `start`."""
         choice = job.choices[index]
         entries: list[tuple[int, float | None, tuple]] = []
@@ -460,11 +355,11 @@ class ServeApp:
                 "finish_reason": c.finish_reason,
             }
             if c.finish_reason == "error":
-                yield _sse(job.error().body())
+                yield sse(job.error().body())
                 continue
-            yield _sse({**head, "choices": [choice]})
+            yield sse({**head, "choices": [choice]})
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": job.usage()})
+            yield sse({**head, "choices": [], "usage": job.usage()})
         yield b"data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ /v1/chat/completions
@@ -517,7 +412,7 @@ class ServeApp:
         if max_tokens is None:
             max_tokens = int_field(body, "max_tokens", room, 1, 2**31)
         request = Request(ids, max_tokens, sp, seed, n, self.stop_ids, top if want_lp else None)
-        job = _Job(self, [request], stop)
+        job = Job(self.engine, self.tokenizer, [request], stop)
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -527,8 +422,8 @@ class ServeApp:
         if body.get("stream"):
             include_usage = (body.get("stream_options") or {}).get("include_usage", False)
             head["object"] = "chat.completion.chunk"
-            return _Stream(self._chat_chunks(job, head, include_usage), job.cancel)
-        return _Deferred(self._chat_result(job, head), job.cancel)
+            return Stream(self._chat_chunks(job, head, include_usage), job.cancel)
+        return Deferred(self._chat_result(job, head), job.cancel)
 
     def _chat_logprobs(self, entries, k: int) -> dict:
         def item(token_id, lp):
@@ -544,7 +439,7 @@ class ServeApp:
             content.append({**item(token_id, lp), "top_logprobs": [item(t, v) for t, v in top[:k]]})
         return {"content": content}
 
-    async def _chat_result(self, job: _Job, head: dict) -> Response:
+    async def _chat_result(self, job: Job, head: dict) -> Response:
         async for _ in job.events():
             pass  # the choices collect the text
         err = job.error()
@@ -562,13 +457,11 @@ class ServeApp:
         ]
         return JSONResponse({**head, "choices": choices, "usage": job.usage()})
 
-    async def _chat_chunks(
-        self, job: _Job, head: dict, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    async def _chat_chunks(self, job: Job, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
         k = job.handles[0].request.logprobs
         for i in range(len(job.choices)):
             delta = {"role": "assistant", "content": ""}
-            yield _sse(
+            yield sse(
                 {
                     **head,
                     "choices": [
@@ -579,7 +472,7 @@ class ServeApp:
         async for index, piece, added in job.events():
             c = job.choices[index]
             if c.finish_reason == "error":
-                yield _sse(job.error().body())
+                yield sse(job.error().body())
                 continue
             logprobs = None
             if k is not None and added:
@@ -587,7 +480,7 @@ class ServeApp:
             if not piece and logprobs is None and c.finish_reason is None:
                 continue
             delta = {"content": piece} if piece else {}
-            yield _sse(
+            yield sse(
                 {
                     **head,
                     "choices": [
@@ -601,82 +494,5 @@ class ServeApp:
                 }
             )
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": job.usage()})
+            yield sse({**head, "choices": [], "usage": job.usage()})
         yield b"data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
-# ----------------------------------------------------------------------------- responses
-async def _until_disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Stream(Response):
-    """Server-sent events from `chunks`, cancelling the engine work when the client leaves."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], cancel: Callable[[], None]):
-        self.chunks, self.cancel = chunks, cancel
-
-    async def __call__(self, scope, receive, send):
-        async def pump():
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                    ],
-                }
-            )
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch():
-                    await _until_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                try:
-                    await pump()
-                except OSError:
-                    pass  # the client went away while we wrote
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            self.cancel()  # no-op when every choice has finished
-            await self.chunks.aclose()
-
-
-class _Deferred(Response):
-    """A JSON response computed by `result`, cancelled if the client leaves first."""
-
-    def __init__(self, result: Awaitable[Response], cancel: Callable[[], None]):
-        self.result, self.cancel = result, cancel
-
-    async def __call__(self, scope, receive, send):
-        response = None
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch():
-                    await _until_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                try:
-                    response = await self.result
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            self.cancel()
-        if response is not None:
-            await response(scope, receive, send)

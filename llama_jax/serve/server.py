@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +47,35 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+def check_port(host: str, port: int) -> None:
+    """Raises ValueError if host:port cannot be bound (in use, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            in_use = e.errno == errno.EADDRINUSE
+            raise ValueError(
+                f"--port {port} on --host {host} "
+                + ("is in use by another program; stop it or choose another --port"
+                   if in_use else f"cannot be bound ({e.strerror}); valid: an address of this "
+                   "machine (127.0.0.1: this machine only, 0.0.0.0: every interface)")
+            ) from None  # fmt: skip
+
+
+def _persistent_compile_cache() -> str:
+    """Keeps XLA's compiled code on disk ($JAX_COMPILATION_CACHE_DIR, else
+    ~/.cache/llama_jax/xla), so a restart loads the warm-up's shapes instead of compiling."""
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llama_jax", "xla"
+    )
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def serve(
     model_path: str,
     host: str = "127.0.0.1",
@@ -62,13 +93,21 @@ def serve(
 
     from llama_jax.api import Llama3
 
+    check_port(host, port)  # before minutes of loading and compiling
+    cache_dir = _persistent_compile_cache()
+
     model = Llama3.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
     tokenizer = model.tokenizer
     engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
     name = model_name or os.path.basename(os.path.normpath(model_path))
     t0 = time.time()
-    print(f"compiling for {max_batch} slots x {engine.max_seq_len} tokens ...", flush=True)
+    print(
+        f"compiling for {max_batch} slots x {engine.max_seq_len} tokens (each prompt bucket "
+        "and batch size, once; no request compiles later) ...",
+        flush=True,
+    )
     engine.warmup()
+    print(f"compiled code is cached in {cache_dir}: the next start is faster", flush=True)
     print(f"ready in {time.time() - t0:.1f}s: http://{host}:{port}/v1 serves {name!r}", flush=True)
     engine.start()
     app = ServeApp(engine, tokenizer, name, api_key)

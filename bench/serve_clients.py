@@ -1,0 +1,55 @@
+"""The clients of bench_serve.py, in a process of their own (so their Python does not share
+the server's GIL). Reads one JSON job on stdin {url, prompts, max_tokens, concurrency, ramp},
+writes {rate, ttfts, latencies} on stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import openai
+
+
+async def _clients(url, prompts, max_tokens, concurrency, ramp):
+    """(tokens/s, TTFTs [R], latencies [R]) of `prompts` sent by `concurrency` clients."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    todo = list(reversed(prompts))
+    ttfts, latencies, counts = [], [], []
+
+    async def worker(i):
+        await asyncio.sleep(ramp * i / concurrency)
+        while todo:
+            p = todo.pop()
+            t = time.perf_counter()
+            first, n = None, 0
+            stream = await client.completions.create(
+                model="bench", prompt=p, max_tokens=max_tokens, temperature=0, stream=True
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    first = first or time.perf_counter() - t
+                    n += chunk.choices[0].text.count(" t")
+            ttfts.append(first)
+            latencies.append(time.perf_counter() - t)
+            counts.append(n)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    wall = time.perf_counter() - t
+    await client.close()
+    assert sum(counts) == len(prompts) * max_tokens, "a request ended early"
+    return {"rate": sum(counts) / wall, "ttfts": ttfts, "latencies": latencies}
+
+
+def main():
+    job = json.load(sys.stdin)
+    out = asyncio.run(
+        _clients(job["url"], job["prompts"], job["max_tokens"], job["concurrency"], job["ramp"])
+    )
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
