@@ -7,7 +7,8 @@ on CPU with 16-bit weights each projection is stored as contiguous [C, M, Kc] ch
 `matvec_dense` (plugged into the model's `dense` hook) produces exactly that pattern.
 
   matvec_dense           the projections' matmul for weights in the matvec layout.
-  resolve_layout         "auto" -> "matvec" for 16-bit weights on CPU, else "standard".
+  resolve_layout         "auto" -> "matvec" for 16-bit or int8 weights on CPU, else "standard".
+  quantize_matvec_params int8 weights in the matvec layout (their conversion fuses the same way).
   prepare_decode_params  the params laid out for decoding (layers unrolled; projections in the
                          matvec layout where chosen), on the model's mesh.
 """
@@ -30,6 +31,7 @@ from llama_jax.model import (
     init_params,
     unstack_layers,
 )
+from llama_jax.quantize import PROJECTIONS, QWeight, quantize_weight
 
 Array = jax.Array
 
@@ -39,18 +41,9 @@ LAYOUTS = ("auto", "standard", "matvec")
 
 
 # ----------------------------------------------------------------------------- decode layout
-# Projection weights by leaf name: (letters of the model's layout, contracted letters). They
+# Projection weights by leaf name: (letters of the model's layout, contracted letters); they
 # must match the einsums in model.py (the cache-vs-recompute tests check the two agree).
-_PROJECTIONS = {
-    "wq": ("DNH", "D"),
-    "wk": ("DKH", "D"),
-    "wv": ("DKH", "D"),
-    "wo": ("NHD", "NH"),
-    "w_gate": ("DF", "D"),
-    "w_up": ("DF", "D"),
-    "w_down": ("FD", "F"),
-    "lm_head": ("DV", "D"),
-}
+_PROJECTIONS = PROJECTIONS
 
 
 def _n_chunks(k: int) -> int:
@@ -121,9 +114,17 @@ def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
     unknown = set(kwargs) - {"preferred_element_type"}
     if unknown:
         raise ValueError(f"matvec_dense got unsupported arguments {sorted(unknown)}")
-    out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
+    scale = None
+    if isinstance(w, QWeight):  # int8 chunks: the int8 -> f32 conversion fuses into the dots too
+        out_dtype = kwargs.get("preferred_element_type") or w.dtype
+        scale = w.scale.reshape(-1)  # [M], stored as [1, M, 1] over the chunks
+        w, x = w.q, x.astype(jnp.float32)
+    else:
+        out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
     free_shape = [w.shape[rhs.index(c)] for c in free]
     chunks = _as_chunks(w, rhs, contract)  # [C, M, Kc]
+    if scale is not None:
+        chunks = chunks.astype(jnp.float32)
     n_chunks, m, kc = chunks.shape
     lead = x.shape[:n_lead]
     rows = math.prod(lead)
@@ -144,6 +145,8 @@ def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
             jnp.einsum("RK,MK->RM", x2[:, i * kc : (i + 1) * kc], chunks[i], **_F32)
             for i in range(n_chunks)
         )
+    if scale is not None:
+        y = y * scale
     return y.astype(out_dtype).reshape(*lead, *free_shape)
 
 
@@ -151,13 +154,30 @@ _F32 = {"preferred_element_type": jnp.float32}
 
 
 def _to_model_layout(params: Any, model_shapes: Any) -> Any:
-    """Matvec-layout params -> the model's layout (lazy rearrangements inside jit)."""
+    """Matvec-layout params -> the model's layout (lazy rearrangements inside jit). An int8
+    `QWeight` gets its q rearranged; its [1, M, 1] scale is read by `matvec_dense` as is."""
 
     def f(path, a, shape):
         proj = _projection(path)
-        return a if proj is None else _from_chunks(a, *proj, shape.shape)
+        if proj is None:
+            return a
+        if isinstance(a, QWeight):
+            return QWeight(_from_chunks(a.q, *proj, shape.shape), a.scale, a.dtype)
+        return _from_chunks(a, *proj, shape.shape)
 
-    return jax.tree_util.tree_map_with_path(f, params, model_shapes)
+    return jax.tree_util.tree_map_with_path(
+        f, params, model_shapes, is_leaf=lambda x: isinstance(x, QWeight)
+    )
+
+
+def quantize_matvec_params(params: Any) -> Any:
+    """Matvec-layout params -> int8 {q [C, M, Kc], scale [1, M, 1]} for every projection: one
+    scale per output channel, the max over the contracted C and Kc (quantize.py's scheme)."""
+
+    def f(path, a):
+        return a if _projection(path) is None else quantize_weight(a, "CMK", "CK")
+
+    return jax.tree_util.tree_map_with_path(f, params)
 
 
 def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
@@ -191,14 +211,16 @@ def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedShard
     return NamedSharding(mesh, PartitionSpec(*new))
 
 
-def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh) -> str:
-    """ "auto" -> "matvec" for 16-bit weights on CPU (see matvec_dense), else "standard"."""
+def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh, quantized: bool = False) -> str:
+    """ "auto" -> "matvec" on CPU for 16-bit or int8 weights (see matvec_dense), else
+    "standard"."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; valid: {LAYOUTS}")
     if layout != "auto":
         return layout
     cpu = mesh.devices.flat[0].platform == "cpu"
-    return "matvec" if cpu and config.dtype in ("bfloat16", "float16") else "standard"
+    narrow = quantized or config.dtype in ("bfloat16", "float16")
+    return "matvec" if cpu and narrow else "standard"
 
 
 def prepare_decode_params(
@@ -209,6 +231,7 @@ def prepare_decode_params(
     layout: str = "auto",
     unroll: bool = True,
     dtype: str | None = None,
+    quantized: bool = False,
 ) -> tuple[Any, ModelConfig, str]:
     """Lays the params out for decoding, on the mesh, without a trip through the host.
 
@@ -221,6 +244,7 @@ def prepare_decode_params(
       unroll: store layers separately (`scan_layers=False`): a scan over layers re-slices the
         stacked weights and cache every step (PERF_NOTES: 5-8x slower decoding in MaxText).
       dtype: compute/param dtype for decoding (e.g. "float32"); None keeps config.dtype.
+      quantized: the caller will quantize the result to int8 (this only steers "auto").
 
     Returns:
       (params, decode config, resolved layout)
@@ -234,7 +258,9 @@ def prepare_decode_params(
     if dtype is not None:
         changes.update(param_dtype=dtype, dtype=dtype)
     config = dataclasses.replace(config, **changes)
-    layout = resolve_layout(layout, config, mesh)
+    if layout == "auto" and not unroll:
+        layout = "standard"
+    layout = resolve_layout(layout, config, mesh, quantized)
     if layout == "matvec" and not unroll:
         raise ValueError("layout='matvec' needs unroll=True (per-layer weights)")
     abstract = nn.unbox(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))

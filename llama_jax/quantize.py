@@ -57,7 +57,9 @@ def _leaf_name(path) -> str | None:
     return getattr(path[-1], "key", None)
 
 
-def _quantize(w: Array, letters: str, contract: str) -> dict[str, Array]:
+def quantize_weight(w: Array, letters: str, contract: str) -> dict[str, Array]:
+    """{q int8, scale float32 (1 on the contracted dims)} of one weight whose trailing dims
+    are `letters`; the scale is max |w| over `contract` / 127."""
     # Scanned layers put a leading [L] axis before the model's letters.
     lead = w.ndim - len(letters)
     axes = tuple(lead + letters.index(c) for c in contract)
@@ -74,7 +76,7 @@ def quantize_params(params: Any) -> Any:
 
     def f(path, a):
         proj = PROJECTIONS.get(_leaf_name(path))
-        return a if proj is None else _quantize(a, *proj)
+        return a if proj is None else quantize_weight(a, *proj)
 
     return jax.tree_util.tree_map_with_path(f, params)
 

@@ -34,7 +34,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
-from llama_jax.decode_layout import _to_model_layout, matvec_dense, prepare_decode_params
+from llama_jax.decode_layout import (
+    _to_model_layout,
+    matvec_dense,
+    prepare_decode_params,
+    quantize_matvec_params,
+)
 from llama_jax.model import (
     Transformer,
     cache_logical_axes,
@@ -87,7 +92,8 @@ class Sampler:
           mesh: the (data, fsdp, tensor) mesh the params and caches live on.
           layout, unroll, dtype: see `prepare_decode_params`.
           quantize: "int8" stores the projection weights as int8 with per-channel scales
-            (quantize.py; needs the standard layout, which "auto" then picks), None keeps them.
+            (quantize.py; in either layout: "auto" picks matvec on CPU, where the int8 -> f32
+            conversion then fuses into the matrix-vector products), None keeps them.
           vocab_limit: ids >= this (a model vocabulary larger than its tokenizer's, e.g. a
             tokenizer trained smaller than asked) get probability 0, so nothing is sampled that
             the tokenizer cannot decode; None: every id of the model.
@@ -95,21 +101,26 @@ class Sampler:
         self.mesh = mesh
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < config.vocab_size else None
         self.quantize = check_quantize(quantize)
-        if self.quantize and layout == "matvec":
-            raise ValueError("layout='matvec' cannot be combined with quantize='int8'")
-        if self.quantize and layout == "auto":
-            layout = "standard"
         self.params, self.config, self.layout = prepare_decode_params(
-            params, config, mesh, layout=layout, unroll=unroll, dtype=dtype
+            params,
+            config,
+            mesh,
+            layout=layout,
+            unroll=unroll,
+            dtype=dtype,
+            quantized=bool(self.quantize),
         )
         if self.quantize:
+            q = quantize_matvec_params if self.layout == "matvec" else quantize_params
             with jax.set_mesh(mesh):
-                self.params = jax.jit(quantize_params)(self.params)
+                self.params = jax.jit(q)(self.params)
         self._model_shapes = jax.eval_shape(
             lambda k: nn.unbox(init_params(self.config, k)), jax.random.key(0)
         )
-        dense = matvec_dense if self.layout == "matvec" else einsum_dense
-        dense = int8_dense if self.quantize else dense
+        if self.layout == "matvec":
+            dense = matvec_dense  # int8 QWeights too
+        else:
+            dense = int8_dense if self.quantize else einsum_dense
         self._model = Transformer(self.config, dense)
         self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.trace_counts: collections.Counter[str] = collections.Counter()
@@ -153,10 +164,10 @@ class Sampler:
         return jax.lax.with_sharding_constraint(cache, self.cache_shardings())
 
     def _apply(self, params, tokens, positions, cache, logits_at=None):
-        if self.layout == "matvec":
-            params = _to_model_layout(params, self._model_shapes)
         if self.quantize:
             params = as_qweights(params)
+        if self.layout == "matvec":
+            params = _to_model_layout(params, self._model_shapes)
         logits, cache = self._model.apply(
             {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
         )

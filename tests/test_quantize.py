@@ -102,10 +102,24 @@ def test_int8_logits_perplexity_and_greedy_tokens(trained):
     assert agree >= 0.9, agree
 
 
-def test_int8_sampler_refuses_the_matvec_layout(trained):
-    config, params, _, _ = trained
+def test_int8_matvec_layout_equals_the_standard_one(trained):
+    """On CPU "auto" stores int8 weights in the matvec layout (the conversion fuses into the
+    matrix-vector products); it computes what the standard int8 layout does."""
+    config, params, held_out, _ = trained
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    with pytest.raises(ValueError, match="layout='matvec' cannot be combined"):
-        sampling.Sampler(config, params, mesh, layout="matvec", quantize="int8")
+    std = sampling.Sampler(config, params, mesh, layout="standard", quantize="int8")
+    mv = sampling.Sampler(config, params, mesh, quantize="int8", dtype="float32")
+    assert mv.layout == "matvec" and std.layout == "standard"
+    q = mv.params["layers_0"]["attention"]["wq"]["q"]
+    assert q.dtype == jnp.int8 and q.ndim == 3  # [C, M, Kc]
+    rows = [list(map(int, r)) for r in held_out[:4, :20]]
+    np.testing.assert_allclose(mv.score(rows), std.score(rows), rtol=1e-5, atol=1e-4)
+    prompts = [r[:6] for r in rows]
+    assert mv.generate_ids(prompts, 12) == std.generate_ids(prompts, 12)
+    assert mv.generate_ids(prompts[:1], 12) == std.generate_ids(prompts[:1], 12)  # one row
+
+
+def test_bad_quantize_values(trained):
+    config, params, _, _ = trained
     with pytest.raises(ValueError, match="quantize='fp4'"):
         Llama3(config=config, params=params, quantize="fp4")
