@@ -220,9 +220,14 @@ def test_builtin_task_data(task_cache):
     assert trivia.prompts[0].startswith("Question: ") and trivia.references[0] == ["1963"]
     for name in ("translate_en_zh", "translate_zh_en"):
         t = data[name]
-        assert len(t.prompts) == 144 and len(t.fewshot) == 16
+        assert len(t.prompts) == 326 and len(t.fewshot) == 37
         for p in t.prompts:
             assert "%" not in p and "{" not in p and "`" not in p
+    # Sphinx's 160 pairs first, then Django's; no English sentence twice.
+    sources = [p.split("\n")[0] for p in data["translate_en_zh"].prompts]
+    sources += [p.split("\n")[0] for p, _ in data["translate_en_zh"].fewshot]
+    assert len(set(sources)) == len(sources) == 363
+    assert "English: Save and add another" in sources  # Django admin's catalog
     assert any("\u4e00" <= ch <= "\u9fff" for ch in data["translate_en_zh"].references[0][0])
     plays = data["shakespeare"].documents  # the held-out works, whole
     assert len(plays) == 3 and any("MACBETH" in p.upper()[:5000] for p in plays)
