@@ -373,9 +373,9 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
 
 # ----------------------------------------------------------------------------- processes
 @pytest.mark.slow
-def test_two_processes_score_like_one():
-    """2 processes x 2 devices (gloo) return, on every process, the scores of 2 devices in this
-    process."""
+def test_two_processes_score_and_generate_like_one(eval_hf_model):  # noqa: F811
+    """2 processes x 2 devices (gloo) return, on every process, the scores and the lm-eval
+    backend's greedy generate_until outputs of 2 devices in this process."""
     import os
     import socket
     import subprocess
@@ -388,7 +388,7 @@ def test_two_processes_score_like_one():
 
     def start(pid, n):
         return subprocess.Popen(
-            [sys.executable, worker, str(pid), str(n), str(port)],
+            [sys.executable, worker, str(pid), str(n), str(port), str(eval_hf_model[0])],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -399,9 +399,11 @@ def test_two_processes_score_like_one():
     from jax.sharding import Mesh
 
     from llama_jax.sharding import MESH_AXES
-    from tests.eval_multiprocess_worker import score
+    from tests.eval_multiprocess_worker import generate, score
 
-    want = score(Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES))
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES)
+    want, want_text = score(mesh), generate(str(eval_hf_model[0]), mesh)
+    assert len(set(want_text)) == len(want_text)  # distinct continuations: a real comparison
     for p in procs:
         out, err = p.communicate(timeout=300)
         lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
@@ -409,3 +411,6 @@ def test_two_processes_score_like_one():
         got = json.loads(lines[0][7:])
         assert [g for _, g in got] == [g for _, g in want]
         np.testing.assert_allclose([v for v, _ in got], [v for v, _ in want], atol=1e-5)
+        texts = [x for x in out.splitlines() if x.startswith("GENERATE ")]
+        assert texts, err[-3000:]
+        assert json.loads(texts[0][9:]) == want_text
