@@ -302,6 +302,47 @@ def test_cli_list_and_errors(capsys, tmp_path, monkeypatch):
     assert "--limit=0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("dataset_path", "is missing `dataset_path:`"),
+        ("test_split", "is missing `test_split:` (or `validation_split:`)"),
+        ("doc_to_text", "is missing `doc_to_text:`"),
+        ("doc_to_target", "is missing `doc_to_target:`"),
+        ("doc_to_choice", "is missing `doc_to_choice:`"),
+        ("data_file", "data file"),
+    ],
+)
+def test_yaml_task_missing_a_field_is_one_line_error(tmp_path, capsys, drop, message):
+    """Before the model loads: an lm-eval YAML task without a field it needs (lm-eval itself
+    raises a bare TypeError or a traceback, after loading the model)."""
+    from llama_jax.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}\n')
+    fields = {
+        "task": "mine",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "label",
+        "doc_to_choice": "{{choices}}",
+    }
+    if drop == "data_file":
+        fields["dataset_kwargs"] = {"data_files": {"test": str(tmp_path / "gone.jsonl")}}
+    else:
+        del fields[drop]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(json.dumps(fields))  # JSON is YAML
+    argv = ["eval", "--model_path", str(tmp_path), "--tasks", "mine"]
+    assert main(argv + ["--include_path", str(tmp_path / "tasks")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: task 'mine' ({tmp_path / 'tasks' / 'mine.yaml'})"), err
+    assert message in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- trainer hook
 @pytest.mark.slow
 def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_cache, capsys):

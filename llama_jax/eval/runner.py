@@ -184,25 +184,107 @@ def check_tasks(names: Sequence[str], include_path: str | None = None) -> tuple[
                 f"{', '.join(builtin.TASKS)}); lm-eval tasks need lm-evaluation-harness: "
                 f"{LM_EVAL_EXTRA}"
             ) from None
-        unknown = [n for n in others if n not in _local_tasks(include_path)]
+        local = _local_index(include_path)
+        for n in others:
+            if n in local:
+                check_yaml_task(n, local[n])
+        unknown = [n for n in others if n not in local]
         if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
             known = set(TaskManager(include_path=include_path).all_tasks)
             unknown = [n for n in others if n not in known]
         if unknown:
+            nameless = _files_without_task(include_path)
             raise ValueError(
                 f"unknown task(s) {', '.join(unknown)}; valid: the built-in tasks "
                 f"({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls tasks) or YAML "
                 f"tasks in --include_path{f' ({include_path})' if include_path else ''}"
+                + (f"; {nameless[0]} names no task (no `task:` field)" if nameless else "")
             )
     return ours, others
 
 
-def _local_tasks(include_path: str | None) -> set[str]:
+def _local_index(include_path: str | None) -> dict[str, Any]:
+    """lm-eval's index entries of the tasks in `include_path` alone, by name."""
     if not include_path:
-        return set()
+        return {}
     from lm_eval.tasks import TaskManager
 
-    return set(TaskManager(include_path=include_path, include_defaults=False).all_tasks)
+    return dict(TaskManager(include_path=include_path, include_defaults=False).task_index)
+
+
+def _local_tasks(include_path: str | None) -> set[str]:
+    return set(_local_index(include_path))
+
+
+OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
+_FILE_DATASETS = ("json", "csv", "text", "parquet", "arrow")
+
+
+def check_yaml_task(name: str, entry: Any) -> None:
+    """Raises ValueError naming the YAML file and the first field it lacks (lm-eval itself
+    fails later, after loading the model, with a bare TypeError or a traceback)."""
+    path, cfg = getattr(entry, "yaml_path", None), getattr(entry, "cfg", None)
+    if path is None or not isinstance(cfg, dict) or "class" in cfg or "task" not in cfg:
+        return  # a Python task, a group or a tag: lm-eval checks those itself
+    where = f"task {name!r} ({path})"
+    kind = cfg.get("output_type", "generate_until")
+    if kind not in OUTPUT_TYPES:
+        raise ValueError(f"{where}: output_type {kind!r}; valid: {', '.join(OUTPUT_TYPES)}")
+    needed = ["doc_to_text", "doc_to_target"] + (["doc_to_choice"] * (kind == "multiple_choice"))
+    if "custom_dataset" not in cfg:
+        needed.insert(0, "dataset_path")
+    for field in needed:
+        if cfg.get(field) is None:
+            raise ValueError(f"{where} is missing `{field}:`; an lm-eval task needs {_NEEDS}")
+    if not cfg.get("test_split") and not cfg.get("validation_split"):
+        raise ValueError(
+            f"{where} is missing `test_split:` (or `validation_split:`), the split it evaluates"
+        )
+    if cfg.get("dataset_path") in _FILE_DATASETS:
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        files = files.values() if isinstance(files, dict) else [files]
+        for f in (x for v in files for x in (v if isinstance(v, list) else [v])):
+            if isinstance(f, str) and not any(c in f for c in "*?[") and not os.path.exists(f):
+                raise ValueError(f"{where}: data file {f} does not exist")
+
+
+_NEEDS = (
+    "dataset_path (e.g. json, with dataset_kwargs.data_files), test_split or validation_split, "
+    "doc_to_text, doc_to_target, and doc_to_choice for output_type multiple_choice"
+)
+
+
+def _files_without_task(include_path: str | None) -> list[str]:
+    """YAML files of `include_path` that define neither a task nor a group (a typo'd or
+    missing `task:` key), which lm-eval skips without a word."""
+    if not include_path:
+        return []
+    import yaml
+
+    out = []
+    for root, _, files in os.walk(include_path):
+        for f in sorted(files):
+            if not f.endswith((".yaml", ".yml")):
+                continue
+            try:
+                with open(os.path.join(root, f)) as fh:
+                    cfg = yaml.load(fh, Loader=_AnyTagLoader)
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(cfg, dict) and not {"task", "group", "tag"} & set(cfg):
+                out.append(os.path.join(root, f))
+    return out
+
+
+try:
+    import yaml as _yaml
+
+    class _AnyTagLoader(_yaml.SafeLoader):
+        """Safe YAML that reads lm-eval's `!function` tags as plain values."""
+
+    _AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+except ImportError:  # pragma: no cover - PyYAML comes with lm-eval
+    pass
 
 
 def run_lm_eval(
