@@ -302,6 +302,17 @@ def test_cli_list_and_errors(capsys, tmp_path, monkeypatch):
     assert "--limit=0" in capsys.readouterr().err
 
 
+def test_typo_in_a_task_name_suggests_the_name_at_once(tmp_path, capsys):
+    """With lm-eval installed, a name one letter off a built-in task is refused without
+    indexing lm-eval's ~15,000 task files (which takes minutes)."""
+    from llama_jax.cli import main
+
+    assert main(["eval", "--model_path", str(tmp_path), "--tasks", "shakespear,trivia_qa_en"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown task(s) shakespear (did you mean 'shakespear' -> ")
+    assert "'shakespeare'" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "drop, message",
     [

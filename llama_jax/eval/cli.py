@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--model_path {args.model_path!r} is not a directory")
         if args.include_path and not os.path.isdir(args.include_path):
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
-        runner.check_tasks(names, args.include_path)  # before loading the model
+        # before loading the model
+        runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
         from llama_jax.api import Llama3
 
         model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)

@@ -10,11 +10,12 @@ TensorBoard at the evaluated step.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llama_jax.eval import tasks as builtin
@@ -168,39 +169,68 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- lm-eval
-def check_tasks(names: Sequence[str], include_path: str | None = None) -> tuple[list, list]:
-    """Splits task names into (built-in, lm-eval); raises ValueError for an unknown name or
-    when lm-eval tasks are asked for without lm-eval installed."""
+def check_tasks(
+    names: Sequence[str],
+    include_path: str | None = None,
+    announce: Callable[[str], Any] | None = None,
+) -> tuple[list, list]:
+    """Splits task names into (built-in, lm-eval); raises ValueError for an unknown name (with
+    the closest valid one) or when lm-eval tasks are asked for without lm-eval installed.
+
+    A name close to a built-in or --include_path task is taken as a typo at once; any other
+    name is looked up in lm-eval's own index, which takes lm-eval a minute to build
+    (`announce` is told first).
+    """
     if not names:
         raise ValueError(f"no tasks given; built-in tasks: {', '.join(builtin.TASKS)}")
     ours = [n for n in names if n in builtin.TASKS]
     others = [n for n in names if n not in builtin.TASKS]
-    if others:
-        try:
-            from lm_eval.tasks import TaskManager
-        except ImportError:
-            raise ValueError(
-                f"task(s) {', '.join(others)} are not built in (built-in: "
-                f"{', '.join(builtin.TASKS)}); lm-eval tasks need lm-evaluation-harness: "
-                f"{LM_EVAL_EXTRA}"
-            ) from None
-        local = _local_index(include_path)
-        for n in others:
-            if n in local:
-                check_yaml_task(n, local[n])
-        unknown = [n for n in others if n not in local]
-        if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
-            known = set(TaskManager(include_path=include_path).all_tasks)
-            unknown = [n for n in others if n not in known]
+    if not others:
+        return ours, others
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError(
+            f"task(s) {', '.join(others)} are not built in (built-in: "
+            f"{', '.join(builtin.TASKS)}){_did_you_mean(others, builtin.TASKS)}; lm-eval "
+            f"tasks need lm-evaluation-harness: {LM_EVAL_EXTRA}"
+        ) from None
+    local = _local_index(include_path)
+    for n in others:
+        if n in local:
+            check_yaml_task(n, local[n])
+    unknown = [n for n in others if n not in local]
+    valid = (
+        f"valid: the built-in tasks ({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls "
+        f"tasks) or YAML tasks in --include_path{f' ({include_path})' if include_path else ''}"
+    )
+    near = [*builtin.TASKS, *local]
+    if any(difflib.get_close_matches(n, near, 1, TYPO_CUTOFF) for n in unknown):
+        raise ValueError(
+            f"unknown task(s) {', '.join(unknown)}{_did_you_mean(unknown, near)}; {valid}"
+        )
+    if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
+        if announce is not None:
+            announce(f"looking up {', '.join(unknown)} among lm-eval's tasks (takes a minute)")
+        known = TaskManager(include_path=include_path).all_tasks
+        unknown = [n for n in others if n not in set(known)]
         if unknown:
             nameless = _files_without_task(include_path)
             raise ValueError(
-                f"unknown task(s) {', '.join(unknown)}; valid: the built-in tasks "
-                f"({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls tasks) or YAML "
-                f"tasks in --include_path{f' ({include_path})' if include_path else ''}"
+                f"unknown task(s) {', '.join(unknown)}{_did_you_mean(unknown, known)}; {valid}"
                 + (f"; {nameless[0]} names no task (no `task:` field)" if nameless else "")
             )
     return ours, others
+
+
+TYPO_CUTOFF = 0.85  # difflib ratio: one or two letters off a name of 10
+
+
+def _did_you_mean(names: Sequence[str], valid: Sequence[str]) -> str:
+    hints = [
+        f"{n!r} -> {m[0]!r}" for n in names if (m := difflib.get_close_matches(n, valid, 1, 0.75))
+    ]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def _local_index(include_path: str | None) -> dict[str, Any]:
