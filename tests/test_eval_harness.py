@@ -256,8 +256,9 @@ LLAMA3_CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def chat_both(both, tmp_path_factory):
-    """Both backends with apply_chat_template=True, a system instruction and 1-shot examples
-    as turns, on the multiple-choice task and two generation tasks (one with a gen_prefix,
+    """lm-eval's hf backend with apply_chat_template=True, a system instruction and 1-shot
+    examples as turns, and ours through `runner.run_lm_eval(chat=True)` (what `llama3 eval
+    --chat` runs), on the multiple-choice task and two generation tasks (one with a gen_prefix,
     which lm-eval renders as an unfinished assistant message)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -272,22 +273,29 @@ def chat_both(both, tmp_path_factory):
     gen = (tasks / "gen.yaml").read_text().replace("task: tiny_gen", "task: tiny_gen_prefix")
     (tasks / "gen_prefix.yaml").write_text(gen + 'gen_prefix: "Sure:"\n')
     names = ["tiny_mc", "tiny_gen", "tiny_gen_prefix"]
-    results = {}
-    for backend in ("hf", "llama_jax"):
-        results[backend] = lm_eval.simple_evaluate(
-            model=backend,
-            model_args=f"pretrained={chat_dir},dtype=float32",
-            tasks=names,
-            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-            batch_size=4,
-            device="cpu",
-            num_fewshot=1,
-            apply_chat_template=True,
-            fewshot_as_multiturn=True,
-            system_instruction="You are a terse assistant.",
-            log_samples=True,
-        )
-    return results
+    system = "You are a terse assistant."
+    hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={chat_dir},dtype=float32",
+        tasks=names,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        batch_size=4,
+        device="cpu",
+        num_fewshot=1,
+        apply_chat_template=True,
+        fewshot_as_multiturn=True,
+        system_instruction=system,
+        log_samples=True,
+    )
+    # Ours through what `llama3 eval --chat` runs.
+    from llama_jax.api import Llama3
+    from llama_jax.eval.runner import run_lm_eval
+
+    model = Llama3.from_pretrained(str(chat_dir), dtype="float32")
+    _, ours = run_lm_eval(
+        model, names, str(tasks), 1, None, 4, chat=True, system_instruction=system, log_samples=True
+    )
+    return {"hf": hf, "llama_jax": ours}
 
 
 def test_chat_template_requests_match_hf(chat_both):

@@ -10,6 +10,7 @@ TensorBoard at the evaluated step.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -324,8 +325,14 @@ def run_lm_eval(
     num_fewshot: int,
     limit: int | None,
     batch_size: int,
+    chat: bool = False,
+    seed: int = 1234,
+    **lm_eval_kwargs: Any,
 ) -> tuple[list[Metric], dict]:
-    """lm-eval tasks on a `Llama3` through the llama_jax backend."""
+    """lm-eval tasks on a `Llama3` through the llama_jax backend; returns our metrics and
+    lm-eval's own output. `chat` renders prompts in the Llama 3 chat format, few-shot examples
+    as turns (lm-eval's apply_chat_template + fewshot_as_multiturn); `seed` picks the
+    few-shot examples (lm-eval's fewshot_random_seed); other keywords go to simple_evaluate."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -335,13 +342,18 @@ def run_lm_eval(
     local = set(names) <= _local_tasks(include_path)
     manager = TaskManager(include_path=include_path, include_defaults=not local)
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(names),
-            task_manager=manager,
-            num_fewshot=num_fewshot or None,
-            limit=limit,
-        )
+        with _quiet_git_hash():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(names),
+                task_manager=manager,
+                num_fewshot=num_fewshot or None,
+                limit=limit,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat,
+                fewshot_random_seed=seed,
+                **lm_eval_kwargs,
+            )
     except Exception as e:  # datasets raises its own ConnectionError / FileNotFoundError types
         if "offline" in str(e).lower() or "connect" in str(e).lower() or "hub" in str(e).lower():
             raise ValueError(
@@ -368,6 +380,34 @@ def run_lm_eval(
                 )
             )
     return metrics, out
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records `git describe` of the working directory and lets git print "fatal: not
+    a git repository" outside one; the same value, without that line on the terminal."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always"], capture_output=True, text=True, check=True
+            )
+            return out.stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            from lm_eval.loggers.utils import get_commit_from_path
+
+            return get_commit_from_path(os.getcwd())  # lm-eval's own fallback (reads .git)
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 # ----------------------------------------------------------------------------- results
@@ -447,7 +487,9 @@ def evaluate(
         if name in ours:
             metrics += ev.run_task(name, num_fewshot, limit, seed, chat, cache, progress)
     if others:
-        metrics += run_lm_eval(model, others, include_path, num_fewshot, limit, batch_size)[0]
+        metrics += run_lm_eval(
+            model, others, include_path, num_fewshot, limit, batch_size, chat, seed
+        )[0]
     return metrics, ev.truncated
 
 
