@@ -337,3 +337,19 @@ def test_builtin_chat_prompt_equals_the_hf_template(eval_hf_model):
     tok = load_tokenizer(str(path))
     got = fewshot_prompt(shots, messages[-1]["content"], tok, chat=True)
     assert got == list(want if isinstance(want, list) else want["input_ids"])
+
+
+def test_a_task_whose_data_is_on_the_hub_says_so(both, tmp_path, capsys):
+    """This machine has no Hub: a task that needs it fails in one line that says so."""
+    from llama_jax.cli import main
+
+    *_, (model_dir, _) = both
+    (tmp_path / "hub.yaml").write_text(
+        "task: on_the_hub\ndataset_path: llama-jax-tests/no-such-dataset\ntest_split: test\n"
+        'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
+    )
+    argv = ["eval", "--model_path", str(model_dir), "--tasks", "on_the_hub", "--limit", "1"]
+    assert main(argv + ["--include_path", str(tmp_path), "--no_progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: lm-eval could not load the data of on_the_hub: it lives on ")
+    assert "Hugging Face Hub" in err and "--include_path" in err
