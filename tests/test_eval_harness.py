@@ -295,7 +295,7 @@ def chat_both(both, tmp_path_factory):
     _, ours = run_lm_eval(
         model, names, str(tasks), 1, None, 4, chat=True, system_instruction=system, log_samples=True
     )
-    return {"hf": hf, "llama_jax": ours}
+    return {"hf": hf, "llama_jax": ours, "model": model}
 
 
 def test_chat_template_requests_match_hf(chat_both):
@@ -339,17 +339,17 @@ def test_builtin_chat_prompt_equals_the_hf_template(eval_hf_model):
     assert got == list(want if isinstance(want, list) else want["input_ids"])
 
 
-def test_a_task_whose_data_is_on_the_hub_says_so(both, tmp_path, capsys):
-    """This machine has no Hub: a task that needs it fails in one line that says so."""
-    from llama_jax.cli import main
+def test_a_task_whose_data_is_on_the_hub_says_so(chat_both, tmp_path):
+    """This machine has no Hub: a task that needs it fails in one line that says so (what
+    `llama3 eval` prints after `error: `)."""
+    from llama_jax.eval.runner import run_lm_eval
 
-    *_, (model_dir, _) = both
     (tmp_path / "hub.yaml").write_text(
         "task: on_the_hub\ndataset_path: llama-jax-tests/no-such-dataset\ntest_split: test\n"
         'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
     )
-    argv = ["eval", "--model_path", str(model_dir), "--tasks", "on_the_hub", "--limit", "1"]
-    assert main(argv + ["--include_path", str(tmp_path), "--no_progress"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: lm-eval could not load the data of on_the_hub: it lives on ")
-    assert "Hugging Face Hub" in err and "--include_path" in err
+    with pytest.raises(ValueError) as e:
+        run_lm_eval(chat_both["model"], ["on_the_hub"], str(tmp_path), 0, 1, 4)
+    msg = str(e.value)
+    assert msg.startswith("lm-eval could not load the data of on_the_hub: it lives on the ")
+    assert "Hugging Face Hub" in msg and "--include_path" in msg and "\n" not in msg
