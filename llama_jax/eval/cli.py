@@ -22,7 +22,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch_size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=1234, help="which few-shot examples")
-    p.add_argument("--chat", action="store_true", help="few-shot prompts in the chat format")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="instruct models: prompts in the Llama 3 chat format, few-shot examples as turns "
+        "(lm-eval tasks: apply_chat_template + fewshot_as_multiturn)",
+    )
     p.add_argument("--cache_dir", default=None, help="where task archives are kept")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -47,7 +52,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--model_path {args.model_path!r} is not a directory")
         if args.include_path and not os.path.isdir(args.include_path):
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
-        runner.check_tasks(names, args.include_path)  # before loading the model
+        # before loading the model
+        runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
         from llama_jax.api import Llama3
 
         model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
@@ -77,6 +83,7 @@ def main(argv: list[str]) -> int:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "chat": args.chat,
         "truncated": truncated,
     }
     if args.output:

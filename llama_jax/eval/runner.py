@@ -10,11 +10,13 @@ TensorBoard at the evaluated step.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llama_jax.eval import tasks as builtin
@@ -168,41 +170,152 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- lm-eval
-def check_tasks(names: Sequence[str], include_path: str | None = None) -> tuple[list, list]:
-    """Splits task names into (built-in, lm-eval); raises ValueError for an unknown name or
-    when lm-eval tasks are asked for without lm-eval installed."""
+def check_tasks(
+    names: Sequence[str],
+    include_path: str | None = None,
+    announce: Callable[[str], Any] | None = None,
+) -> tuple[list, list]:
+    """Splits task names into (built-in, lm-eval); raises ValueError for an unknown name (with
+    the closest valid one) or when lm-eval tasks are asked for without lm-eval installed.
+
+    A name close to a built-in or --include_path task is taken as a typo at once; any other
+    name is looked up in lm-eval's own index, which takes lm-eval a minute to build
+    (`announce` is told first).
+    """
     if not names:
         raise ValueError(f"no tasks given; built-in tasks: {', '.join(builtin.TASKS)}")
     ours = [n for n in names if n in builtin.TASKS]
     others = [n for n in names if n not in builtin.TASKS]
-    if others:
-        try:
-            from lm_eval.tasks import TaskManager
-        except ImportError:
-            raise ValueError(
-                f"task(s) {', '.join(others)} are not built in (built-in: "
-                f"{', '.join(builtin.TASKS)}); lm-eval tasks need lm-evaluation-harness: "
-                f"{LM_EVAL_EXTRA}"
-            ) from None
-        unknown = [n for n in others if n not in _local_tasks(include_path)]
-        if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
-            known = set(TaskManager(include_path=include_path).all_tasks)
-            unknown = [n for n in others if n not in known]
+    if not others:
+        return ours, others
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError(
+            f"task(s) {', '.join(others)} are not built in (built-in: "
+            f"{', '.join(builtin.TASKS)}){_did_you_mean(others, builtin.TASKS)}; lm-eval "
+            f"tasks need lm-evaluation-harness: {LM_EVAL_EXTRA}"
+        ) from None
+    local = _local_index(include_path)
+    for n in others:
+        if n in local:
+            check_yaml_task(n, local[n])
+    unknown = [n for n in others if n not in local]
+    valid = (
+        f"valid: the built-in tasks ({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls "
+        f"tasks) or YAML tasks in --include_path{f' ({include_path})' if include_path else ''}"
+    )
+    near = [*builtin.TASKS, *local]
+    if any(difflib.get_close_matches(n, near, 1, TYPO_CUTOFF) for n in unknown):
+        raise ValueError(
+            f"unknown task(s) {', '.join(unknown)}{_did_you_mean(unknown, near)}; {valid}"
+        )
+    if unknown:  # indexing lm-eval's thousands of task files takes a while: only if needed
+        if announce is not None:
+            announce(f"looking up {', '.join(unknown)} among lm-eval's tasks (takes a minute)")
+        known = TaskManager(include_path=include_path).all_tasks
+        unknown = [n for n in others if n not in set(known)]
         if unknown:
+            nameless = _files_without_task(include_path)
             raise ValueError(
-                f"unknown task(s) {', '.join(unknown)}; valid: the built-in tasks "
-                f"({', '.join(builtin.TASKS)}), lm-eval's tasks (lm-eval ls tasks) or YAML "
-                f"tasks in --include_path{f' ({include_path})' if include_path else ''}"
+                f"unknown task(s) {', '.join(unknown)}{_did_you_mean(unknown, known)}; {valid}"
+                + (f"; {nameless[0]} names no task (no `task:` field)" if nameless else "")
             )
     return ours, others
 
 
-def _local_tasks(include_path: str | None) -> set[str]:
+TYPO_CUTOFF = 0.85  # difflib ratio: one or two letters off a name of 10
+
+
+def _did_you_mean(names: Sequence[str], valid: Sequence[str]) -> str:
+    hints = [
+        f"{n!r} -> {m[0]!r}" for n in names if (m := difflib.get_close_matches(n, valid, 1, 0.75))
+    ]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+def _local_index(include_path: str | None) -> dict[str, Any]:
+    """lm-eval's index entries of the tasks in `include_path` alone, by name."""
     if not include_path:
-        return set()
+        return {}
     from lm_eval.tasks import TaskManager
 
-    return set(TaskManager(include_path=include_path, include_defaults=False).all_tasks)
+    return dict(TaskManager(include_path=include_path, include_defaults=False).task_index)
+
+
+def _local_tasks(include_path: str | None) -> set[str]:
+    return set(_local_index(include_path))
+
+
+OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
+_FILE_DATASETS = ("json", "csv", "text", "parquet", "arrow")
+
+
+def check_yaml_task(name: str, entry: Any) -> None:
+    """Raises ValueError naming the YAML file and the first field it lacks (lm-eval itself
+    fails later, after loading the model, with a bare TypeError or a traceback)."""
+    path, cfg = getattr(entry, "yaml_path", None), getattr(entry, "cfg", None)
+    if path is None or not isinstance(cfg, dict) or "class" in cfg or "task" not in cfg:
+        return  # a Python task, a group or a tag: lm-eval checks those itself
+    where = f"task {name!r} ({path})"
+    kind = cfg.get("output_type", "generate_until")
+    if kind not in OUTPUT_TYPES:
+        raise ValueError(f"{where}: output_type {kind!r}; valid: {', '.join(OUTPUT_TYPES)}")
+    needed = ["doc_to_text", "doc_to_target"] + (["doc_to_choice"] * (kind == "multiple_choice"))
+    if "custom_dataset" not in cfg:
+        needed.insert(0, "dataset_path")
+    for field in needed:
+        if cfg.get(field) is None:
+            raise ValueError(f"{where} is missing `{field}:`; an lm-eval task needs {_NEEDS}")
+    if not cfg.get("test_split") and not cfg.get("validation_split"):
+        raise ValueError(
+            f"{where} is missing `test_split:` (or `validation_split:`), the split it evaluates"
+        )
+    if cfg.get("dataset_path") in _FILE_DATASETS:
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        files = files.values() if isinstance(files, dict) else [files]
+        for f in (x for v in files for x in (v if isinstance(v, list) else [v])):
+            if isinstance(f, str) and not any(c in f for c in "*?[") and not os.path.exists(f):
+                raise ValueError(f"{where}: data file {f} does not exist")
+
+
+_NEEDS = (
+    "dataset_path (e.g. json, with dataset_kwargs.data_files), test_split or validation_split, "
+    "doc_to_text, doc_to_target, and doc_to_choice for output_type multiple_choice"
+)
+
+
+def _files_without_task(include_path: str | None) -> list[str]:
+    """YAML files of `include_path` that define neither a task nor a group (a typo'd or
+    missing `task:` key), which lm-eval skips without a word."""
+    if not include_path:
+        return []
+    import yaml
+
+    out = []
+    for root, _, files in os.walk(include_path):
+        for f in sorted(files):
+            if not f.endswith((".yaml", ".yml")):
+                continue
+            try:
+                with open(os.path.join(root, f)) as fh:
+                    cfg = yaml.load(fh, Loader=_AnyTagLoader)
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(cfg, dict) and not {"task", "group", "tag"} & set(cfg):
+                out.append(os.path.join(root, f))
+    return out
+
+
+try:
+    import yaml as _yaml
+
+    class _AnyTagLoader(_yaml.SafeLoader):
+        """Safe YAML that reads lm-eval's `!function` tags as plain values."""
+
+    _AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+except ImportError:  # pragma: no cover - PyYAML comes with lm-eval
+    pass
 
 
 def run_lm_eval(
@@ -212,8 +325,14 @@ def run_lm_eval(
     num_fewshot: int,
     limit: int | None,
     batch_size: int,
+    chat: bool = False,
+    seed: int = 1234,
+    **lm_eval_kwargs: Any,
 ) -> tuple[list[Metric], dict]:
-    """lm-eval tasks on a `Llama3` through the llama_jax backend."""
+    """lm-eval tasks on a `Llama3` through the llama_jax backend; returns our metrics and
+    lm-eval's own output. `chat` renders prompts in the Llama 3 chat format, few-shot examples
+    as turns (lm-eval's apply_chat_template + fewshot_as_multiturn); `seed` picks the
+    few-shot examples (lm-eval's fewshot_random_seed); other keywords go to simple_evaluate."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -223,13 +342,18 @@ def run_lm_eval(
     local = set(names) <= _local_tasks(include_path)
     manager = TaskManager(include_path=include_path, include_defaults=not local)
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(names),
-            task_manager=manager,
-            num_fewshot=num_fewshot or None,
-            limit=limit,
-        )
+        with _quiet_git_hash():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(names),
+                task_manager=manager,
+                num_fewshot=num_fewshot or None,
+                limit=limit,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat,
+                fewshot_random_seed=seed,
+                **lm_eval_kwargs,
+            )
     except Exception as e:  # datasets raises its own ConnectionError / FileNotFoundError types
         if "offline" in str(e).lower() or "connect" in str(e).lower() or "hub" in str(e).lower():
             raise ValueError(
@@ -256,6 +380,34 @@ def run_lm_eval(
                 )
             )
     return metrics, out
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records `git describe` of the working directory and lets git print "fatal: not
+    a git repository" outside one; the same value, without that line on the terminal."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always"], capture_output=True, text=True, check=True
+            )
+            return out.stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            from lm_eval.loggers.utils import get_commit_from_path
+
+            return get_commit_from_path(os.getcwd())  # lm-eval's own fallback (reads .git)
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 # ----------------------------------------------------------------------------- results
@@ -335,7 +487,9 @@ def evaluate(
         if name in ours:
             metrics += ev.run_task(name, num_fewshot, limit, seed, chat, cache, progress)
     if others:
-        metrics += run_lm_eval(model, others, include_path, num_fewshot, limit, batch_size)[0]
+        metrics += run_lm_eval(
+            model, others, include_path, num_fewshot, limit, batch_size, chat, seed
+        )[0]
     return metrics, ev.truncated
 
 

@@ -180,14 +180,7 @@ class Scorer:
         spec = sharding.batch_sharding(self.mesh, x.ndim)
         return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
 
-    @staticmethod
-    def _fetch(a: jax.Array) -> np.ndarray:
-        """The whole array on the host, gathered from every process when there are several."""
-        if a.is_fully_addressable:
-            return np.asarray(a)
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    _fetch = staticmethod(sharding.to_host)
 
     def loglikelihood(
         self,

