@@ -35,6 +35,7 @@ setup(
         # torch==2.13.0 pins the CPU wheel.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on every core (pyproject addopts)
             "ruff>=0.6",
             "torch==2.13.0",
             "transformers>=4.45",
