@@ -100,20 +100,16 @@ def _finetune(argv: list[str]) -> int:
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
-    try:
-        unknown = experiment.parse_overrides(config, rest)
-        if unknown:
-            p.error(f"unrecognised arguments: {' '.join(unknown)}")
-        finetune.prepare(config)
-        if args.print_config:
-            print(config)
-            return 0
-        from llama_jax.train import train
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    finetune.prepare(config)
+    if args.print_config:
+        print(config)
+        return 0
+    from llama_jax.train import train
 
-        result = train(config)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
-        return 1
+    result = train(config)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
