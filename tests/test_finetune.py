@@ -130,9 +130,24 @@ def test_export_peft_and_hf_load_with_the_same_logits(ft_data, lora_run, tmp_pat
     assert cli.main(["convert", "--input", lora_run, "--output", str(hf), "--format", "hf"]) == 0
     merged = transformers.LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     assert np.abs(hf_logits(merged, TOKENS) - ours).max() <= 1e-4
-    # ...and the PEFT export imports back as the same model.
+    # ...and the PEFT export imports back as the same model, in Python and on the command line.
     again = Llama3.from_pretrained(ft_data["base"], dtype="float32", adapter=str(out))
     assert np.abs(again.logits(TOKENS) - ours).max() <= 1e-5
+
+
+def test_generate_with_adapter_flag_equals_the_run(ft_data, lora_run, tmp_path, capsys):
+    out = tmp_path / "peft"
+    assert cli.main(["convert", "--input", lora_run, "--output", str(out), "--format", "peft"]) == 0
+    assert f"wrote the PEFT adapter (rank {RANK}) of {lora_run}" in capsys.readouterr().out
+    flags = ["--temperature", "0", "--max_new_tokens", "6", "--dtype", "float32", "Hello"]
+    assert cli.main(["generate", "--model_path", lora_run, *flags]) == 0
+    want = capsys.readouterr().out
+    assert (
+        cli.main(["generate", "--model_path", ft_data["base"], "--adapter", str(out), *flags]) == 0
+    )
+    assert capsys.readouterr().out == want
+    assert cli.main(["generate", "--model_path", ft_data["base"], "--adapter", "nope", *flags]) == 1
+    assert capsys.readouterr().err.strip() == "error: adapter='nope' is not a directory"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
