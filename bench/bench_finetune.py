@@ -1,15 +1,26 @@
 """Fine-tuning side by side: llama_jax LoRA, llama_jax full fine-tune, peft + transformers LoRA.
 
-Each job runs in its own process (so peak memory is its own): a random model of the chosen
-shape, random tokens with every position trained, AdamW, `--steps` timed steps after 2 warm-up
-steps. Printed per job: tokens/s, peak resident memory (ru_maxrss), bytes of optimizer state;
-then the ratios, each naming its denominator.
+Each job runs in its own process (so its peak memory is its own) on one CPU device: a random
+model of the chosen shape, random tokens with every position trained, AdamW, LoRA rank `--rank`
+(alpha 2r) on all seven projections. Printed per job, then as ratios that name their
+denominators (the goals of issue 10: LoRA tokens/s >= 1.5x peft's; LoRA optimizer state <= 2%
+of the full fine-tune's):
+  - optimizer-state bytes (ours: the AdamW moments the trainer keeps; peft: torch AdamW's state
+    after one step) and XLA's compiled memory of our train step (arguments + temporaries +
+    unaliased outputs). Both are independent of machine load: `--memory` measures only these,
+    compiling abstractly (nothing the size of the model is allocated for our jobs);
+  - without `--memory`: tokens/s over `--steps` timed steps after 2 warm-up steps, and peak
+    resident memory (ru_maxrss) of the job's process.
 
-    python bench/bench_finetune.py --size tiny --steps 5          # smoke test, seconds
-    python bench/bench_finetune.py --size 50m --batch 4 --seq 256  # ~50M model
-    python bench/bench_finetune.py --size 1b --base_dtype bfloat16 --batch 1 --seq 256
+Sizes: `50m` is bench_train.py's ~57M model (vocab 32000, d 512, 8 layers, 8 / 2 heads, MLP
+1536, untied); `1b` the llama3.2-1b preset (tied, vocab 128256), base and compute in bfloat16
+(full fine-tune: float32 master weights, bf16 compute), `--layers N` keeps its first N layers.
 
-Goal of issue 10: LoRA tokens/s >= 1.5x peft's, optimizer state <= 2% of the full fine-tune's.
+    python bench/bench_finetune.py --size tiny --steps 2                 # smoke test, a minute
+    python bench/bench_finetune.py --size 50m --memory                   # bytes only, ~1 min
+    python bench/bench_finetune.py --size 1b --memory                    # bytes only, ~3 min
+    python bench/bench_finetune.py --size 50m --batch 4 --seq 256 --steps 5
+    python bench/bench_finetune.py --size 1b --layers 2 --batch 1 --seq 256 --steps 3
 """
 
 from __future__ import annotations
@@ -22,20 +33,38 @@ import subprocess
 import sys
 import time
 
-SIZES = {  # name -> ModelConfig fields (a Llama 3 shape; vocab kept for the 1B)
-    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=192),
-    "50m": dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, mlp_dim=1536),
-    "1b": dict(
-        vocab_size=128256,
-        dim=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        mlp_dim=8192,
-        tie_embeddings=True,
-    ),  # fmt: skip
+MIB = 2**20
+SIZES = {  # name -> (preset, ModelConfig overrides)
+    "tiny": (
+        "tiny",
+        dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=192),
+    ),
+    "50m": (
+        "tiny",
+        dict(
+            vocab_size=32000,
+            dim=512,
+            n_layers=8,
+            n_heads=8,
+            n_kv_heads=2,
+            mlp_dim=1536,
+            rope_theta=500000.0,
+            tie_embeddings=False,
+        ),
+    ),
+    "1b": ("llama3.2-1b", {}),
 }
 JOBS = ("jax_lora", "jax_full", "peft_lora")
+
+
+def model_config(args):
+    from llama_jax.config import get_config
+
+    preset, fields = SIZES[args.size]
+    fields = dict(fields, max_seq_len=max(args.seq, 256), dtype=args.base_dtype)
+    if args.layers:
+        fields["n_layers"] = args.layers
+    return get_config(preset, **fields)
 
 
 def _peak_rss_bytes() -> int:
@@ -43,17 +72,17 @@ def _peak_rss_bytes() -> int:
 
 
 def run_jax(args, lora_on: bool) -> dict:
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
 
     from llama_jax import lora, train
-    from llama_jax.config import get_config
     from llama_jax.experiment import base_config
     from llama_jax.model import init_params
 
-    cfg = get_config("tiny", **SIZES[args.size], max_seq_len=max(args.seq, 256))
+    cfg = model_config(args)
     c = base_config()
     c.num_steps, c.warmup_steps, c.weight_decay = args.steps + 2, 1, 0.0
     c.lora.rank = args.rank if lora_on else 0
@@ -61,20 +90,41 @@ def run_jax(args, lora_on: bool) -> dict:
     c = ml_collections.ConfigDict(c)
     tx, schedule = train.make_optimizer(c, c.num_steps)
     lcfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank) if lora_on else None
-    import flax.linen as nn
-
-    state = jax.jit(lambda: nn.unbox(train.init_state(cfg, tx, 0, lcfg)))()
-    base = {}
-    if lora_on:
-        dt = jnp.dtype(args.base_dtype)
-        base = jax.jit(
-            lambda: jax.tree.map(
-                lambda a: a.astype(dt), nn.unbox(init_params(cfg, jax.random.key(0)))
-            )
-        )()
-    step = jax.jit(train.make_train_step(cfg, tx, schedule, c, lcfg), donate_argnums=(0,))
-    rng = np.random.default_rng(0)
+    dt = jnp.dtype(args.base_dtype)
+    make_state = lambda: nn.unbox(train.init_state(cfg, tx, 0, lcfg))  # noqa: E731
+    make_base = lambda: jax.tree.map(  # noqa: E731
+        lambda a: a.astype(dt), nn.unbox(init_params(cfg, jax.random.key(0)))
+    )
+    state_abs = jax.eval_shape(make_state)
+    base_abs = jax.eval_shape(make_base) if lora_on else {}
     b, t = args.batch, args.seq
+    ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    batch_abs = dict(inputs=ints, targets=ints, segment_ids=ints, positions=ints)
+    batch_abs["loss_mask"] = jax.ShapeDtypeStruct((b, t), jnp.float32)
+    step = jax.jit(train.make_train_step(cfg, tx, schedule, c, lcfg), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state_abs, batch_abs, base_abs).compile()
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
+    out = {
+        "optimizer_bytes": nbytes(state_abs["opt_state"]),
+        "trainable": int(sum(x.size for x in jax.tree.leaves(state_abs["params"]))),
+        "base_bytes": nbytes(base_abs) if lora_on else nbytes(state_abs["params"]),
+        "compiled_bytes": int(
+            m.argument_size_in_bytes
+            + m.temp_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+        ),
+        "compiled_temp_bytes": int(m.temp_size_in_bytes),
+        "compile_s": compile_s,
+    }
+    if args.memory:
+        return out
+    state = jax.jit(make_state)()
+    base = jax.jit(make_base)() if lora_on else {}
+    rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
     batch = {
         "inputs": jnp.asarray(toks[:, :-1]),
@@ -84,21 +134,21 @@ def run_jax(args, lora_on: bool) -> dict:
         "loss_mask": jnp.ones((b, t), jnp.float32),
     }
     for _ in range(2):
-        state, m = step(state, batch, base)
+        state, metrics = compiled(state, batch, base)
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, m = step(state, batch, base)
+        state, metrics = compiled(state, batch, base)
     jax.block_until_ready(state)
-    dt_s = time.perf_counter() - start
-    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
-    return {
-        "tokens_per_s": args.steps * b * t / dt_s,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "optimizer_bytes": int(opt_bytes),
-        "trainable": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
-        "loss": float(m["loss"]),
-    }
+    seconds = time.perf_counter() - start
+    measured = nbytes(state["opt_state"])
+    assert measured == out["optimizer_bytes"], (measured, out["optimizer_bytes"])
+    return dict(
+        out,
+        tokens_per_s=args.steps * b * t / seconds,
+        peak_rss_bytes=_peak_rss_bytes(),
+        loss=float(metrics["loss"]),
+    )
 
 
 def run_peft(args) -> dict:
@@ -106,20 +156,23 @@ def run_peft(args) -> dict:
     import torch
     import transformers
 
-    s = SIZES[args.size]
+    cfg = model_config(args)
     hf = transformers.LlamaConfig(
-        vocab_size=s["vocab_size"],
-        hidden_size=s["dim"],
-        num_hidden_layers=s["n_layers"],
-        num_attention_heads=s["n_heads"],
-        num_key_value_heads=s["n_kv_heads"],
-        intermediate_size=s["mlp_dim"],
-        tie_word_embeddings=s.get("tie_embeddings", False),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.mlp_dim,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_theta=cfg.rope_theta,
         max_position_embeddings=max(args.seq, 256),
     )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.base_dtype == "bfloat16" else torch.float32
-    model = transformers.LlamaForCausalLM(hf).to(dtype)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(hf).to(dtype)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = peft.get_peft_model(
         model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
@@ -129,7 +182,7 @@ def run_peft(args) -> dict:
             p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    toks = torch.randint(0, s["vocab_size"], (args.batch, args.seq))
+    toks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
 
     def one():
         opt.zero_grad(set_to_none=True)
@@ -139,38 +192,107 @@ def run_peft(args) -> dict:
         opt.step()
         return loss
 
+    def opt_bytes() -> int:
+        return int(
+            sum(
+                v.numel() * v.element_size()
+                for st in opt.state.values()
+                for v in st.values()
+                if torch.is_tensor(v)
+            )
+        )
+
+    out = {"trainable": int(sum(p.numel() for p in params))}
+    out["base_bytes"] = int(
+        sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    )
+    if args.memory:  # AdamW's state appears at its first step: take one on zero gradients
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        return dict(out, optimizer_bytes=opt_bytes())
     for _ in range(2):
         one()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = one()
-    dt_s = time.perf_counter() - start
-    opt_bytes = sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for v in st.values()
-        if torch.is_tensor(v)
+    seconds = time.perf_counter() - start
+    return dict(
+        out,
+        optimizer_bytes=opt_bytes(),
+        tokens_per_s=args.steps * args.batch * args.seq / seconds,
+        peak_rss_bytes=_peak_rss_bytes(),
+        loss=float(loss),
     )
-    return {
-        "tokens_per_s": args.steps * args.batch * args.seq / dt_s,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "optimizer_bytes": int(opt_bytes),
-        "trainable": int(sum(p.numel() for p in params)),
-        "loss": float(loss),
-    }
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / MIB:.1f}"
+
+
+def report(args, results: dict) -> None:
+    cfg = model_config(args)
+    print(
+        f"\nsize {args.size} ({cfg.param_count() / 1e6:.1f}M params, {cfg.n_layers} layers), "
+        f"batch {args.batch} x seq {args.seq}, rank {args.rank}, base {args.base_dtype}"
+        + ("" if args.memory else f", {args.steps} timed steps")
+        + "; one process and one CPU device per job"
+    )
+    cols = ["trainable", "opt state MiB", "compiled MiB", "of it temp MiB"]
+    if not args.memory:
+        cols += ["tokens/s", "peak RSS MiB"]
+    print(f"{'job':<10}" + "".join(f"{c:>15}" for c in cols))
+    for job, r in results.items():
+        row = [f"{r['trainable']:,}", _mib(r["optimizer_bytes"]), _mib(r.get("compiled_bytes"))]
+        row.append(_mib(r.get("compiled_temp_bytes")))
+        if not args.memory:
+            row += [f"{r['tokens_per_s']:.0f}", _mib(r["peak_rss_bytes"])]
+        print(f"{job:<10}" + "".join(f"{c:>15}" for c in row))
+    lo, fu, pe = (results.get(k) for k in JOBS)
+    if lo and fu:
+        ratio = lo["optimizer_bytes"] / fu["optimizer_bytes"]
+        print(f"optimizer state, jax_lora / jax_full: {ratio:.2%} (goal <= 2%)")
+        ratio = lo["compiled_bytes"] / fu["compiled_bytes"]
+        print(f"compiled step memory, jax_lora / jax_full: {ratio:.2f}x")
+        if not args.memory:
+            print(f"tokens/s, jax_lora / jax_full: {lo['tokens_per_s'] / fu['tokens_per_s']:.2f}x")
+            print(
+                f"peak RSS, jax_lora / jax_full: {lo['peak_rss_bytes'] / fu['peak_rss_bytes']:.2f}x"
+            )
+    if lo and pe:
+        ratio = lo["optimizer_bytes"] / pe["optimizer_bytes"]
+        print(f"optimizer state, jax_lora / peft_lora: {ratio:.2f}x")
+        if not args.memory:
+            ratio = lo["tokens_per_s"] / pe["tokens_per_s"]
+            print(f"tokens/s, jax_lora / peft_lora: {ratio:.2f}x (goal >= 1.5x)")
+            ratio = lo["peak_rss_bytes"] / pe["peak_rss_bytes"]
+            print(f"peak RSS, jax_lora / peft_lora: {ratio:.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--layers", type=int, default=0, help="keep this many layers (0: all)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--jobs", default=",".join(JOBS))
+    p.add_argument(
+        "--base_dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="base weights and compute; auto: bfloat16 for 1b, else float32",
+    )
+    p.add_argument("--memory", action="store_true", help="bytes only: no timed steps")
+    p.add_argument("--jobs", default=",".join(JOBS), help=f"comma list of {', '.join(JOBS)}")
     p.add_argument("--_job", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.base_dtype == "auto":
+        args.base_dtype = "bfloat16" if args.size == "1b" else "float32"
+    jobs = args.jobs.split(",")
+    bad = [j for j in jobs if j not in JOBS]
+    if bad or args.layers < 0 or min(args.batch, args.seq, args.steps, args.rank) < 1:
+        p.error(f"--jobs {bad} not in {JOBS}" if bad else "counts must be >= 1 (--layers >= 0)")
     if args._job:
         out = run_peft(args) if args._job == "peft_lora" else run_jax(args, args._job == "jax_lora")
         print("RESULT " + json.dumps(out))
@@ -178,40 +300,17 @@ def main() -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device, like torch
     results = {}
-    for job in args.jobs.split(","):
+    for job in jobs:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--_job", job]
+        t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not line:
             print(f"{job}: failed\n{done.stderr[-2000:]}")
             continue
         results[job] = json.loads(line[-1][len("RESULT ") :])
-    print(
-        f"\nsize {args.size}, batch {args.batch} x seq {args.seq}, rank {args.rank}, base "
-        f"{args.base_dtype}, {args.steps} timed steps (one process per job)"
-    )
-    print(
-        f"{'job':<10} {'tokens/s':>10} {'peak RSS MiB':>13} {'opt state B':>12} {'trainable':>11}"
-    )
-    for job, r in results.items():
-        print(
-            f"{job:<10} {r['tokens_per_s']:>10.0f} {r['peak_rss_bytes'] / 2**20:>13.0f} "
-            f"{r['optimizer_bytes']:>12} {r['trainable']:>11}"
-        )
-    lo, fu, pe = (results.get(k) for k in JOBS)
-    if lo and fu:
-        print(f"jax_lora / jax_full tokens/s: {lo['tokens_per_s'] / fu['tokens_per_s']:.2f}x")
-        print(
-            f"jax_lora / jax_full optimizer state: "
-            f"{lo['optimizer_bytes'] / fu['optimizer_bytes']:.2%} (goal <= 2%)"
-        )
-        print(f"jax_lora / jax_full peak RSS: {lo['peak_rss_bytes'] / fu['peak_rss_bytes']:.2f}x")
-    if lo and pe:
-        print(
-            f"jax_lora / peft_lora tokens/s: {lo['tokens_per_s'] / pe['tokens_per_s']:.2f}x "
-            "(goal >= 1.5x)"
-        )
-        print(f"jax_lora / peft_lora peak RSS: {lo['peak_rss_bytes'] / pe['peak_rss_bytes']:.2f}x")
+        print(f"{job}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    report(args, results)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,16 @@ def _convert(argv: list[str]) -> int:
     from llama_jax.convert import convert
 
     config = convert(args.input, args.output, args.format, args.dtype)
+    if args.format == "peft":
+        from llama_jax.finetune import read_record
+
+        record = read_record(args.input)
+        print(
+            f"wrote the PEFT adapter (rank {record['lora']['rank']}) of {args.input} to "
+            f"{args.output}; its base is {record['base']['path']} (for transformers: "
+            "llama3 convert --format hf of that base)"
+        )
+        return 0
     print(
         f"wrote {args.format} model ({config.param_count() / 1e6:.1f}M params, "
         f"{config.param_dtype}) to {args.output}"
@@ -100,20 +110,16 @@ def _finetune(argv: list[str]) -> int:
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
-    try:
-        unknown = experiment.parse_overrides(config, rest)
-        if unknown:
-            p.error(f"unrecognised arguments: {' '.join(unknown)}")
-        finetune.prepare(config)
-        if args.print_config:
-            print(config)
-            return 0
-        from llama_jax.train import train
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    finetune.prepare(config)
+    if args.print_config:
+        print(config)
+        return 0
+    from llama_jax.train import train
 
-        result = train(config)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
-        return 1
+    result = train(config)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -138,6 +144,7 @@ def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantisation"
     )
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA directory or LoRA run to merge")
     p.add_argument("--max_new_tokens", type=int, default=256)
     # Meta's reference sampling settings; --temperature 0 is greedy.
     p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
@@ -165,7 +172,9 @@ def _generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from llama_jax.api import Llama3
 
-    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
+    model = Llama3.from_pretrained(
+        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+    )
     for i, prompt in enumerate(args.prompt):
         # The prompt, then its continuation as it streams; a blank line between prompts.
         sys.stdout.write(("\n" if i else "") + prompt)
@@ -185,7 +194,9 @@ def _chat(argv: list[str]) -> int:
     from llama_jax.api import Llama3
     from llama_jax.text_stream import run_chat
 
-    model = Llama3.from_pretrained(args.model_path, dtype=args.dtype, quantize=args.quantize)
+    model = Llama3.from_pretrained(
+        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+    )
     prompt = "> " if sys.stdin.isatty() else ""
     kwargs = _sampling_kwargs(args, truncate=False)
     run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **kwargs)

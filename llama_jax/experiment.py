@@ -301,7 +301,7 @@ def _unknown(c: ml_collections.ConfigDict, key: str) -> str:
             k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], 1, 0.75)
         ][:3]
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return f"unknown config key {key!r}{hint} (llama3 train --print_config lists all {len(keys)})"
+    return f"unknown config key {key!r}{hint} (--print_config lists all {len(keys)})"
 
 
 def parse_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:

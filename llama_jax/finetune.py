@@ -77,6 +77,8 @@ def read_base_config(path: str) -> ModelConfig:
     """The ModelConfig of anything `Llama3.from_pretrained` reads, without reading weights."""
     from llama_jax import convert
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from={path!r} does not exist")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"init_from={path!r} is not a model directory")
     if convert.is_llama_jax_dir(path) or convert.is_run_dir(path):
@@ -143,6 +145,9 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lora_config(c)  # bad rank / targets / dropout: an error before anything is loaded
     if c.data_format not in DATA_FORMATS:
         raise ValueError(f"data_format={c.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
+    if c.base_dtype not in BASE_DTYPES:
+        valid = ", ".join(repr(d) for d in BASE_DTYPES)
+        raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
     base = read_base_config(c.init_from)
     keep = {k: c.model[k] for k in COMPUTE_FIELDS}
     if c.lora.rank > 0 and not c.base_dtype:
@@ -157,6 +162,98 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not c.tokenizer_path:
         c.tokenizer_path = c.init_from
     return c
+
+
+BASE_DTYPES = ("", "float32", "bfloat16", "float16")
+
+
+def check_run_dir(c: ml_collections.ConfigDict) -> None:
+    """A fine-tune writes to a new directory, or resumes one of the same kind. Writes nothing.
+
+    Refused before anything is read or written: the base's own directory as the run directory
+    (the fine-tune would write over the base's files), a directory holding checkpoints of a
+    run that is not a fine-tune, and one whose fine-tune used other LoRA settings (the
+    checkpoints could not be restored into this run's state). The base's weights are compared
+    with the recorded ones once they are read (`check_resume`).
+    """
+    if c.init_from and os.path.realpath(c.run_dir) == os.path.realpath(c.init_from):
+        raise ValueError(
+            f"model_path={c.run_dir!r} is the base model's own directory (init_from); give the "
+            "fine-tune a new directory"
+        )
+    from llama_jax.checkpoint import committed_steps
+
+    steps = committed_steps(os.path.join(c.run_dir, "checkpoints"))
+    if not steps:
+        return
+    record = read_record(c.run_dir)
+    if record is None:
+        if c.init_from:
+            raise ValueError(
+                f"model_path={c.run_dir!r} holds checkpoints (step {steps[-1]}) of a run that is "
+                f"not a fine-tune (no {FINETUNE_FILE}); give the fine-tune a new directory, or "
+                f"use {c.run_dir!r} as its base with --init_from"
+            )
+        return
+    if not c.init_from:
+        raise ValueError(
+            f"model_path={c.run_dir!r} holds a fine-tune of {record['base']['path']}; resume it "
+            f"with llama3 finetune --init_from {record['base']['path']}"
+        )
+    had = _lora_from_record(record) if record.get("lora") else None
+    want = lora_config(c)
+    if had != want:
+        raise ValueError(
+            f"model_path={c.run_dir!r} holds a {_describe(had)} fine-tune (step {steps[-1]}); "
+            f"this one is {_describe(want)}: resume with the same settings, or use a new directory"
+        )
+
+
+def _describe(lora: lora_lib.LoraConfig | None) -> str:
+    if lora is None:
+        return "full (lora.rank=0)"
+    return (
+        f"LoRA (rank={lora.rank}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, "
+        f"targets={','.join(lora.targets)})"
+    )
+
+
+def check_resume(run_dir: str, base: dict[str, Any]) -> None:
+    """A run resumed from its checkpoints must start from the base it was trained on."""
+    from llama_jax.checkpoint import committed_steps
+
+    record = read_record(run_dir)
+    if record is None or not committed_steps(os.path.join(run_dir, "checkpoints")):
+        return
+    if record["base"]["fingerprint"] != base["fingerprint"]:
+        raise ValueError(
+            f"init_from={base['path']} is not the base {run_dir} was fine-tuned from (weights "
+            f"fingerprint {base['fingerprint'][:19]}..., recorded "
+            f"{record['base']['fingerprint'][:19]}... for {record['base']['path']}); resume "
+            "with that base, or use a new directory"
+        )
+
+
+def vocab_hint(c: ml_collections.ConfigDict, tokenizer_ids: int, vocab_size: int) -> str:
+    """The error for a tokenizer larger than the vocabulary of the base (`init_from`), which
+    starting from a base cannot change (unlike `--config.model.vocab_size` in pretraining)."""
+    base = c.init_from
+    if not c.tokenizer_path:
+        what = f"the tokenizer trained for this run (tokenizer_vocab_size={c.tokenizer_vocab_size})"
+        fix = (
+            f"set --config.tokenizer_path={base} (the base's own) or "
+            f"--config.tokenizer_vocab_size={vocab_size} or less"
+        )
+    elif os.path.realpath(c.tokenizer_path) == os.path.realpath(base):
+        what = f"the tokenizer of {base}"
+        fix = "the base's own tokenizer file is not the one its weights were trained with"
+    else:
+        what = f"the tokenizer {c.tokenizer_path}"
+        fix = f"use the base's own (leave tokenizer_path empty) or one of <= {vocab_size} ids"
+    return (
+        f"{what} has {tokenizer_ids} ids but the base {base} has vocab_size={vocab_size}, which "
+        f"a run started from a base cannot change; {fix}"
+    )
 
 
 def base_record(path: str, config: ModelConfig, params: Any) -> dict[str, Any]:
@@ -224,7 +321,19 @@ def run_adapters(run_dir: str) -> Any:
     if not steps:
         raise ValueError(f"{run_dir} has no committed checkpoint yet")
     state = os.path.join(run_dir, "checkpoints", str(steps[-1]), "state")
-    return load_params(state, subtree="params")
+    adapters = load_params(state, subtree="params")
+    layers = [v for k, v in adapters.items() if k == "layers" or k.startswith("layers_")]
+    if len(layers) != len(adapters) or not all(
+        isinstance(ab, dict) and set(ab) == {"a", "b"}
+        for layer in layers
+        for mod in layer.values()
+        for ab in mod.values()
+    ):
+        raise ValueError(
+            f"{run_dir}: the checkpoint of step {steps[-1]} holds no LoRA adapters (keys "
+            f"{sorted(adapters)}), though {FINETUNE_FILE} names a LoRA config"
+        )
+    return adapters
 
 
 def load_lora_run(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
@@ -233,6 +342,8 @@ def load_lora_run(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dic
 
     record = read_record(path)
     base_path = record["base"]["path"]
+    if os.path.realpath(base_path) == os.path.realpath(path):
+        raise ValueError(f"{path}/{FINETUNE_FILE} names the run itself as its base")
     if not os.path.isdir(base_path):
         raise FileNotFoundError(
             f"{path} is a LoRA run of the base {base_path}, which no longer exists; load the "

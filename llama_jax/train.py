@@ -125,6 +125,7 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
     if finetune.lora_config(c) is not None and not c.init_from:
         raise ValueError("lora.rank > 0 trains adapters on a base: set init_from (--init_from)")
+    finetune.check_run_dir(c)  # first: the base's own directory as run_dir is not read as one
     checkpoint.check_run_dir(c.run_dir, model_cfg)
 
 
@@ -318,6 +319,8 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
     # ------------------------------------------------------------------ 3-4. tokenizer, data
     tokenizer = get_tokenizer(c)
     if tokenizer.vocab_size > model_cfg.vocab_size:
+        if c.init_from:  # the base's vocabulary is fixed
+            raise ValueError(finetune.vocab_hint(c, tokenizer.vocab_size, model_cfg.vocab_size))
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
             f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}"
@@ -327,6 +330,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
     base_params = None
     if c.init_from:  # read now: a base that does not fit is an error before compiling
         base_params, record = _read_base(c.init_from, model_cfg)
+        finetune.check_resume(c.run_dir, record)
         if is_main:
             finetune.write_record(c.run_dir, record, lora_cfg)
     if is_main:

@@ -130,9 +130,24 @@ def test_export_peft_and_hf_load_with_the_same_logits(ft_data, lora_run, tmp_pat
     assert cli.main(["convert", "--input", lora_run, "--output", str(hf), "--format", "hf"]) == 0
     merged = transformers.LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     assert np.abs(hf_logits(merged, TOKENS) - ours).max() <= 1e-4
-    # ...and the PEFT export imports back as the same model.
+    # ...and the PEFT export imports back as the same model, in Python and on the command line.
     again = Llama3.from_pretrained(ft_data["base"], dtype="float32", adapter=str(out))
     assert np.abs(again.logits(TOKENS) - ours).max() <= 1e-5
+
+
+def test_generate_with_adapter_flag_equals_the_run(ft_data, lora_run, tmp_path, capsys):
+    out = tmp_path / "peft"
+    assert cli.main(["convert", "--input", lora_run, "--output", str(out), "--format", "peft"]) == 0
+    assert f"wrote the PEFT adapter (rank {RANK}) of {lora_run}" in capsys.readouterr().out
+    flags = ["--temperature", "0", "--max_new_tokens", "6", "--dtype", "float32", "Hello"]
+    assert cli.main(["generate", "--model_path", lora_run, *flags]) == 0
+    want = capsys.readouterr().out
+    assert (
+        cli.main(["generate", "--model_path", ft_data["base"], "--adapter", str(out), *flags]) == 0
+    )
+    assert capsys.readouterr().out == want
+    assert cli.main(["generate", "--model_path", ft_data["base"], "--adapter", "nope", *flags]) == 1
+    assert capsys.readouterr().err.strip() == "error: adapter='nope' is not a directory"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
@@ -222,6 +237,35 @@ def test_bad_rows_name_the_file_and_line(ft_data, tmp_path, capsys):
     bad.write_text("\n".join([rows[0], rows[1][:-5], rows[2]]) + "\n")
     status, last = _cli(dict(ft_data, train=str(bad)), tmp_path / "r", capsys=capsys)
     assert status == 1 and f"{bad}:2: malformed JSON line" in last, last
+    robot = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                     {"role": "robot", "content": "beep"}]})  # fmt: skip
+    bad.write_text("\n".join([rows[0], rows[1], robot]) + "\n")
+    status, last = _cli(dict(ft_data, train=str(bad)), tmp_path / "r", capsys=capsys)
+    assert status == 1, last
+    assert last == (
+        f"error: {bad}:3: message 1 has unknown role 'robot'; valid: system, user, assistant"
+    )
+    assert not os.path.isdir(tmp_path / "r" / "checkpoints")
+
+
+def test_dialogs_without_an_answer_are_counted_and_said(ft_data, tmp_path, capsys):
+    questions = [json.dumps({"messages": [{"role": "user", "content": q}]}) for q in "ab"]
+    mixed, only = tmp_path / "mixed.jsonl", tmp_path / "questions.jsonl"
+    mixed.write_text("\n".join([json.dumps({"prompt": "why?", "completion": "so"}), *questions]))
+    only.write_text("\n".join(questions) + "\n")
+    # The training file keeps one dialog and skips two (a console warning); the validation
+    # file has nothing left to evaluate (the error), so nothing compiles.
+    argv = _cmd(dict(ft_data, train=str(mixed), valid=str(only)), tmp_path / "r")[3:]
+    assert cli.main(argv + ["--config.num_steps=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    said = r"train: 3 dialogs -> 1 examples \(\d+ target tokens\); skipped 2 with no assistant"
+    assert any(re.search(said, line) for line in err), err
+    assert err[-1] == (
+        "error: validation: no example left to train on (of: 2 dialogs -> 0 examples (0 "
+        "target tokens); skipped 2 with no assistant turn; 0 truncated, 0 dropped as longer "
+        "than seq_len); every dialog needs an assistant turn"
+    )
+    assert not os.path.isdir(tmp_path / "r" / "checkpoints")
 
 
 def test_architecture_comes_from_the_base(ft_data, tmp_path, capsys):
@@ -236,4 +280,64 @@ def test_tokenizer_larger_than_the_base_vocab_is_refused(ft_data, tmp_path, caps
     make_hf_model(str(small), seed=0, vocab=256, max_pos=256, layout=5)
     shutil.copy(os.path.join(ft_data["base"], "tokenizer.model"), small / "tokenizer.model")
     status, last = _cli(dict(ft_data, base=str(small)), tmp_path / "r", capsys=capsys)
-    assert status == 1 and "the tokenizer has 400 ids but model.vocab_size=256" in last, last
+    assert status == 1, last
+    assert last.startswith(
+        f"error: the tokenizer of {small} has 400 ids but the base {small} has vocab_size=256, "
+        "which a run started from a base cannot change; "
+    )
+    assert "model.vocab_size" not in last  # the pretraining hint does nothing here
+    tok = os.path.join(ft_data["root"], "tok")
+    status, last = _cli(dict(ft_data, base=str(small)), tmp_path / "r",
+                        f"--config.tokenizer_path={tok}", capsys=capsys)  # fmt: skip
+    assert status == 1 and last == (
+        f"error: the tokenizer {tok} has 400 ids but the base {small} has vocab_size=256, which "
+        "a run started from a base cannot change; use the base's own (leave tokenizer_path "
+        "empty) or one of <= 256 ids"
+    )
+    assert not os.path.isdir(tmp_path / "r" / "checkpoints")
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_the_base_directory_is_not_a_run_directory(ft_data, capsys):
+    before = _files(ft_data["base"])
+    status, last = _cli(ft_data, ft_data["base"] + "/", capsys=capsys)
+    assert status == 1 and last == (
+        f"error: model_path='{ft_data['base']}/' is the base model's own directory (init_from); "
+        "give the fine-tune a new directory"
+    )
+    assert _files(ft_data["base"]) == before
+
+
+def test_resume_needs_the_same_kind_of_run_and_the_same_base(ft_data, lora_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    kept = lambda: {k: v for k, v in _files(run).items() if not k.endswith(".log")}  # noqa: E731
+    before = kept()
+    status, last = _cli(ft_data, run, "--lora_rank", "2", capsys=capsys)
+    assert status == 1 and re.fullmatch(
+        rf"error: model_path='{run}' holds a LoRA \(rank=4, alpha=16, dropout=0.1, targets=wq,"
+        r"wk,wv,wo,w_gate,w_up,w_down\) fine-tune \(step 10\); this one is LoRA \(rank=2, .*: "
+        "resume with the same settings, or use a new directory",
+        last,
+    ), last
+    status, last = _cli(ft_data, run, "--lora_rank", "0", capsys=capsys)
+    assert status == 1 and "; this one is full (lora.rank=0): resume" in last, last
+    other = tmp_path / "other"  # the same architecture and tokenizer, other weights
+    make_hf_model(str(other), seed=9, vocab=400, max_pos=256, layout=5)
+    shutil.copy(os.path.join(ft_data["base"], "tokenizer.model"), other / "tokenizer.model")
+    status, last = _cli(dict(ft_data, base=str(other)), run, "--lora_rank", str(RANK),
+                        capsys=capsys)  # fmt: skip
+    assert status == 1 and re.match(
+        rf"error: init_from={other} is not the base {run} was fine-tuned from \(weights "
+        rf"fingerprint sha256:\w+\.\.\., recorded sha256:\w+\.\.\. for {ft_data['base']}\)",
+        last,
+    ), last
+    assert kept() == before
+    (run / "finetune.json").unlink()  # now like a pretraining run's directory
+    status, last = _cli(ft_data, run, "--lora_rank", str(RANK), capsys=capsys)
+    assert status == 1 and last.startswith(
+        f"error: model_path='{run}' holds checkpoints (step 10) of a run that is not a fine-tune"
+    ), last

@@ -6,8 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import torch
 from hf_reference import make_hf_model
 
@@ -172,3 +174,112 @@ def test_chatterbot_source():
     assert 1800 < len(en) + len(va) < 2100 and 400 < len(zh) < 480
     assert all(d[0]["role"] == "user" and d[-1]["role"] == "assistant" for d in en + va + zh)
     assert abs(len(va) - (len(en) + len(va)) / 20) <= 3  # every 20th conversation held out
+
+
+# ----------------------------------------------------------------------------- tfds: rows
+def _tfds_rows() -> dict[str, list[dict]]:
+    """The same dialogs in each row format: DIALOGS plus a dozen real chatterbot ones."""
+    dialogs = DIALOGS + chat.read_dialogs("chatterbot/en", "train")[:13]
+    pairs = [(d[0]["content"], next(m for m in d if m["role"] == "assistant")["content"])
+             for d in dialogs if d[0]["role"] == "user"]  # fmt: skip
+    pairs.insert(0, ("Say la sixty times.", "la " * 60))  # longer than seq_len
+    return {
+        "messages": [{"messages": d} for d in dialogs],
+        "prompt": [{"prompt": p, "completion": c} for p, c in pairs],
+        "alpaca": [
+            {"instruction": p, "input": "" if i % 2 else f"context {i}", "output": c}
+            for i, (p, c) in enumerate(pairs)
+        ],
+    }
+
+
+TFDS_ROWS = _tfds_rows()
+N_VALID = 3
+
+
+class LlamaJaxTestChat(tfds.core.GeneratorBasedBuilder):
+    """A tiny chat dataset built offline by the tests, one config per row format."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in TFDS_ROWS]
+
+    def _info(self):
+        text = tfds.features.Text()
+        features = {
+            "messages": {"messages": tfds.features.Sequence({"role": text, "content": text})},
+            "prompt": {"prompt": text, "completion": text},
+            "alpaca": {"instruction": text, "input": text, "output": text},
+        }[self.builder_config.name]
+        features["idx"] = tfds.features.Scalar(np.int32)
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        n = len(TFDS_ROWS[self.builder_config.name])
+        return {
+            "train": self._generate_examples(range(0, n - N_VALID)),
+            "validation": self._generate_examples(range(n - N_VALID, n)),
+        }
+
+    def _generate_examples(self, ids):
+        for i in ids:
+            yield i, dict(TFDS_ROWS[self.builder_config.name][i], idx=i)
+
+
+@pytest.fixture(scope="module")
+def tfds_chat_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds_chat"))
+    for name in TFDS_ROWS:
+        builder = LlamaJaxTestChat(config=name, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+    return data_dir
+
+
+def _batches(it) -> list[dict[str, np.ndarray]]:
+    return [{k: np.asarray(v) for k, v in b.items()} for b in it]
+
+
+@pytest.mark.parametrize("fmt", list(TFDS_ROWS))
+def test_tfds_source_gives_the_examples_of_the_same_jsonl_rows(tok, tfds_chat_dir, tmp_path, fmt):
+    name = f"tfds:llama_jax_test_chat/{fmt}:1.0.0"
+    rows = TFDS_ROWS[fmt]
+    # TFDS stores records in a hashed order: write the JSONL in the order TFDS reads them back
+    # (read here through TFDS itself), so that both sources list the same rows in one order.
+    builder = tfds.builder(f"llama_jax_test_chat/{fmt}", data_dir=tfds_chat_dir)
+    for split, fname in (("train", "train.jsonl"), ("validation", "valid.jsonl")):
+        ds = builder.as_data_source(split=split)
+        order = [int(ds[i]["idx"]) for i in range(len(ds))]
+        assert sorted(order) != order or len(order) < 3  # the order really is TFDS's own
+        with open(tmp_path / fname, "w") as f:
+            f.writelines(json.dumps(rows[i]) + "\n" for i in order)
+    for split, fname in (("train", "train.jsonl"), ("validation", "valid.jsonl")):
+        got = chat.read_dialogs(name, split, tfds_chat_dir)
+        assert got == chat.read_dialogs(str(tmp_path / fname))
+        assert len(got) == (len(rows) - N_VALID if split == "train" else N_VALID)
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    kw = dict(seq_len=40, global_batch_size=8, mesh=mesh, num_epochs=2, seed=3, num_threads=1)
+    t1, e1, s1 = chat.make_chat_iterators(name, tok, data_dir=tfds_chat_dir, **kw)
+    t2, e2, s2 = chat.make_chat_iterators(
+        str(tmp_path / "train.jsonl"), tok, valid_data_path=str(tmp_path / "valid.jsonl"), **kw
+    )
+    assert s1 == s2 and s1["train"].examples == len(rows) - N_VALID
+    assert s1["train"].truncated > 0  # seq_len 40 cuts some: the same ones from both sources
+    for a, b in ((_batches(t1), _batches(t2)), (_batches(e1), _batches(e2))):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert t1.get_state()["config"]["corpus"] == t2.get_state()["config"]["corpus"]
+
+
+def test_tfds_source_without_the_split(tok, tfds_chat_dir, caplog):
+    name = "tfds:llama_jax_test_chat/prompt:1.0.0"
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits: .*validation"):
+        chat.read_dialogs(name, "test", tfds_chat_dir)
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    train_it, eval_it, _ = chat.make_chat_iterators(
+        name, tok, seq_len=96, global_batch_size=8, mesh=mesh, num_epochs=1,
+        data_dir=tfds_chat_dir, valid_split="test",
+    )  # fmt: skip
+    assert eval_it is None and "no validation" in caplog.text
+    assert len(_batches(train_it)) > 0

@@ -172,6 +172,10 @@ def read_dialogs(
 
         dp = parse_data_path(data_path)
         builder = tfds_builder(dp.name, dp.version, data_dir=data_dir)
+        if split.split("[", 1)[0] not in builder.info.splits:
+            raise ValueError(
+                f"{data_path} has no split {split!r}; its splits: {', '.join(builder.info.splits)}"
+            )
         ds = builder.as_data_source(split=split)
         return [row_to_messages(dict(ds[i]), f"{data_path}[{split}][{i}]") for i in range(len(ds))]
     if split != "train":
@@ -267,7 +271,9 @@ def build_examples(
         all_masks.append(np.asarray(mask, np.int8))
         stats.examples += 1
         stats.target_tokens += int(sum(mask[1:]))
-    log.info("%s", stats.report(what))
+    # Anything skipped, cut or dropped is said on the console (a warning), not only in the log.
+    lost = stats.no_assistant or stats.truncated or stats.dropped_long
+    (log.warning if lost else log.info)("%s", stats.report(what))
     if not all_ids:
         raise ValueError(
             f"{what}: no example left to train on ({stats.report('of')}); "
@@ -425,6 +431,21 @@ def make_chat_iterators(
         path, split = (valid_data_path, "train") if valid_data_path else (data_path, valid_split)
         if valid_data_path.startswith(("chatterbot", "tfds:")):
             split = valid_split
+        if (
+            path.startswith("tfds:")
+            and not valid_data_path
+            and not _tfds_has(path, split, data_dir)
+        ):
+            log.warning("no validation: %s has no split %r (give valid_data_path)", path, split)
+            return train_it, None, stats
         eval_mb, _ = make(path, split, False, 1, "validation")
         eval_it = loader.EvalIterator(eval_mb, prefetch=prefetch, num_threads=num_threads)
     return train_it, eval_it, stats
+
+
+def _tfds_has(data_path: str, split: str, data_dir: str | None) -> bool:
+    from llama_jax.data.sources import parse_data_path, tfds_builder
+
+    dp = parse_data_path(data_path)
+    splits = tfds_builder(dp.name, dp.version, data_dir=data_dir).info.splits
+    return split.split("[", 1)[0] in splits
