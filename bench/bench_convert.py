@@ -22,20 +22,12 @@ import sys
 import time
 
 import numpy as np
+from shapes import SMALL_50M  # noqa: E402  (bench/)
 
 from llama_jax.config import get_config
 from llama_jax.convert import params_to_tensors, write_safetensors
 
-SMALL = dict(
-    vocab_size=32000,
-    dim=512,
-    n_layers=8,
-    n_heads=8,
-    n_kv_heads=2,
-    mlp_dim=1536,
-    rope_theta=500000.0,
-    max_seq_len=1024,
-)
+SMALL = dict(SMALL_50M, max_seq_len=1024)
 
 
 def random_params(config, dtype, seed=0):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from shapes import SMALL_50M  # noqa: E402  (bench/)
 
 from llama_jax.config import get_config
 
@@ -42,8 +43,7 @@ from llama_jax.config import get_config
 SIZES = {
     "tiny": ("llama3-8b", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=96),
              "float32"),
-    "50m": ("llama3-8b", dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2,
-                              mlp_dim=1536), "float32"),
+    "50m": ("llama3-8b", SMALL_50M, "float32"),
     "1b": ("llama3.2-1b", {}, "bfloat16"),
 }  # fmt: skip
 WORDS = [

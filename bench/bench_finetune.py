@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from shapes import SMALL_50M  # noqa: E402  (bench/)
+
 MIB = 2**20
 SIZES = {  # name -> (preset, ModelConfig overrides)
     "tiny": (
@@ -41,16 +43,7 @@ SIZES = {  # name -> (preset, ModelConfig overrides)
     ),
     "50m": (
         "tiny",
-        dict(
-            vocab_size=32000,
-            dim=512,
-            n_layers=8,
-            n_heads=8,
-            n_kv_heads=2,
-            mlp_dim=1536,
-            rope_theta=500000.0,
-            tie_embeddings=False,
-        ),
+        dict(SMALL_50M, tie_embeddings=False),
     ),
     "1b": ("llama3.2-1b", {}),
 }

@@ -34,16 +34,14 @@ import ml_dtypes
 import numpy as np
 import torch
 import transformers
+from shapes import SMALL_50M  # noqa: E402  (bench/)
 
 from llama_jax import convert, sharding
 from llama_jax.config import ModelConfig, get_config
 from llama_jax.model import init_params
 from llama_jax.sampling import Sampler
 
-SMALL = ModelConfig(
-    vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, mlp_dim=1536,
-    rope_theta=5e5, max_seq_len=2048,
-)  # fmt: skip
+SMALL = ModelConfig(**SMALL_50M, max_seq_len=2048)
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:

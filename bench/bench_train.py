@@ -25,18 +25,10 @@ import sys
 import time
 
 import numpy as np
+from shapes import SMALL_50M  # noqa: E402  (bench/)
 
 MODELS = {
-    "50M": dict(
-        vocab_size=32000,
-        dim=512,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=2,
-        mlp_dim=1536,
-        rope_theta=500000.0,
-        max_seq_len=256,
-    ),
+    "50M": dict(SMALL_50M, max_seq_len=256),
 }
 
 
