@@ -150,18 +150,7 @@ def run_peft(args) -> dict:
     import transformers
 
     cfg = model_config(args)
-    hf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.mlp_dim,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=max(args.seq, 256),
-    )
+    hf = transformers.LlamaConfig(**{**cfg.to_hf(), "max_position_embeddings": max(args.seq, 256)})
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.base_dtype == "bfloat16" else torch.float32
     with torch.device("cpu"):
