@@ -146,7 +146,24 @@ def sse(obj: dict) -> bytes:
 # ----------------------------------------------------------------------------- responses
 async def _until_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
-        pass
+        pass  # other messages (request body chunks) carry nothing for us
+
+
+async def _unless_disconnected(receive, work: Callable[[], Awaitable[Any]]) -> Any:
+    """Awaits `work()`; if the client disconnects first, cancels it and returns None."""
+    result = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch():
+            await _until_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result = await work()
+        finally:
+            tg.cancel_scope.cancel()
+    return result
 
 
 class Stream(Response):
@@ -157,34 +174,25 @@ class Stream(Response):
 
     async def __call__(self, scope, receive, send):
         async def pump():
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                    ],
-                }
-            )
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                        ],
+                    }
+                )
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away while we wrote
 
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch():
-                    await _until_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                try:
-                    await pump()
-                except OSError:
-                    pass  # the client went away while we wrote
-                finally:
-                    tg.cancel_scope.cancel()
+            await _unless_disconnected(receive, pump)
         finally:
             self.cancel()  # no-op when every choice has finished
             await self.chunks.aclose()
@@ -197,19 +205,11 @@ class Deferred(Response):
         self.result, self.cancel = result, cancel
 
     async def __call__(self, scope, receive, send):
-        response = None
+        async def compute():
+            return await self.result
+
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def watch():
-                    await _until_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                try:
-                    response = await self.result
-                finally:
-                    tg.cancel_scope.cancel()
+            response = await _unless_disconnected(receive, compute)
         finally:
             self.cancel()
         if response is not None:
