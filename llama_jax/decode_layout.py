@@ -41,11 +41,8 @@ LAYOUTS = ("auto", "standard", "matvec")
 
 
 # ----------------------------------------------------------------------------- decode layout
-# Projection weights by leaf name: (letters of the model's layout, contracted letters); they
-# must match the einsums in model.py (the cache-vs-recompute tests check the two agree).
-_PROJECTIONS = PROJECTIONS
-
-
+# Projections (the weights below) are quantize.PROJECTIONS: leaf name -> (letters of the model's
+# layout, contracted letters), matching model.py's einsums (the cache-vs-recompute tests check).
 def _n_chunks(k: int) -> int:
     """Contraction chunks for a matrix-vector product over k elements (see matvec_dense)."""
     if k <= MATVEC_MAX:
@@ -74,7 +71,8 @@ def _from_chunks(s: Array, letters: str, contract: str, shape: Sequence[int]) ->
 
 
 def _projection(path: tuple[Any, ...]) -> tuple[str, str] | None:
-    return _PROJECTIONS.get(getattr(path[-1], "key", None))
+    """(layout letters, contracted letters) of a projection weight (quantize.PROJECTIONS)."""
+    return PROJECTIONS.get(getattr(path[-1], "key", None))
 
 
 def matvec_dense(spec: str, x: Array, w: Array, **kwargs: Any) -> Array:
