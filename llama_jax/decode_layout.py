@@ -11,11 +11,13 @@ on CPU with 16-bit weights each projection is stored as contiguous [C, M, Kc] ch
   quantize_matvec_params int8 weights in the matvec layout (their conversion fuses the same way).
   prepare_decode_params  the params laid out for decoding (layers unrolled; projections in the
                          matvec layout where chosen), on the model's mesh.
+  decode_compiler_options  XLA options for the jitted decode steps (CPU float32: no YNN dots).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -219,6 +221,33 @@ def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh, quantized: bool
     cpu = mesh.devices.flat[0].platform == "cpu"
     narrow = quantized or config.dtype in ("bfloat16", "float16")
     return "matvec" if cpu and narrow else "standard"
+
+
+# XLA:CPU hands dots to YNNPACK by default. For the few-row float32 products of a decode step
+# (B rows against a weight read from memory) its kernels are 2x slower than XLA's own: a 50M
+# model's batch-8 step takes 36 ms with them and 17 ms without (bench/RESULTS.md). For 16-bit
+# weights YNNPACK is the fast path (without it a bf16 GEMM first converts the whole weight).
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's XLA knows these compiler options (flags come and go)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+        return True
+    except Exception:  # noqa: BLE001 - an unknown option is all this checks for
+        return False
+
+
+def decode_compiler_options(config: ModelConfig, mesh: Mesh, quantized: bool = False) -> dict:
+    """XLA compiler options for jitted decode steps: on CPU with float32 (unquantized) weights,
+    dots stay off YNNPACK (see _NO_YNN); otherwise, or where XLA lacks the option, none."""
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    if cpu and not quantized and jnp.dtype(config.param_dtype) == jnp.float32:
+        if _xla_accepts(tuple(_NO_YNN.items())):
+            return dict(_NO_YNN)
+    return {}
 
 
 def prepare_decode_params(

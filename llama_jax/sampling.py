@@ -36,6 +36,7 @@ from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.decode_layout import (
     _to_model_layout,
+    decode_compiler_options,
     matvec_dense,
     prepare_decode_params,
     quantize_matvec_params,
@@ -124,8 +125,13 @@ class Sampler:
         self._model = Transformer(self.config, dense)
         self.batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         self.trace_counts: collections.Counter[str] = collections.Counter()
+        # Options for every jit that runs decode steps (see decode_compiler_options).
+        self.compiler_options = decode_compiler_options(self.config, mesh, bool(self.quantize))
+        step_options = self.compiler_options or None
         self._prefill_jit = jax.jit(self._prefill_fn, static_argnames="cache_len")
-        self._decode_jit = jax.jit(self._decode_fn, donate_argnames="cache")
+        self._decode_jit = jax.jit(
+            self._decode_fn, donate_argnames="cache", compiler_options=step_options
+        )
         self._start_jit = jax.jit(
             self._start_fn, static_argnames=("cache_len", "greedy", "needs_sort")
         )
@@ -133,12 +139,14 @@ class Sampler:
         # conversion of every weight: the loop would then read an f32 copy (twice the bytes, and
         # twice the memory, remade on every call). Keep the conversion inside the fused
         # matrix-vector products instead.
-        options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+        run_options = dict(self.compiler_options)
+        if self.layout == "matvec":
+            run_options["xla_disable_hlo_passes"] = "while-loop-invariant-code-motion"
         self._run_jit = jax.jit(
             self._run_fn,
             static_argnames=("greedy", "needs_sort"),
             donate_argnames="state",
-            compiler_options=options if self.layout == "matvec" else None,
+            compiler_options=run_options or None,
         )
         self._score_jit = jax.jit(self._score_fn)
 

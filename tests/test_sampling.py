@@ -91,6 +91,28 @@ def test_greedy_matches_transformers(tmp_path, case):
 
 
 # ----------------------------------------------------------------------------- KV cache
+def test_float32_decode_steps_compile_without_ynnpack_dots():
+    """On CPU, float32 decode steps keep their few-row dots off YNNPACK (2x faster at batch 8,
+    bench/RESULTS.md); bfloat16 ones keep YNNPACK, their fast bf16 GEMM. The equality tests
+    around this one run both kinds of step against the plain forward pass."""
+    if not decode_layout._xla_accepts(tuple(decode_layout._NO_YNN.items())):
+        pytest.skip("this XLA has no YNN fusion option")
+    for dtype, want_ynn in (("float32", False), ("bfloat16", True)):
+        config, params = _tiny_model(dtype=dtype, param_dtype=dtype)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        sampler = sampling.Sampler(config, params, mesh, layout="standard")
+        _, cache = sampler.prefill(np.ones((2, 4), np.int32), [4, 4], cache_len=8)
+        with sampler._context():
+            hlo = (
+                sampler._decode_jit.lower(
+                    sampler.params, cache, jnp.ones((2,), jnp.int32), jnp.full((2,), 4)
+                )
+                .compile()
+                .as_text()
+            )
+        assert ("__ynn_fusion" in hlo) == want_ynn, dtype
+
+
 @pytest.mark.parametrize(
     "layout, unroll", [("standard", True), ("standard", False), ("matvec", True)]
 )

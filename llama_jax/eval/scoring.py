@@ -20,8 +20,9 @@ least MIN_SHARED tokens (multiple choice with multi-token choices) run that cont
 a KV cache and each choice on top of it (`_shared_fn`). Only the scored positions of a row
 are projected to the vocabulary (the [D, V] matmul and the log-softmax are the expensive part
 for Llama 3's 128k vocabulary). Rows are sorted by length and packed into batches whose
-float32 logits stay under a byte budget; batch rows, row length and scored positions per row
-are padded to powers of two (`sampling.bucket`), so a new request length reuses compiled code.
+float32 logits stay under a byte budget; batch rows are padded to powers of two, row lengths
+and scored positions per row to `length_bucket`s (2^k or 3 * 2^(k-1): at most a third is
+padding), so a new request length reuses compiled code.
 """
 
 from __future__ import annotations
@@ -41,10 +42,23 @@ from jax.sharding import Mesh
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_cache
-from llama_jax.sampling import batch_bucket, bucket
+from llama_jax.sampling import batch_bucket
 
 MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
 MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
+MIN_LENGTH = 16  # shortest row / context bucket
+MIN_SUFFIX = 8  # shortest bucket of a row's part after its shared context (the choices)
+
+
+def length_bucket(n: int, limit: int, minimum: int = MIN_LENGTH) -> int:
+    """The padded size of n: the smallest 2^k or 3 * 2^(k-1) >= max(n, minimum), at most
+    `limit`. A third of a bucket at most is padding (powers of two alone: up to half), for
+    about twice as many compiled shapes."""
+    n = max(n, minimum)
+    p = 1 << max(0, n - 1).bit_length()
+    if p >= 4 and 3 * p // 4 >= n:
+        p = 3 * p // 4
+    return min(limit, p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,16 +273,16 @@ class Scorer:
         while i < len(rows):
             # Grow the batch while its float32 logits ([B, X, V], X scored positions per row)
             # fit the budget.
-            chunk, t = [rows[i]], bucket(len(distinct[rows[i]]), limit)
-            x = bucket(len(pairs[rows[i]]), 1 << 30, MIN_TARGETS)
+            chunk, t = [rows[i]], length_bucket(len(distinct[rows[i]]), limit)
+            x = length_bucket(len(pairs[rows[i]]), 1 << 30, MIN_TARGETS)
             while i + len(chunk) < len(rows) and len(chunk) < self.max_batch_size:
                 nxt = rows[i + len(chunk)]
-                x_next = max(x, bucket(len(pairs[nxt]), 1 << 30, MIN_TARGETS))
+                x_next = max(x, length_bucket(len(pairs[nxt]), 1 << 30, MIN_TARGETS))
                 b_next = batch_bucket(len(chunk) + 1, self.batch_multiple)
                 if b_next * x_next * v * 4 > self.max_batch_bytes:
                     break
                 chunk.append(nxt)
-                t, x = bucket(len(distinct[nxt]), limit), x_next
+                t, x = length_bucket(len(distinct[nxt]), limit), x_next
             b = batch_bucket(len(chunk), self.batch_multiple)
             tokens = np.zeros((b, t), np.int32)
             pos = np.zeros((b, x), np.int32)
@@ -309,7 +323,7 @@ class Scorer:
         v = self.config.vocab_size
         batch, rows, x = [], 0, MIN_TARGETS
         for g in sorted(groups, key=lambda g: len(distinct[g[0]])):
-            gx = max(bucket(len(pairs[r]), 1 << 30, MIN_TARGETS) for r in g)
+            gx = max(length_bucket(len(pairs[r]), 1 << 30, MIN_TARGETS) for r in g)
             nx = max(x, gx) if batch else gx
             n = batch_bucket(rows + len(g), self.batch_multiple)
             too_big = n * nx * v * 4 > self.max_batch_bytes or rows + len(g) > self.max_batch_size
@@ -325,9 +339,9 @@ class Scorer:
         limit = self.window
         prefixes = [distinct[g[0]][: first[g[0]]] for g in batch]
         members = [(k, r) for k, g in enumerate(batch) for r in g]
-        tp = bucket(max(len(q) for q in prefixes), limit)
-        ts = bucket(max(len(distinct[r]) - first[r] for _, r in members), limit)
-        x = bucket(max(len(pairs[r]) for _, r in members), 1 << 30, MIN_TARGETS)
+        tp = length_bucket(max(len(q) for q in prefixes), limit)
+        ts = length_bucket(max(len(distinct[r]) - first[r] for _, r in members), limit, MIN_SUFFIX)
+        x = length_bucket(max(len(pairs[r]) for _, r in members), 1 << 30, MIN_TARGETS)
         np_, nr = (
             batch_bucket(len(prefixes), self.batch_multiple),
             batch_bucket(len(members), self.batch_multiple),

@@ -81,7 +81,10 @@ class Slots:
         # Explicit out_shardings: the state and cache fed back keep one sharding, so no call
         # sees a new input sharding (a recompile) after the first.
         self._step_jit = jax.jit(
-            self._step_fn, donate_argnums=(1, 2), out_shardings=(cache_sh, state_sh, None, None)
+            self._step_fn,
+            donate_argnums=(1, 2),
+            out_shardings=(cache_sh, state_sh, None, None),
+            compiler_options=s.compiler_options or None,  # the sampler's decode options
         )
         self._admit_jit = jax.jit(
             self._admit_fn, donate_argnums=(1, 2), out_shardings=(cache_sh, state_sh)
