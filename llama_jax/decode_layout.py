@@ -244,9 +244,9 @@ def decode_compiler_options(config: ModelConfig, mesh: Mesh, quantized: bool = F
     """XLA compiler options for jitted decode steps: on CPU with float32 (unquantized) weights,
     dots stay off YNNPACK (see _NO_YNN); otherwise, or where XLA lacks the option, none."""
     cpu = mesh.devices.flat[0].platform == "cpu"
-    if cpu and not quantized and jnp.dtype(config.param_dtype) == jnp.float32:
-        if _xla_accepts(tuple(_NO_YNN.items())):
-            return dict(_NO_YNN)
+    f32 = jnp.dtype(config.param_dtype) == jnp.float32
+    if cpu and not quantized and f32 and _xla_accepts(tuple(_NO_YNN.items())):
+        return dict(_NO_YNN)
     return {}
 
 

@@ -8,9 +8,10 @@ Bottom up:
   Sampler                owns the decode params and the jitted functions: `prefill`,
                          `decode_step` (donates the cache), and the generation loop: `_start`
                          (prefill + first token) and `_run` (a `lax.while_loop` over decode
-                         steps that exits once every row has stopped). Prompt, batch and cache
-                         lengths are bucketed to powers of two, so new prompt lengths reuse
-                         compiled code and a generation never compiles per token.
+                         steps that exits once every row has stopped). Batch and cache lengths
+                         are bucketed to powers of two, prompts to 2^k or 3 * 2^(k-1), so new
+                         prompt lengths reuse compiled code and a generation never compiles
+                         per token.
   Generation             one batch of prompts being generated, advanced from the host in
                          chunks (one chunk unless stop strings or streaming need a look).
   (text_stream.py)       text on top: streaming detokenisation, stop strings, chat.
@@ -55,6 +56,7 @@ from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X 
     _step_keys,
     batch_bucket,
     bucket,
+    length_bucket,
     sample_tokens,
 )
 
@@ -364,9 +366,9 @@ class Sampler:
         i = 0
         while i < len(order):
             # Grow the batch while its logits fit the budget (lengths only grow: sorted).
-            chunk, t = [order[i]], bucket(len(seqs[order[i]]), limit)
+            chunk, t = [order[i]], length_bucket(len(seqs[order[i]]), limit)
             while i + len(chunk) < len(order):
-                t_next = bucket(len(seqs[order[i + len(chunk)]]), limit)
+                t_next = length_bucket(len(seqs[order[i + len(chunk)]]), limit)
                 if (len(chunk) + 1) * t_next * v * 4 > max_batch_bytes:
                     break
                 chunk.append(order[i + len(chunk)])
@@ -486,7 +488,7 @@ class Generation:
         n = len(prompts)
         limit = config.max_seq_len
         b = batch_bucket(n, sampler.batch_multiple)
-        t = bucket(max(len(p) for p in prompts), limit)
+        t = length_bucket(max(len(p) for p in prompts), limit)
         cache_len = bucket(t + max_new_tokens, limit)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.ones((b,), np.int32)

@@ -4,7 +4,8 @@ SamplingParams   temperature / top-k / top-p / min-p, validated; traced as scala
                  values never recompile.
 sample_tokens    greedy, or a seeded draw from the filtered distribution, for [B, V].
 _step_keys       row r's key at step s: fold_in(fold_in(key(seed), r), s).
-bucket, batch_bucket   prompt / cache / batch lengths rounded to powers of two.
+bucket, batch_bucket   cache / batch lengths rounded to powers of two.
+length_bucket          prompt / row lengths rounded to 2^k or 3 * 2^(k-1) (a third padding at most).
 """
 
 from __future__ import annotations
@@ -135,6 +136,17 @@ def _step_keys(seed: Array, rows: Array, step: Array) -> Array:
 def bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
     """Smallest power of two >= max(n, minimum), but at most `limit` (which must be >= n)."""
     return min(limit, max(minimum, 1 << max(0, n - 1).bit_length()))
+
+
+def length_bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
+    """The padded size of n: the smallest 2^k or 3 * 2^(k-1) >= max(n, minimum), at most
+    `limit`. A third of a bucket at most is padding (powers of two alone: up to half), for
+    about twice as many compiled shapes: prompts, whose prefill is compute-bound, use these."""
+    n = max(n, minimum)
+    p = 1 << max(0, n - 1).bit_length()
+    if p >= 4 and 3 * p // 4 >= n:
+        p = 3 * p // 4
+    return min(limit, p)
 
 
 def batch_bucket(n: int, multiple: int) -> int:

@@ -311,16 +311,15 @@ def test_compilations_stay_at_the_bucket_count():
     config, params = _tiny_model(7)
     assert config.max_seq_len == 256
     sampler = Llama3(config=config, params=params, dtype="float32").sampler()
-    # Prompt lengths are padded to powers of two from 16 up, caches to the power of two that
-    # holds the padded prompt + 40 new tokens (worked out by hand):
-    #   prompt 1, 5, 16  -> 16;  cache 16 + 40 = 56   -> 64
-    #   prompt 17, 20, 32 -> 32; cache 32 + 40 = 72   -> 128
-    #   prompt 33, 64    -> 64;  cache 64 + 40 = 104  -> 128 (shared with the 32 bucket)
-    #   prompt 65, 100   -> 128; cache 128 + 40 = 168 -> 256
-    # so 4 prefill ("start") compilations and 3 decode-loop ("run") ones.
+    # Prompt lengths are padded to 2^k or 3 * 2^(k-1) from 16 up, caches to the power of two
+    # that holds the padded prompt + 40 new tokens (worked out by hand):
+    #   prompt 1, 5, 16 -> 16;  17, 20 -> 24: caches 56, 64 -> 64
+    #   prompt 32 -> 32; 33 -> 48; 64 -> 64: caches 72, 88, 104 -> 128
+    #   prompt 65 -> 96; 100 -> 128: caches 136, 168 -> 256
+    # so 7 prefill ("start") compilations and 3 decode-loop ("run") ones.
     for n in (1, 5, 16, 17, 20, 32, 33, 64, 65, 100):
         sampler.generate_ids(_prompts(256, [n]), 40)
-    assert sampler.trace_counts["start"] == 4
+    assert sampler.trace_counts["start"] == 7
     assert sampler.trace_counts["run"] == 3
     # A long generation, streamed one step per call, compiles nothing new.
     gen = sampling.Generation(sampler, _prompts(256, [5]), 40)

@@ -42,23 +42,12 @@ from jax.sharding import Mesh
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import Transformer, init_cache
-from llama_jax.sampling import batch_bucket
+from llama_jax.sampling import batch_bucket, length_bucket
 
 MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
 MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
 MIN_LENGTH = 16  # shortest row / context bucket
 MIN_SUFFIX = 8  # shortest bucket of a row's part after its shared context (the choices)
-
-
-def length_bucket(n: int, limit: int, minimum: int = MIN_LENGTH) -> int:
-    """The padded size of n: the smallest 2^k or 3 * 2^(k-1) >= max(n, minimum), at most
-    `limit`. A third of a bucket at most is padding (powers of two alone: up to half), for
-    about twice as many compiled shapes."""
-    n = max(n, minimum)
-    p = 1 << max(0, n - 1).bit_length()
-    if p >= 4 and 3 * p // 4 >= n:
-        p = 3 * p // 4
-    return min(limit, p)
 
 
 @dataclasses.dataclass(frozen=True)
