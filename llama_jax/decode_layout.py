@@ -9,6 +9,8 @@ on CPU with 16-bit weights each projection is stored as contiguous [C, M, Kc] ch
   matvec_dense           the projections' matmul for weights in the matvec layout.
   resolve_layout         "auto" -> "matvec" for 16-bit or int8 weights on CPU, else "standard".
   quantize_matvec_params int8 weights in the matvec layout (their conversion fuses the same way).
+  quantize_tied_head     an int8 copy of a tied embedding for the output projection only
+                         (the lookup keeps the table), and `tied_head` to read it back.
   prepare_decode_params  the params laid out for decoding (layers unrolled; projections in the
                          matvec layout where chosen), on the model's mesh.
   decode_compiler_options  XLA options for the jitted decode steps (CPU float32: no YNN dots).
@@ -178,6 +180,22 @@ def quantize_matvec_params(params: Any) -> Any:
         return a if _projection(path) is None else quantize_weight(a, "CMK", "CK")
 
     return jax.tree_util.tree_map_with_path(f, params)
+
+
+def quantize_tied_head(embedding: Array, layout: str) -> dict[str, Array]:
+    """int8 {q, scale} of a tied [V, D] embedding used as the output head ("BTD,VD->BTV"),
+    one scale per vocabulary row: [C, V, Kc] chunks in the matvec layout, [V, D] otherwise.
+    The table itself stays as it is for the embedding lookup, so this is a second copy (a
+    quarter of a float32 table's bytes, half a bf16 one's) that halves the head's reads."""
+    if layout == "matvec":
+        return quantize_weight(_as_chunks(embedding, "VD", "D"), "CMK", "CK")
+    return quantize_weight(embedding, "VD", "D")
+
+
+def tied_head(head: dict[str, Array], layout: str, shape: Sequence[int], dtype: Any) -> QWeight:
+    """The `QWeight` (model layout, [V, D]) of a `quantize_tied_head` result, inside jit."""
+    q = _from_chunks(head["q"], "VD", "D", shape) if layout == "matvec" else head["q"]
+    return QWeight(q, head["scale"], dtype)
 
 
 def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
