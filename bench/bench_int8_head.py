@@ -52,7 +52,6 @@ def main():
             s = sampling.Sampler(model.config, model.params, model.mesh, quantize=quantize)
             if "table" in name:
                 s.params = {k: v for k, v in s.params.items() if k != sampling.TIED_HEAD}
-                s._int8_head = False
             stored = sum(x.nbytes for x in jax.tree.leaves(s.params)) / 1e9
             dt = step_time(s)
             rates[name] = dt

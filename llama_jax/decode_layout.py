@@ -11,6 +11,7 @@ on CPU with 16-bit weights each projection is stored as contiguous [C, M, Kc] ch
   quantize_matvec_params int8 weights in the matvec layout (their conversion fuses the same way).
   quantize_tied_head     an int8 copy of a tied embedding for the output projection only
                          (the lookup keeps the table), and `tied_head` to read it back.
+  quantize_decode_params int8 decode params: the projections, plus that copy when tied.
   prepare_decode_params  the params laid out for decoding (layers unrolled; projections in the
                          matvec layout where chosen), on the model's mesh.
   decode_compiler_options  XLA options for the jitted decode steps (CPU float32: no YNN dots).
@@ -35,10 +36,11 @@ from llama_jax.model import (
     init_params,
     unstack_layers,
 )
-from llama_jax.quantize import PROJECTIONS, QWeight, quantize_weight
+from llama_jax.quantize import PROJECTIONS, QWeight, quantize_params, quantize_weight
 
 Array = jax.Array
 
+TIED_HEAD = "int8_tied_head"  # int8 decode params' copy of a tied embedding, for the head
 MATVEC_MAX = 3072  # longest vector XLA:CPU fuses into a matrix-vector loop (< 16 KiB in f32)
 MATVEC_CHUNK = 2048  # chunk length when a contraction is longer than MATVEC_MAX
 LAYOUTS = ("auto", "standard", "matvec")
@@ -196,6 +198,15 @@ def tied_head(head: dict[str, Array], layout: str, shape: Sequence[int], dtype: 
     """The `QWeight` (model layout, [V, D]) of a `quantize_tied_head` result, inside jit."""
     q = _from_chunks(head["q"], "VD", "D", shape) if layout == "matvec" else head["q"]
     return QWeight(q, head["scale"], dtype)
+
+
+def quantize_decode_params(params: Any, layout: str, tied: bool) -> Any:
+    """Decode params (in `layout`) -> int8 ones: every projection, plus, for a tied
+    embedding, its int8 head copy under TIED_HEAD (read back with `tied_head`). Jittable."""
+    q = quantize_matvec_params(params) if layout == "matvec" else quantize_params(params)
+    if tied:
+        q = {**q, TIED_HEAD: quantize_tied_head(params["embedding"], layout)}
+    return q
 
 
 def _matvec_sharding(path, s: NamedSharding, shape: Sequence[int]) -> NamedSharding:

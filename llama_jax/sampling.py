@@ -35,13 +35,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
-from llama_jax.decode_layout import (
+from llama_jax.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
+    TIED_HEAD,
     _to_model_layout,
     decode_compiler_options,
     matvec_dense,
     prepare_decode_params,
-    quantize_matvec_params,
-    quantize_tied_head,
+    quantize_decode_params,
     tied_head,
 )
 from llama_jax.model import (
@@ -51,7 +51,7 @@ from llama_jax.model import (
     init_cache,
     init_params,
 )
-from llama_jax.quantize import as_qweights, check_quantize, int8_dense, quantize_params
+from llama_jax.quantize import as_qweights, check_quantize, int8_dense
 from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
     MIN_BUCKET,
     SamplingParams,
@@ -65,7 +65,6 @@ from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X 
 Array = jax.Array
 
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
-TIED_HEAD = "int8_tied_head"  # the decode params' int8 copy of a tied embedding, for the head
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -116,18 +115,11 @@ class Sampler:
             dtype=dtype,
             quantized=bool(self.quantize),
         )
-        # int8 with a tied embedding: the head reads an int8 copy of the table (for Llama 3.2
-        # 1B the 128k x 2048 head is a third of the weights read per token).
-        self._int8_head = bool(self.quantize) and self.config.tie_embeddings
-        if self.quantize:
-            q = quantize_matvec_params if self.layout == "matvec" else quantize_params
+        if self.quantize:  # a tied embedding also gets an int8 copy for the head
             with jax.set_mesh(mesh):
-                self.params = jax.jit(q)(self.params)
-                if self._int8_head:
-                    head = jax.jit(quantize_tied_head, static_argnums=1)(
-                        self.params["embedding"], self.layout
-                    )
-                    self.params = {**self.params, TIED_HEAD: head}
+                self.params = jax.jit(quantize_decode_params, static_argnums=(1, 2))(
+                    self.params, self.layout, self.config.tie_embeddings
+                )
         self._model_shapes = jax.eval_shape(
             lambda k: nn.unbox(init_params(self.config, k)), jax.random.key(0)
         )
@@ -186,30 +178,25 @@ class Sampler:
         return jax.lax.with_sharding_constraint(cache, self.cache_shardings())
 
     def _apply(self, params, tokens, positions, cache, logits_at=None):
-        head = None
-        if self._int8_head:
-            params = dict(params)
-            head = params.pop(TIED_HEAD)
+        params = dict(params)
+        head = params.pop(TIED_HEAD, None)  # int8 copy of a tied embedding (quantized)
         if self.quantize:
             params = as_qweights(params)
         if self.layout == "matvec":
             params = _to_model_layout(params, self._model_shapes)
-        if head is None:
-            logits, cache = self._model.apply(
-                {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
-            )
-        else:
-            x, cache = self._model.apply(
-                {"params": params},
-                tokens,
-                positions,
-                cache=cache,
-                logits_at=logits_at,
-                return_hidden=True,
-            )
+        out, cache = self._model.apply(
+            {"params": params},
+            tokens,
+            positions,
+            cache=cache,
+            logits_at=logits_at,
+            return_hidden=head is not None,
+        )
+        logits = out
+        if head is not None:
             shape = self._model_shapes["embedding"].shape
             w = tied_head(head, self.layout, shape, self.config.dtype)
-            logits = self._dense("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+            logits = self._dense("BTD,VD->BTV", out, w, preferred_element_type=jnp.float32)
         if self.vocab_limit is not None:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         return logits, cache
