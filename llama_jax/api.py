@@ -23,7 +23,8 @@ class Llama3:
     """A Llama 3 family model: config, params on device, tokenizer.
 
     Create with `Llama3.from_pretrained(path)` or `Llama3(model_path=path)`, where `path` is a
-    llama_jax model directory, a Hugging Face directory or a Meta directory.
+    llama_jax model directory, a Hugging Face or Meta directory, a GGUF file, or a built-in
+    model name such as "smollm2-135m-instruct".
     """
 
     def __init__(
@@ -62,6 +63,8 @@ class Llama3:
             raise ValueError(f"dtype={dtype!r}; valid: 'auto', {', '.join(map(repr, DTYPES))}")
         if (model_path is None) == (config is None):
             raise ValueError("give either model_path or config (with params), not both/neither")
+        if model_path is not None:  # a built-in name ("smollm2-135m-instruct") -> its file
+            model_path = convert.resolve_model_path(model_path)
         self.model_path = model_path
         if model_path is not None:
             np_dtype = None if dtype is None else jnp.dtype(dtype)
@@ -214,15 +217,19 @@ class Llama3:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ValueError(f"prompt {i} is a {type(p).__name__}; generate takes strs")
-        return [self.tokenizer.encode(p, bos=True) for p in prompts]
+        # A GGUF tokenizer says whether its model wants BOS (SmolLM2's does not).
+        bos = bool(getattr(self.tokenizer, "add_bos_token", True))
+        return [self.tokenizer.encode(p, bos=bos) for p in prompts]
 
     def _default_stop_ids(self) -> tuple[int, ...]:
         if self._tokenizer is None and self.model_path is None:
             return ()
         from llama_jax.tokenizer import DIRECTORY_FILES
 
-        found = self._tokenizer is not None or any(
-            os.path.isfile(os.path.join(self.model_path, f)) for f in DIRECTORY_FILES
+        found = (
+            self._tokenizer is not None
+            or convert.gguf_format.find_gguf(self.model_path) is not None
+            or any(os.path.isfile(os.path.join(self.model_path, f)) for f in DIRECTORY_FILES)
         )
         return tuple(self.tokenizer.stop_ids) if found else ()
 

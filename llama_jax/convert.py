@@ -25,6 +25,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from llama_jax import builtin_models
+from llama_jax import gguf as gguf_format
 from llama_jax.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -442,7 +444,13 @@ def copy_tokenizer(src: str, dst: str, extra: tuple[str, ...] = ()) -> str | Non
     return found
 
 
-def save_llama_jax(params: dict, config: ModelConfig, path: str, tokenizer_src: str | None) -> None:
+def save_llama_jax(
+    params: dict,
+    config: ModelConfig,
+    path: str,
+    tokenizer_src: str | None,
+    write_tokenizer: Callable[[str], Any] | None = None,
+) -> None:
     """Writes a llama_jax model directory: config.json, tokenizer file, params/ (orbax).
 
     The directory is assembled next to its destination and renamed into place, so a failed
@@ -461,6 +469,8 @@ def save_llama_jax(params: dict, config: ModelConfig, path: str, tokenizer_src: 
             f.write(config.to_json())
         if tokenizer_src:
             copy_tokenizer(tokenizer_src, tmp)
+        if write_tokenizer is not None:  # e.g. a GGUF file's tokenizer as tokenizer.json
+            write_tokenizer(tmp)
         save_params(os.path.join(tmp, PARAMS_DIR), params)
         if os.path.isdir(path):
             os.rmdir(path)
@@ -495,8 +505,30 @@ def load_llama_jax(path: str) -> tuple[ModelConfig, dict]:
     return config, load_params(state, subtree="params")
 
 
+def load_gguf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
+    """Reads a GGUF file (llama.cpp) into (config, numpy params), dequantised tensor by tensor
+    into `dtype` (default float32)."""
+    config, get = gguf_format.open_gguf(path)
+    params = tensors_to_params(get, config, dtype or np.float32)
+    return _with_param_dtype(config, params, compute=True), params
+
+
+def resolve_model_path(path: str) -> str:
+    """`path` itself, unless no file or directory of that name exists and it is a built-in
+    model name (e.g. "smollm2-135m-instruct"), which is fetched once and cached."""
+
+    if os.path.exists(path) or path not in builtin_models.BUILTIN_MODELS:
+        return path
+    return builtin_models.builtin_model_path(path)
+
+
 def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
-    """(config, numpy params) from a llama_jax, Hugging Face or Meta directory."""
+    """(config, numpy params) from a llama_jax, Hugging Face, Meta or run directory, a GGUF
+    file (or a directory holding exactly one), or a built-in model name."""
+    path = resolve_model_path(path)
+    gguf_path = gguf_format.find_gguf(path) if not is_llama_jax_dir(path) else None
+    if gguf_path is not None and not (is_hf_dir(path) or is_meta_dir(path)):
+        return load_gguf(gguf_path, dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     from llama_jax import finetune
@@ -518,7 +550,8 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
         f"{path} is not a model directory: expected a llama_jax directory (config.json with "
         "format llama_jax.ModelConfig + params/), a training run directory with a committed "
         "checkpoint, a Hugging Face directory (config.json + "
-        "model.safetensors[.index.json]) or a Meta directory (params.json + consolidated.*.pth)"
+        "model.safetensors[.index.json]), a Meta directory (params.json + consolidated.*.pth), "
+        "a GGUF file (or a directory holding one) or a built-in model name"
     )
 
 
@@ -546,11 +579,22 @@ def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str 
         save_hf(LazyParams(os.path.join(input_dir, PARAMS_DIR)), config, output_dir)
         copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
         return config
+    input_dir = resolve_model_path(input_dir)
     config, params = load_any(input_dir, np_dtype)
     config = _with_param_dtype(config, params)
+    gguf_path = None if is_llama_jax_dir(input_dir) else gguf_format.find_gguf(input_dir)
+    write_tokenizer = None
+    if gguf_path is not None:  # tokenizer.json + tokenizer_config.json from the GGUF metadata
+        from llama_jax.tokenizer.gguf import GGUFTokenizer
+
+        write_tokenizer = GGUFTokenizer(gguf_path).save
+    src = input_dir if os.path.isdir(input_dir) else None
     if fmt == "llama_jax":
-        save_llama_jax(params, config, output_dir, tokenizer_src=input_dir)
+        save_llama_jax(params, config, output_dir, src, write_tokenizer)
     else:
         save_hf(params, config, output_dir)
-        copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+        if src:
+            copy_tokenizer(src, output_dir, HF_EXTRA_FILES)
+        if write_tokenizer is not None:
+            write_tokenizer(output_dir)
     return config

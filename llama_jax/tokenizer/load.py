@@ -6,19 +6,22 @@ import os
 import re
 from pathlib import Path
 
+from llama_jax.gguf_file import MAGIC as GGUF_MAGIC
 from llama_jax.tokenizer.base import Tokenizer
+from llama_jax.tokenizer.gguf import GGUFTokenizer
 from llama_jax.tokenizer.hf_json import HuggingFaceTokenizer
 from llama_jax.tokenizer.spm import SentencePieceTokenizer
 from llama_jax.tokenizer.tiktoken_bpe import TiktokenTokenizer
 
 FORMATS = (
     "a Llama 3 tiktoken BPE file (tokenizer.model: one 'base64-token rank' per line), "
-    "a SentencePiece model (.model), or a Hugging Face tokenizer.json"
+    "a SentencePiece model (.model), a Hugging Face tokenizer.json, or a GGUF model file"
 )
 
 
 _BACKENDS: dict[str, type[Tokenizer]] = {
-    b.FORMAT: b for b in (TiktokenTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)
+    b.FORMAT: b
+    for b in (TiktokenTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, GGUFTokenizer)
 }
 # Looked for, in this order, when `load_tokenizer` is given a directory (Meta's own file is
 # preferred: tiktoken encodes several times faster than the tokenizer.json backend).
@@ -33,8 +36,10 @@ def detect_format(data: bytes) -> str | None:
       data: the file's bytes.
 
     Returns:
-      "tiktoken", "sentencepiece", "huggingface", or None if it is none of them.
+      "tiktoken", "sentencepiece", "huggingface", "gguf", or None if it is none of them.
     """
+    if data[:4] == GGUF_MAGIC:
+        return "gguf"
     head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"{"):
         # A full JSON parse of a 9 MB file costs as much as loading it; tokenizers checks the
@@ -67,6 +72,9 @@ def find_tokenizer_file(path: str | os.PathLike) -> Path:
         for name in DIRECTORY_FILES:
             if (path / name).is_file():
                 return path / name
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:  # a directory holding one GGUF model: its tokenizer is inside
+            return ggufs[0]
         raise FileNotFoundError(
             f"no tokenizer file in directory {path} (looked for {', '.join(DIRECTORY_FILES)}); "
             f"accepted formats: {FORMATS}"
@@ -90,6 +98,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
       The backend for the file's format, detected from its content.
     """
     file = find_tokenizer_file(path)
+    with open(file, "rb") as f:
+        if f.read(4) == GGUF_MAGIC:  # a whole model: read its metadata, not all its bytes
+            return GGUFTokenizer(file)
     data = file.read_bytes()
     fmt = detect_format(data)
     if fmt is None:
