@@ -182,19 +182,25 @@ def _rope_scaling(g: GGUFFile, config: ModelConfig) -> dict[str, Any]:
         low = -intercept * span
         high = low + span
         low, high = round(low, 6), round(high, 6)
-    fields = dict(
-        rope_scaling_factor=factor,
-        rope_low_freq_factor=low,
-        rope_high_freq_factor=high,
-        rope_original_max_len=orig,
-    )
-    scaled = rope_inv_freq(dataclasses.replace(config, **fields)).astype(np.float64)
-    if not np.allclose(base / scaled, freqs, rtol=1e-4, atol=1e-6):
-        raise ValueError(
-            f"{g.path}: rope_freqs.weight is not a Llama 3.1 frequency scaling that llama_jax "
-            f"can express (closest: factor {factor}, low {low}, high {high}, original {orig})"
+    candidates = [(low, high, orig)]
+    if "llama.rope.scaling.original_context_length" not in g.metadata:
+        # Too few smooth-band entries to fit: Meta's low/high (1, 4) with the original context
+        # that reproduces the factors.
+        candidates += [(1.0, 4.0, 2**p) for p in range(6, 21)]
+    for low, high, orig in candidates:
+        fields = dict(
+            rope_scaling_factor=factor,
+            rope_low_freq_factor=low,
+            rope_high_freq_factor=high,
+            rope_original_max_len=orig,
         )
-    return fields
+        scaled = rope_inv_freq(dataclasses.replace(config, **fields)).astype(np.float64)
+        if np.allclose(base / scaled, freqs, rtol=1e-4, atol=1e-6):
+            return fields
+    raise ValueError(
+        f"{g.path}: rope_freqs.weight is not a Llama 3.1 frequency scaling that llama_jax "
+        f"can express (factor {factor}; no low/high freq factors and original context fit)"
+    )
 
 
 def read_config(g: GGUFFile) -> ModelConfig:
