@@ -14,8 +14,9 @@ import numpy as np
 
 from llama_jax import formats
 from llama_jax.eval.runner import evaluate
-from llama_jax.inference import sampler, text_stream
+from llama_jax.inference import text_stream
 from llama_jax.inference.loaded import LoadedModel
+from llama_jax.inference.sampling_params import SamplingParams
 from llama_jax.model.quantize import as_qweights, int8_dense, quantize_params
 from llama_jax.model.sharding import LOGICAL_RULES
 from llama_jax.model.transformer import Transformer
@@ -93,149 +94,125 @@ class Llama3(LoadedModel):
         )
         return tuple(self.tokenizer.stop_ids) if found else ()
 
+    def _sampling(self, sampling: SamplingParams | None, changes: dict[str, Any]) -> SamplingParams:
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        return (sampling or SamplingParams()).replace(**changes)
+
     def generate(
-        self,
-        prompt: str | Sequence[str],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
-        stop: str | Sequence[str] | None = None,
-        truncate: bool = False,
+        self, prompt: str | Sequence[str], sampling: SamplingParams | None = None, **changes: Any
     ) -> str | list[str]:
         """Continues text prompt(s) (BOS prepended); returns the new text only.
 
         Args:
           prompt: a string, or a list of strings generated together as one batch.
-          max_new_tokens: at most this many new tokens per prompt.
-          temperature, top_k, top_p, min_p: token choice (see `sampler.SamplingParams`);
-            temperature 0 is greedy.
-          seed: PRNG seed; the same seed and arguments give the same text.
-          stop: string(s) that end a prompt's text (not included); generation also ends at the
-            tokenizer's stop ids (end of text / turn / message).
-          truncate: drop the oldest prompt tokens that would not fit the model's context,
-            instead of raising.
+          sampling: the settings (`SamplingParams`: greedy, 256 new tokens by default).
+          **changes: fields of `SamplingParams` to change, e.g. `max_new_tokens=20,
+            temperature=0.7`. Generation also ends at the tokenizer's stop ids (end of text /
+            turn / message).
 
         Returns:
           The continuation (a list of them for a list of prompts).
         """
+        sp = self._sampling(sampling, changes)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
-        stop = text_stream.check_stop(stop)
         texts = text_stream.generate_text(
             self.sampler(),
             self.tokenizer,
             self._encode_prompts(prompts),
-            max_new_tokens,
-            params,
-            seed,
-            stop,
+            sp.max_new_tokens,
+            sp,
+            sp.seed,
+            sp.stop,
             self.tokenizer.stop_ids,
-            truncate,
+            sp.truncate,
         )
         return texts[0] if single else texts
 
     def generate_ids(
         self,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
+        sampling: SamplingParams | None = None,
+        *,
         stop_ids: Sequence[int] | None = None,
-        truncate: bool = False,
+        **changes: Any,
     ) -> list[list[int]]:
         """Continues token prompts (used as given: add BOS yourself); returns the new ids.
 
         Args:
           prompts: a list of token id lists, of any lengths.
-          max_new_tokens, temperature, top_k, top_p, min_p, seed, truncate: as in `generate`.
+          sampling, **changes: as in `generate` (stop strings do not apply to ids).
           stop_ids: a prompt ends at the first of these (not included). None: the tokenizer's
             stop ids when the model has a tokenizer (passed in or in model_path), else none.
 
         Returns:
           The new ids of each prompt.
         """
-        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
+        sp = self._sampling(sampling, changes)
+        if sp.stop:
+            raise ValueError("generate_ids ends at stop_ids; stop strings apply to text only")
         stops = self._default_stop_ids() if stop_ids is None else tuple(stop_ids)
-        return self.sampler().generate_ids(prompts, max_new_tokens, params, seed, stops, truncate)
+        return self.sampler().generate_ids(
+            prompts, sp.max_new_tokens, sp, sp.seed, stops, sp.truncate
+        )
 
     def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
-        stop: str | Sequence[str] | None = None,
-        truncate: bool = False,
+        self, prompt: str | Sequence[int], sampling: SamplingParams | None = None, **changes: Any
     ) -> Iterator[str]:
         """Yields the continuation of one prompt as text pieces, as they are produced.
 
         A piece never ends inside a multi-byte character, and the pieces join to what
-        `generate` returns for the same arguments.
+        `generate` returns for the same settings.
 
         Args:
           prompt: text (BOS prepended) or token ids (used as given, e.g. a chat dialog).
-          max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, truncate: as in
-            `generate`.
+          sampling, **changes: as in `generate`.
         """
-        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
-        stop = text_stream.check_stop(stop)
+        sp = self._sampling(sampling, changes)
         ids = self._encode_prompts([prompt])[0] if isinstance(prompt, str) else list(prompt)
         return text_stream.stream_text(
             self.sampler(),
             self.tokenizer,
             ids,
-            max_new_tokens,
-            params,
-            seed,
-            stop,
+            sp.max_new_tokens,
+            sp,
+            sp.seed,
+            sp.stop,
             self.tokenizer.stop_ids,
-            truncate,
+            sp.truncate,
         )
 
     def chat(
         self,
         messages: Sequence[Mapping[str, str]],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
-        stop: str | Sequence[str] | None = None,
+        sampling: SamplingParams | None = None,
+        **changes: Any,
     ) -> str:
-        """The assistant's reply to a conversation, in the Llama 3 chat format.
+        """The assistant's reply to a conversation, in the model's chat format.
 
         Args:
           messages: [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...].
-          max_new_tokens, temperature, top_k, top_p, min_p, seed, stop: as in `generate`;
-            the reply ends at <|eot_id|> (or another stop id of the tokenizer).
+          sampling, **changes: as in `generate`; the reply ends at the end of the turn (a stop
+            id of the tokenizer).
 
         Returns:
           The reply text.
         """
-        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
+        sp = self._sampling(sampling, changes)
         ids = self.tokenizer.encode_dialog(messages)
         return text_stream.generate_text(
             self.sampler(),
             self.tokenizer,
             [ids],
-            max_new_tokens,
-            params,
-            seed,
-            text_stream.check_stop(stop),
+            sp.max_new_tokens,
+            sp,
+            sp.seed,
+            sp.stop,
             self.tokenizer.stop_ids,
+            sp.truncate,
         )[0]
 
     def score(self, texts: str | Sequence[str]) -> list[float]:

@@ -18,6 +18,7 @@ from llama_jax import cli
 from llama_jax.data import make_eval_iterator, make_train_iterator
 from llama_jax.formats import checkpoint
 from llama_jax.training import experiment, trainer
+from llama_jax.training.data import data_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,11 +80,11 @@ def test_the_seeds_command_line_works_as_written(tmp_path, monkeypatch, capsys):
 def test_no_validation_given_holds_out_a_slice(tmp_path):
     c = experiment.default_config()
     c.data_path = str(tmp_path / "train.txt")
-    assert trainer.data_splits(c) == ("train[:95%]", "train[95%:]")
+    assert data_splits(c) == ("train[:95%]", "train[95%:]")
     c.valid_fraction = 0.0
-    assert trainer.data_splits(c) == ("train", None)
+    assert data_splits(c) == ("train", None)
     c.valid_data_path = str(tmp_path / "valid.txt")
-    assert trainer.data_splits(c) == ("train", "train")
+    assert data_splits(c) == ("train", "train")
 
 
 class _ByteTokenizer:
@@ -102,9 +103,9 @@ def test_text_units_and_holdout(tmp_path, text_unit, n_docs):
     text = _prose(40, seed=3)
     path = tmp_path / "one.txt"
     path.write_text(text)
-    mode = trainer.TXT_MODES[text_unit]
     kw = dict(seq_len=32, global_batch_size=1, add_bos=False, add_eos=False, mesh=None)
-    kw.update(cache_dir=str(tmp_path / "cache"), txt_mode=mode, process_index=0, process_count=1)
+    kw.update(cache_dir=str(tmp_path / "cache"), text_unit=text_unit)
+    kw.update(process_index=0, process_count=1)
 
     def tokens(split):
         it = make_eval_iterator(str(path), _ByteTokenizer(), split=split, **kw)
@@ -120,14 +121,19 @@ def test_text_units_and_holdout(tmp_path, text_unit, n_docs):
     expected_docs = {"document": 1, "paragraph": 40, "line": len(lines)}[text_unit]
     it = make_train_iterator(str(path), _ByteTokenizer(), split="train", seed=0, **kw)
     assert it.get_state() is not None
-    # Each document is packed alone: count the segment starts over one epoch.
-    starts = 0
+    # Each document is packed alone: count the documents over one epoch, in corpus order. A
+    # segment starts a document unless it continues the previous row's last one (a piece cut
+    # at the row boundary, whose prediction across the cut the previous row keeps).
+    documents, prev_last_mask = 0, 0.0
     it = make_eval_iterator(str(path), _ByteTokenizer(), split="train", **kw)
     for b in it:
         seg = np.asarray(b["segment_ids"])[0]
         pos = np.asarray(b["positions"])[0]
-        starts += int(((pos == 0) & (seg > 0)).sum())
-    assert starts >= expected_docs
+        starts = (pos == 0) & (seg > 0)
+        starts[0] &= prev_last_mask == 0
+        documents += int(starts.sum())
+        prev_last_mask = float(np.asarray(b["loss_mask"])[0, -1])
+    assert documents == expected_docs
 
 
 # ----------------------------------------------------------------------------- 2. flags win

@@ -161,6 +161,6 @@ def test_eval_step_chunks_the_loss_like_training():
             compiled = jax.jit(step).lower(params, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    full, chunked = temp_bytes(0), temp_bytes(128)
+    full, chunked = temp_bytes(0), temp_bytes(32)  # 32 tokens: a 4 MiB chunk of logits
     assert full >= logits_bytes
-    assert chunked < logits_bytes / 8
+    assert chunked < logits_bytes / 4

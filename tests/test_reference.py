@@ -5,6 +5,7 @@ decode layout."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -161,11 +162,38 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
                 err_msg=f"{name} z_loss={z_loss}",
             )
 
+    # The trainer's step under gradient accumulation applies transformers' gradient of the
+    # whole batch (z_loss 0.1, as last computed above): microbatches of unequal token counts
+    # must be normalised by the batch's count, not averaged. SGD with learning rate 1 exposes
+    # the applied gradient exactly (new = old - grad); Adam and clipping would hide a scale.
+    c = base_config()
+    c.z_loss, c.debug_nan_step = 0.1, -1
+    sgd = optax.sgd(1.0)
+    for accum in (1, 2):
+        c.grad_accum_steps = accum
+        step = jax.jit(trainer.make_train_step(config, sgd, lambda s: 1.0, c))
+        start = {
+            "params": params,
+            "opt_state": sgd.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(0)),
+        }
+        new, _ = step(start, batch)
+        applied = jax.tree.map(
+            lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+            params,
+            new["params"],
+        )
+        got = dict(formats.params_to_tensors(applied, config))
+        for name in want:
+            scale = np.abs(want[name]).max()
+            np.testing.assert_allclose(
+                got[name], want[name], atol=2e-5 * max(scale, 1e-2), rtol=1e-4, err_msg=name
+            )
     if tie:
         return
     # The trainer's step reports the same loss and gradient norm (before clipping).
-    c = base_config()
-    c.z_loss, c.grad_accum_steps, c.debug_nan_step = 0.1, 1, -1
+    c.grad_accum_steps = 1
     tx, schedule = trainer.make_tx(c, 10)
     step = jax.jit(trainer.make_train_step(config, tx, schedule, c))
     state = {

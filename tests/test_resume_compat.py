@@ -8,6 +8,7 @@ today's trainer with the losses and final state of an uninterrupted run.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_train import (
@@ -43,8 +44,11 @@ def test_flat_layout_run_resumes_bitwise(flat_layout_source, reference_run, tmp_
     exp, ref = reference_run
     run = tmp_path / "run"
     env = _env(2) | {"PYTHONPATH": flat_layout_source}
+    old_exp = tmp_path / "old_exp.py"  # the same experiment, importing the flat module path
+    text = Path(exp).read_text().replace("llama_jax.training.experiment", "llama_jax.experiment")
+    old_exp.write_text(text)
     old = subprocess.run(
-        _train_cmd(exp, run, "--num_gpus", "2", "--config.debug_stop_after=5"),
+        _train_cmd(str(old_exp), run, "--num_gpus", "2", "--config.debug_stop_after=5"),
         env=env,
         cwd=flat_layout_source,
         capture_output=True,

@@ -239,7 +239,7 @@ def test_nan_skip_leaves_the_state_unchanged(corpus, tmp_path):
     assert (s3, s4) == (3, 4)
     assert_trees_equal(a["params"], b["params"])
     assert_trees_equal(a["opt_state"], b["opt_state"])
-    assert 4 not in losses(after) or not np.isfinite(losses(after)[4])
+    assert not np.isfinite(losses(after)[4])  # the skipped step is logged, as non-finite
 
 
 # ----------------------------------------------------------------------------- processes

@@ -166,11 +166,10 @@ def read_dialogs(
       split: chatterbot and TFDS splits; local files have only "train".
       data_dir: TFDS data dir / chatterbot download dir.
     """
-    if data_path.startswith("chatterbot"):
-        _, _, lang = data_path.partition("/")
-        return chatterbot.dialogs(lang or "en", split, data_dir)
-    if data_path.startswith("tfds:"):
-        dp = parse_data_path(data_path)
+    dp = parse_data_path(data_path)
+    if dp.scheme == "chatterbot":
+        return chatterbot.dialogs(dp.name, split, data_dir)
+    if dp.scheme == "tfds":
         builder = tfds_builder(dp.name, dp.version, data_dir=data_dir)
         if split.split("[", 1)[0] not in builder.info.splits:
             raise ValueError(
@@ -424,13 +423,12 @@ def make_chat_iterators(
         train_mb, num_steps=num_steps, config=config, prefetch=prefetch, num_threads=num_threads
     )
     eval_it = None
-    has_split = data_path.startswith(("chatterbot", "tfds:"))
-    if valid_data_path or has_split:
+    if valid_data_path or parse_data_path(data_path).has_splits:
         path, split = (valid_data_path, "train") if valid_data_path else (data_path, valid_split)
-        if valid_data_path.startswith(("chatterbot", "tfds:")):
+        if valid_data_path and parse_data_path(valid_data_path).has_splits:
             split = valid_split
         if (
-            path.startswith("tfds:")
+            parse_data_path(path).scheme == "tfds"
             and not valid_data_path
             and not _tfds_has(path, split, data_dir)
         ):
@@ -442,7 +440,6 @@ def make_chat_iterators(
 
 
 def _tfds_has(data_path: str, split: str, data_dir: str | None) -> bool:
-
     dp = parse_data_path(data_path)
     splits = tfds_builder(dp.name, dp.version, data_dir=data_dir).info.splits
     return split.split("[", 1)[0] in splits

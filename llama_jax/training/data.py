@@ -39,7 +39,7 @@ def get_tokenizer(c: ml_collections.ConfigDict):
             split=train_split,
             data_dir=c.data_dir or None,
             text_field=c.text_field,
-            txt_mode=TXT_MODES[c.text_unit],
+            text_unit=c.text_unit,
         )
         docs = list(source.documents())
         start, stop = source.select(len(docs))
@@ -91,8 +91,6 @@ def _sync_hosts(name: str) -> None:
 
 
 # ============================================================================ 4. data
-# config.text_unit -> how data/sources splits a .txt file into documents
-TXT_MODES = {"document": "file", "paragraph": "blank_lines", "line": "lines"}
 
 
 def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
@@ -153,7 +151,7 @@ def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelCon
         data_dir=c.data_dir or None,
         cache_dir=c.cache_dir or os.path.join(c.run_dir, "token_cache"),
         text_field=c.text_field,
-        txt_mode=TXT_MODES[c.text_unit],
+        text_unit=c.text_unit,
     )
     train_it = make_train_iterator(
         c.data_path,

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from llama_jax.data.sources import TEXT_UNITS
 from llama_jax.model.config import ModelConfig, get_config
 
 # The flags users of the original `llama3` tool know, mapped to config keys.
@@ -225,9 +226,8 @@ def check_ranges(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"--{key}={c[key]!r}: must be > 0")
     if not 0.0 <= c.valid_fraction < 1.0:
         raise ValueError(f"--config.valid_fraction={c.valid_fraction!r}: must be in [0, 1)")
-    units = ("document", "paragraph", "line")
-    if c.text_unit not in units:
-        raise ValueError(f"--config.text_unit={c.text_unit!r}; valid: {', '.join(units)}")
+    if c.text_unit not in TEXT_UNITS:
+        raise ValueError(f"--config.text_unit={c.text_unit!r}; valid: {', '.join(TEXT_UNITS)}")
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import glob
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from llama_jax.data import parse_data_path
 from llama_jax.formats import checkpoint, finetune_run
 from llama_jax.formats.load import load_any
 from llama_jax.model import lora, sharding
@@ -40,7 +42,7 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import Transformer, init_params
 from llama_jax.training import experiment, finetune, metrics, optim
 from llama_jax.training import loss as loss_lib
-from llama_jax.training.data import TXT_MODES, data_splits, get_tokenizer, make_data  # noqa: F401
+from llama_jax.training.data import get_tokenizer, make_data
 
 log = logging.getLogger("llama_jax.training.trainer")
 
@@ -123,12 +125,10 @@ def check_config(
     if c.num_steps <= 0 and c.num_epochs <= 0:
         raise ValueError("set num_steps > 0, or num_steps = 0 and num_epochs > 0")
     for name in ("data_path", "valid_data_path"):
-        value = c[name]
-        if value and not value.startswith(("tfds:", "shakespeare", "chatterbot")):
-            import glob
-
-            if not glob.glob(os.path.expanduser(value.removeprefix("file:"))):
-                raise FileNotFoundError(f"{name}={value!r} does not exist")
+        dp = parse_data_path(c[name]) if c[name] else None
+        if dp is not None and dp.scheme == "files" and not glob.glob(dp.path):
+            value = c[name]
+            raise FileNotFoundError(f"{name}={value!r} does not exist")
     if c.init_from and not os.path.isdir(c.init_from):
         raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
     if finetune.lora_config(c) is not None and not c.init_from:
