@@ -27,9 +27,13 @@ from llama_jax.training.trainer import NonFiniteLossError, train
 def _convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 convert",
-        description="Convert a Hugging Face, Meta or llama_jax model directory.",
+        description="Convert a Hugging Face, Meta or llama_jax model directory, or a GGUF file.",
     )
-    p.add_argument("--input", required=True, help="source model directory")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="source: a model directory, a GGUF file, or a built-in name (smollm2-135m-instruct)",
+    )
     p.add_argument("--output", required=True, help="destination directory (new or empty)")
     p.add_argument(
         "--format",
@@ -44,7 +48,9 @@ def _convert(argv: list[str]) -> int:
         help="cast parameters (default: keep the checkpoint's dtype)",
     )
     args = p.parse_args(argv)
-    config = convert(args.input, args.output, args.format, args.dtype)
+    from llama_jax.data.builtin_models import resolve_model_path
+
+    config = convert(resolve_model_path(args.input), args.output, args.format, args.dtype)
     if args.format == "peft":
         record = finetune_run.read_record(args.input)
         print(

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from llama_jax import formats as convert  # noqa: E402
 from llama_jax.api import Llama3  # noqa: E402
-from llama_jax.builtin_models import builtin_model_path  # noqa: E402
+from llama_jax.data.builtin_models import builtin_model_path, resolve_model_path  # noqa: E402
 from llama_jax.formats.gguf import permute_qk  # noqa: E402
 from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.tokenizer import load_tokenizer  # noqa: E402
@@ -128,11 +128,16 @@ def test_smollm2_tokenizer_matches_transformers(smol_gguf, hf_smol):
         assert ours.decode(plain) == text
 
 
-def test_builtin_name_and_directory(smol_gguf, our_smol):
+def test_builtin_name_and_directory(smol_gguf, our_smol, tmp_path, monkeypatch):
     # The built-in name resolves to the cached file; a directory with one .gguf loads too.
-    config, _ = convert.load_any(NAME)
-    assert config == our_smol.config
+    path = resolve_model_path(NAME)
+    assert os.path.samefile(path, smol_gguf)
+    assert convert.read_config(path) == our_smol.config
+    assert convert.read_config(os.path.dirname(smol_gguf)) == our_smol.config
     assert load_tokenizer(os.path.dirname(smol_gguf)).vocab_size == 49152
+    monkeypatch.chdir(tmp_path)  # a local path of that name wins
+    os.mkdir(NAME)
+    assert resolve_model_path(NAME) == NAME
 
 
 def test_convert_gguf_to_hf_dir_loads_in_transformers(smol_gguf, hf_smol, tmp_path):

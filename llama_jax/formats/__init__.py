@@ -34,7 +34,6 @@ from llama_jax.formats.load import (
     load_gguf,
     load_lora_run,
     read_config,
-    resolve_model_path,
 )
 from llama_jax.formats.meta import is_meta_dir, load_meta
 from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
@@ -57,7 +56,6 @@ __all__ = [
     "load_meta",
     "params_to_tensors",
     "read_config",
-    "resolve_model_path",
     "read_hf_config",
     "save_hf",
     "save_llama_jax",

@@ -10,7 +10,6 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llama_jax import builtin_models
 from llama_jax.formats import finetune_run, peft
 from llama_jax.formats import gguf as gguf_format
 from llama_jax.formats.checkpoint import PARAMS_DIR, LazyParams
@@ -43,14 +42,6 @@ def load_gguf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     return with_param_dtype(config, params, compute=True), params
 
 
-def resolve_model_path(path: str) -> str:
-    """`path` itself, unless no file or directory of that name exists and it is a built-in
-    model name (e.g. "smollm2-135m-instruct"), which is fetched once and cached."""
-    if os.path.exists(path) or path not in builtin_models.BUILTIN_MODELS:
-        return path
-    return builtin_models.builtin_model_path(path)
-
-
 def _gguf_in(path: str) -> str | None:
     """The GGUF file `path` is or holds, unless it is another kind of model directory."""
     if is_llama_jax_dir(path) or is_hf_dir(path) or is_meta_dir(path):
@@ -60,8 +51,8 @@ def _gguf_in(path: str) -> str | None:
 
 def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     """(config, numpy params) from a llama_jax, Hugging Face, Meta or run directory, a GGUF
-    file (or a directory holding exactly one), or a built-in model name."""
-    path = resolve_model_path(path)
+    file (or a directory holding exactly one). Built-in model names are resolved above this
+    layer (`data.builtin_models.resolve_model_path`: formats do not fetch)."""
     gguf_path = _gguf_in(path)
     if gguf_path is not None:
         return load_gguf(gguf_path, dtype)
@@ -83,7 +74,7 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
         "format llama_jax.ModelConfig + params/), a training run directory with a committed "
         "checkpoint, a Hugging Face directory (config.json + "
         "model.safetensors[.index.json]), a Meta directory (params.json + consolidated.*.pth), "
-        "a GGUF file (or a directory holding one) or a built-in model name"
+        "or a GGUF file (or a directory holding one)"
     )
 
 
@@ -107,7 +98,6 @@ def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str 
         save_hf(LazyParams(os.path.join(input_dir, PARAMS_DIR)), config, output_dir)
         copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
         return config
-    input_dir = resolve_model_path(input_dir)
     config, params = load_any(input_dir, np_dtype)
     config = with_param_dtype(config, params)
     gguf_path = _gguf_in(input_dir)
@@ -130,7 +120,6 @@ def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str 
 
 def read_config(path: str) -> ModelConfig:
     """The ModelConfig of anything `Llama3.from_pretrained` reads, without reading weights."""
-    path = resolve_model_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from={path!r} does not exist")
     gguf_path = _gguf_in(path)

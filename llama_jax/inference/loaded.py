@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax import formats
+from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.inference.sampler import Sampler
 from llama_jax.inference.scoring import Scorer
 from llama_jax.model import sharding
@@ -74,7 +75,7 @@ class LoadedModel:
         if (model_path is None) == (config is None):
             raise ValueError("give either model_path or config (with params), not both/neither")
         if model_path is not None:  # a built-in name ("smollm2-135m-instruct") -> its file
-            model_path = formats.resolve_model_path(model_path)
+            model_path = resolve_model_path(model_path)
         self.model_path = model_path
         if model_path is not None:
             np_dtype = None if dtype is None else jnp.dtype(dtype)

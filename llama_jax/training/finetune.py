@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.formats import finetune_run
 from llama_jax.formats.checkpoint import committed_steps
 from llama_jax.formats.load import read_config
@@ -86,6 +87,7 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.base_dtype not in BASE_DTYPES:
         valid = ", ".join(repr(d) for d in BASE_DTYPES)
         raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
+    c.init_from = resolve_model_path(c.init_from)  # a built-in model name -> its cached file
     base = read_config(c.init_from)
     keep = {k: c.model[k] for k in COMPUTE_FIELDS}
     if c.lora.rank > 0 and not c.base_dtype:

