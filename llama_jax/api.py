@@ -236,10 +236,19 @@ class Llama3(LoadedModel):
         return self.sampler().score(self._encode_prompts(texts))
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, path: str, format: str = "llama_jax") -> None:
-        """Writes a llama_jax model directory, or a Hugging Face one with format="hf"."""
-        if format not in ("llama_jax", "hf"):
-            raise ValueError(f"format={format!r}; valid: 'llama_jax', 'hf'")
+    def save_pretrained(self, path: str, format: str = "llama_jax", gguf_type: str = "f16") -> None:
+        """Writes a llama_jax model directory, a Hugging Face one with format="hf", or a GGUF
+        file (llama.cpp; matrices in `gguf_type`: f32, f16, bf16, q8_0) with format="gguf"."""
+        if format not in ("llama_jax", "hf", "gguf"):
+            raise ValueError(f"format={format!r}; valid: 'llama_jax', 'hf', 'gguf'")
+        if format == "gguf":
+            from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
+
+            if gguf_type not in GGUF_TYPES:
+                raise ValueError(f"gguf_type={gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+            tokenizer = self.tokenizer  # before the gather: no tokenizer, no GGUF
+            save_gguf(self.host_params(), self.config, path, tokenizer, gguf_type)
+            return
         params = self.host_params()
         src = self.model_path if self.model_path and os.path.isdir(self.model_path) else None
         if format == "llama_jax":

@@ -38,7 +38,7 @@ def _convert(argv: list[str]) -> int:
     p.add_argument(
         "--format",
         default="llama_jax",
-        choices=["llama_jax", "hf", "peft"],
+        choices=["llama_jax", "hf", "peft", "gguf"],
         help="peft: a LoRA run's adapters alone, for peft.PeftModel.from_pretrained",
     )
     p.add_argument(
@@ -47,10 +47,18 @@ def _convert(argv: list[str]) -> int:
         choices=["float32", "bfloat16", "float16"],
         help="cast parameters (default: keep the checkpoint's dtype)",
     )
+    p.add_argument(
+        "--gguf_type",
+        default=None,
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="--format gguf: type of the weight matrices (default f16; norms stay f32)",
+    )
     args = p.parse_args(argv)
     from llama_jax.data.builtin_models import resolve_model_path
 
-    config = convert(resolve_model_path(args.input), args.output, args.format, args.dtype)
+    config = convert(
+        resolve_model_path(args.input), args.output, args.format, args.dtype, args.gguf_type
+    )
     if args.format == "peft":
         record = finetune_run.read_record(args.input)
         print(

@@ -78,11 +78,31 @@ def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
     )
 
 
-def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str | None = None):
-    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format, or a LoRA
-    run's adapters alone in PEFT's format ("peft")."""
-    if fmt not in ("llama_jax", "hf", "peft"):
-        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft'")
+def convert(
+    input_dir: str,
+    output_dir: str,
+    fmt: str = "llama_jax",
+    dtype: str | None = None,
+    gguf_type: str | None = None,
+):
+    """`llama3 convert`: any supported model -> llama_jax or Hugging Face format, a GGUF file
+    ("gguf", matrices in `gguf_type`, default f16), or a LoRA run's adapters alone in PEFT's
+    format ("peft")."""
+    if fmt not in ("llama_jax", "hf", "peft", "gguf"):
+        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft', 'gguf'")
+    if gguf_type is not None and fmt != "gguf":
+        raise ValueError(f"--gguf_type {gguf_type!r} is for --format gguf, not {fmt!r}")
+    if fmt == "gguf":
+        from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
+        from llama_jax.tokenizer import load_tokenizer
+
+        gguf_type = gguf_type or "f16"
+        if gguf_type not in GGUF_TYPES:
+            raise ValueError(f"--gguf_type {gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+        tokenizer = load_tokenizer(input_dir)  # a model without one cannot become a GGUF
+        config, params = load_any(input_dir)
+        save_gguf(params, config, output_dir, tokenizer, gguf_type)
+        return config
     if fmt == "peft":
         return finetune_run.export_peft(input_dir, output_dir)
     np_dtype = None
