@@ -186,7 +186,7 @@ def _rope_scaling(g: GGUFFile, config: ModelConfig) -> dict[str, Any]:
     if "llama.rope.scaling.original_context_length" not in g.metadata:
         # Too few smooth-band entries to fit: Meta's low/high (1, 4) with the original context
         # that reproduces the factors.
-        candidates += [(1.0, 4.0, 2**p) for p in range(6, 21)]
+        candidates += [(1.0, 4.0, 2**p) for p in range(25)]
     for low, high, orig in candidates:
         fields = dict(
             rope_scaling_factor=factor,

@@ -30,21 +30,6 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    # Byte-level BPE of `token` using only merges ranked below max_rank: what is left is the
-    # pair whose merge made `token`.
-    parts = [bytes([b]) for b in token]
-    while True:
-        best, best_rank = None, None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
-                best, best_rank = i, r
-        if best is None:
-            return parts
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-
-
 def _tiktoken_metadata(tok: Any) -> dict[str, Any]:
     from llama_jax.tokenizer.hf_json import _bytes_to_unicode
 
@@ -55,14 +40,14 @@ def _tiktoken_metadata(tok: Any) -> dict[str, Any]:
     types = [_NORMAL] * n
     for b, r in ranks.items():
         tokens[r] = "".join(spell[x] for x in b)
+    # tiktoken keeps ranks, not merges. Every split of a token into two tokens is a merge,
+    # ranked by the token it makes (as Hugging Face's converter does): some Llama 3 tokens
+    # are made by no BPE path from the bytes, and ignore_merges (llama-bpe) looks them up whole.
     merges = []
     for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(b) < 2:
-            continue
-        parts = _bpe_parts(ranks, b, r)
-        if len(parts) != 2:
-            raise ValueError(f"tiktoken rank {r} ({b!r}) is not one merge of two tokens")
-        merges.append(" ".join("".join(spell[x] for x in p) for p in parts))
+        splits = [(b[:k], b[k:]) for k in range(1, len(b)) if b[:k] in ranks and b[k:] in ranks]
+        for left, right in sorted(splits, key=lambda lr: (ranks[lr[0]], ranks[lr[1]])):
+            merges.append("".join(spell[x] for x in left) + " " + "".join(spell[x] for x in right))
     for name, i in tok.special_tokens.items():
         tokens[i], types[i] = name, _CONTROL
     return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "merges": merges}
