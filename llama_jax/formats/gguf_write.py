@@ -44,7 +44,7 @@ def _tiktoken_metadata(tok: Any) -> dict[str, Any]:
     # ranked by the token it makes (as Hugging Face's converter does): some Llama 3 tokens
     # are made by no BPE path from the bytes, and ignore_merges (llama-bpe) looks them up whole.
     merges = []
-    for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+    for b in sorted(ranks, key=ranks.__getitem__):
         splits = [(b[:k], b[k:]) for k in range(1, len(b)) if b[:k] in ranks and b[k:] in ranks]
         for left, right in sorted(splits, key=lambda lr: (ranks[lr[0]], ranks[lr[1]])):
             merges.append("".join(spell[x] for x in left) + " " + "".join(spell[x] for x in right))
@@ -97,7 +97,15 @@ def _spm_metadata(tok: Any) -> dict[str, Any]:
             types.append(_UNUSED)
         else:
             types.append(_NORMAL)
-    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores}
+    # add_dummy_prefix is in the model's normalizer spec; what it does shows in one encoding.
+    prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
+    return {
+        "model": "llama",
+        "tokens": tokens,
+        "types": types,
+        "scores": scores,
+        "add_space_prefix": prefix,
+    }
 
 
 def tokenizer_metadata(tok: Any) -> dict[str, Any]:
@@ -114,7 +122,9 @@ def tokenizer_metadata(tok: Any) -> dict[str, Any]:
             "tokens": list(m["tokenizer.ggml.tokens"]),
             "types": list(m.get("tokenizer.ggml.token_type") or []),
         }
-        for key, name in (("pre", "pre"), ("merges", "merges"), ("scores", "scores")):
+        keys = (("pre", "pre"), ("merges", "merges"), ("scores", "scores"))
+        keys += (("add_space_prefix", "add_space_prefix"),)
+        for key, name in keys:
             if f"tokenizer.ggml.{key}" in m:
                 meta[name] = m[f"tokenizer.ggml.{key}"]
     elif fmt == "tiktoken":
@@ -149,6 +159,8 @@ def _write_tokenizer(w: Any, meta: dict[str, Any]) -> None:
         w.add_token_scores(meta["scores"])
     if meta.get("merges"):
         w.add_token_merges(meta["merges"])
+    if "add_space_prefix" in meta:
+        w.add_add_space_prefix(bool(meta["add_space_prefix"]))
     w.add_bos_token_id(int(meta["bos"]))
     w.add_eos_token_id(int(meta["eos"]))
     if meta.get("pad") is not None:
