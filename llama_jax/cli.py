@@ -1,18 +1,27 @@
 """The `llama3` command: argument parsing only; each subcommand calls into the library.
 
 A mistake of the user's (a bad flag value, a missing file, a refused checkpoint, a full disk)
-ends in one line `error: ...` and exit code 1; `--verbose` (anywhere on the line) or
-`LLAMA_JAX_DEBUG=1` adds the traceback.
+ends in one line `error: ...` and exit code 1; `--debug` or `--verbose` (anywhere on the line)
+or `LLAMA_JAX_DEBUG=1` adds the traceback and orbax's own error logs.
+
+Run as the `llama3` process (`main()` without arguments), a failing command exits at once even
+when a library left non-daemon threads behind (orbax's checkpoint threads wait forever for a
+save that failed), so a job scheduler sees the exit status within seconds, not at walltime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
 import os
 import pickle
 import sys
+import threading
 import traceback
 
+from llama_jax import __version__
 from llama_jax.api import Llama3
 from llama_jax.eval.cli import main as eval_main
 from llama_jax.eval.runner import TrainerEval
@@ -288,6 +297,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         NotADirectoryError,
         IsADirectoryError,
         PermissionError,
+        OSError,  # a full disk, a read-only file system: named with its path, see _one_line
         ImportError,
         pickle.UnpicklingError,
         CheckpointError,
@@ -296,18 +306,74 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(e: BaseException) -> str:
+    if type(e) is OSError and e.strerror:  # the bare OSError of a write: what, where, what to do
+        where = f" writing {e.filename}" if e.filename else ""
+        todo = {
+            errno.ENOSPC: "free some space (or write elsewhere) and rerun",
+            errno.EDQUOT: "free some space (or write elsewhere) and rerun",
+            errno.EROFS: "write to a writable file system",
+        }.get(e.errno, "check the path and rerun")
+        return f"{e.strerror}{where}; {todo}"
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     text = " ".join(str(text).split()) or type(e).__name__
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+DEBUG_FLAGS = ("--debug", "--verbose")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in argv or os.environ.get("LLAMA_JAX_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--verbose"]
+    """The `llama3` command. With `argv` (tests, scripts) it returns the exit code; without
+    (the console script) it also makes sure a failing process really exits."""
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        code = _main(sys.argv[1:])
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # a bug: the traceback, then the same prompt exit
+        traceback.print_exc()
+        code = 1
+    if code:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Exits with `code` now if a non-daemon thread would keep the interpreter alive."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not stuck:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: list[str]) -> int:
+    debug = any(a in DEBUG_FLAGS for a in argv) or os.environ.get("LLAMA_JAX_DEBUG", "") not in (
+        "",
+        "0",
+    )
+    argv = [a for a in argv if a not in DEBUG_FLAGS]
+    if argv and argv[0] == "--version":
+        print(f"llama3 (llama_jax) {__version__}")
+        return 0
+    if not debug:
+        # orbax logs every failed background write as an error with its traceback (hundreds
+        # of lines for one full disk); the CLI's one line names the failure instead.
+        # asyncio reports the same failed writes again when their tasks are collected.
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: llama3 <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print(
+            "usage: llama3 <command> [options]   (--version; --debug: tracebacks)\n\n"
+            "commands:\n" + "\n".join(lines)
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nllama3: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
@@ -316,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return fn(argv[1:])
     except _user_errors() as e:
-        if verbose:
+        if debug:
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1

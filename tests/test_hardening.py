@@ -322,7 +322,7 @@ def test_disk_full_names_the_cause(corpus, tmp_path):
             trainer.train(c)
         msg = str(e.value)
         assert "No space left on device while saving step" in msg and "\n" not in msg
-        intact = msg.split("previous checkpoint (step ")[1].split(")")[0]
+        intact = msg.split("newest intact checkpoint is step ")[1].split(" ")[0]
         steps = checkpoint.committed_steps(str(mnt / "run" / "checkpoints"))
         assert int(intact) == steps[-1]
     finally:

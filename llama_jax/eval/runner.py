@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from llama_jax.atomic import write_atomic
 from llama_jax.eval import tasks as builtin
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice
 from llama_jax.eval.fewshot import choose_examples, fewshot_prompt
@@ -487,8 +488,7 @@ def evaluate(
 
 
 def write_json(path: str, metrics: Sequence[Metric], config: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(to_lm_eval_json(metrics, config), f, indent=2, ensure_ascii=False)
+    write_atomic(path, json.dumps(to_lm_eval_json(metrics, config), indent=2, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------- trainer

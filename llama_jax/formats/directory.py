@@ -7,7 +7,13 @@ import os
 import shutil
 import tempfile
 
-from llama_jax.formats.checkpoint import PARAMS_DIR, committed_steps, load_params, save_params
+from llama_jax.formats.checkpoint import (
+    PARAMS_DIR,
+    committed_steps,
+    load_params,
+    load_verified_params,
+    save_params,
+)
 from llama_jax.model.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -74,12 +80,12 @@ def is_run_dir(path: str) -> bool:
 
 
 def load_llama_jax(path: str) -> tuple[ModelConfig, dict]:
-    """A llama_jax model directory, or a run directory's newest committed checkpoint."""
+    """A llama_jax model directory, or a run directory's newest checkpoint that verifies."""
 
     with open(os.path.join(path, "config.json")) as f:
         config = ModelConfig.from_dict(json.load(f))
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         return config, load_params(os.path.join(path, PARAMS_DIR))
-    step = committed_steps(os.path.join(path, "checkpoints"))[-1]
-    state = os.path.join(path, "checkpoints", str(step), "state")
-    return config, load_params(state, subtree="params")
+    # Verified as resume verifies: a flipped bit falls back to an older step, with a warning.
+    _, params = load_verified_params(os.path.join(path, "checkpoints"))
+    return config, params

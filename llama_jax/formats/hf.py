@@ -21,6 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from llama_jax.model.config import ModelConfig
 
@@ -195,8 +196,7 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
     """
     os.makedirs(path, exist_ok=True)
     hf = config.to_hf()  # torch_dtype: config.param_dtype, the dtype the params are stored in
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+    write_atomic(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
     # Shards of at most max_shard_bytes; one file when it fits.
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
@@ -217,8 +217,8 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
         for name, a in shard:
             weight_map[name] = fn
             total += a.nbytes
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_atomic(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2))
 
 
 def with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -> ModelConfig:

@@ -8,9 +8,11 @@ model on the training split once (process 0; the others wait); `data_splits` say
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
 
 import jax
 import ml_collections
@@ -52,13 +54,16 @@ def get_tokenizer(c: ml_collections.ConfigDict):
             stop - start,
             c.data_path,
         )
-        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for doc in docs[start:stop]:
-                f.write(doc.rstrip("\n") + "\n")
-        os.replace(corpus + ".tmp", corpus)
-        _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
-        os.replace(tok_dir + ".tmp", tok_dir)
-        os.remove(corpus)
+        try:  # a failure (a full disk) leaves neither the corpus nor a half-made tokenizer
+            with open(corpus, "w", encoding="utf-8") as f:
+                for doc in docs[start:stop]:
+                    f.write(doc.rstrip("\n") + "\n")
+            _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
+            os.replace(tok_dir + ".tmp", tok_dir)
+        finally:
+            shutil.rmtree(tok_dir + ".tmp", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(corpus)
     _sync_hosts("tokenizer")
     return load_tokenizer(tok_dir)
 

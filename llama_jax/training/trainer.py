@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from llama_jax.atomic import write_atomic
 from llama_jax.data import parse_data_path
 from llama_jax.formats import checkpoint, finetune_run
 from llama_jax.formats.load import load_any
@@ -548,12 +549,16 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
                 raise
             with contextlib.suppress(Exception):
                 ckpt.wait()
-            intact = checkpoint.committed_steps(ckpt.directory)
-            prev = f"step {intact[-1]}" if intact else "none"
+            intact = ckpt.newest_intact()
+            prev = (
+                f"the newest intact checkpoint is step {intact} and a rerun resumes from it"
+                if intact is not None
+                else "no checkpoint was written; a rerun starts afresh"
+            )
             raise checkpoint.CheckpointError(
-                f"No space left on device while saving step {step} (writing "
-                f"{getattr(e, 'filename', None) or c.run_dir}); the previous checkpoint ({prev}) "
-                "is intact"
+                f"No space left on device at step {step} (writing "
+                f"{getattr(e, 'filename', None) or c.run_dir}); {prev}; free some space (or "
+                "move --model_path) and rerun"
             ) from e
         finally:
             ckpt.wait()
@@ -586,15 +591,9 @@ def _place_init_params(params: Any, model_cfg: ModelConfig, state_shardings) -> 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:
     """The run directory is a model directory: config.json and the tokenizer file."""
-    _atomic_write(os.path.join(c.run_dir, "config.json"), model_cfg.to_json())
-    _atomic_write(os.path.join(c.run_dir, "experiment.json"), c.to_json_best_effort(indent=2))
+    write_atomic(os.path.join(c.run_dir, "config.json"), model_cfg.to_json())
+    write_atomic(os.path.join(c.run_dir, "experiment.json"), c.to_json_best_effort(indent=2))
     tokenizer.save(c.run_dir)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 class _StopSignal:
