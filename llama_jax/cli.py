@@ -72,10 +72,10 @@ def _convert(argv: list[str]) -> int:
 def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 train",
-        description="Train from an experiment config. Overrides: --config.KEY=VALUE, and "
-        "--data_path --valid_data_path --model_path (run dir) --num_gpus --batch_size "
-        "--learning_rate --num_epochs.",
+        description="Train from an experiment config; any key is set with --config.KEY=VALUE "
+        "(--print_config lists them), the common ones also by the shortcuts below.",
     )
+    _shortcut_flags(p)
     p.add_argument(
         "--config",
         default=None,
@@ -85,7 +85,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
     config = experiment.load_config(args.config) if args.config else experiment.default_config()
-    unknown = experiment.parse_overrides(config, rest)
+    unknown = experiment.parse_overrides(config, _shortcuts_given(args) + rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
     if args.print_config:
@@ -106,15 +106,16 @@ def _train(argv: list[str]) -> int:
 def _finetune(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 finetune",
-        description="Fine-tune a base model (full, or LoRA with --lora_rank > 0). Overrides: "
-        "--config.KEY=VALUE, and --data_path --valid_data_path --model_path (run dir) "
-        "--num_gpus --batch_size --learning_rate --num_epochs.",
+        description="Fine-tune a base model (full, or LoRA with --lora_rank > 0); any key is "
+        "set with --config.KEY=VALUE, the common ones also by the shortcuts below.",
     )
+    _shortcut_flags(p)
     p.add_argument("--init_from", required=True, help="base model directory (any format)")
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
+    rest = _shortcuts_given(args) + rest
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
@@ -131,6 +132,33 @@ def _finetune(argv: list[str]) -> int:
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
     return 0
+
+
+def _shortcut_flags(p: argparse.ArgumentParser) -> None:
+    """The experiment keys with a flag of their own (as the README uses them), in --help."""
+    what = {
+        "data_path": "training data: text files, a directory or glob, 'shakespeare', tfds:NAME",
+        "valid_data_path": "validation data (default: hold out the last 5%%)",
+        "model_path": "the run directory (checkpoints, metrics, the model)",
+        "num_gpus": "devices to use (default: all)",
+        "batch_size": "sequences per step (global)",
+        "learning_rate": "peak learning rate",
+        "num_epochs": "epochs over the data (replaces the config's num_steps)",
+    }
+    for flag, key in experiment.LEGACY_FLAGS.items():
+        p.add_argument(
+            f"--{flag}",
+            default=argparse.SUPPRESS,
+            metavar=flag.split("_")[-1].upper(),
+            help=f"{what.get(flag, '')} (= --config.{key})",
+        )
+
+
+def _shortcuts_given(args: argparse.Namespace) -> list[str]:
+    """The shortcut flags given, as overrides (the experiment checks their types)."""
+    return [
+        f"--{flag}={getattr(args, flag)}" for flag in experiment.LEGACY_FLAGS if hasattr(args, flag)
+    ]
 
 
 def _tokenizer(argv: list[str]) -> int:
@@ -190,7 +218,10 @@ def _generate(argv: list[str]) -> int:
 
 def _chat(argv: list[str]) -> int:
     p = _sampling_parser(
-        "llama3 chat", "Chat on stdin (one line per turn; /reset forgets, /exit quits)."
+        "llama3 chat",
+        "Chat on stdin (one line per turn; /reset forgets, /exit quits). The system prompt is "
+        "kept; the oldest whole turns are dropped when the conversation outgrows the context "
+        "(--truncate: the new turn too loses its oldest tokens if it alone does not fit).",
     )
     p.add_argument("--system", default=None, help="system prompt")
     args = p.parse_args(argv)
@@ -198,8 +229,16 @@ def _chat(argv: list[str]) -> int:
         args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
     )
     prompt = "> " if sys.stdin.isatty() else ""
-    kwargs = _sampling_kwargs(args, truncate=False)
-    run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **kwargs)
+    errors: list[str] = []
+    run_chat(
+        model, sys.stdin, sys.stdout.write, args.system, prompt, errors, **_sampling_kwargs(args)
+    )
+    if errors:
+        print(
+            f"error: {len(errors)} turn(s) failed; the first: {_one_line(ValueError(errors[0]))}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -236,3 +236,89 @@ def test_resume_detects_a_deleted_record_and_an_edited_data_state(trained_run, t
     assert "step 6 has lost its verification record" in errors[0], errors[0]
     assert "step 4 has a data-loader state that does not match" in errors[1], errors[1]
     assert any(n.startswith("6.corrupt-") for n in os.listdir(run / "checkpoints"))
+
+
+# ------------------------------------------------------------------------- 6. serve under abuse
+@pytest.fixture(scope="module")
+def guarded_server(corpus):
+    import flax.linen as nn
+    import jax
+
+    from llama_jax import Llama3
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
+    from llama_jax.serve.app import ServeApp
+    from llama_jax.serve.engine import Engine
+    from llama_jax.serve.server import ServerThread
+    from llama_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(corpus["tokenizer"])
+    config = get_config("tiny", vocab_size=512, dim=32, mlp_dim=32, n_heads=4, n_kv_heads=2)
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    model = Llama3(config=config, params=params, dtype="float32", tokenizer=tok)
+    engine = Engine(model.sampler(), max_batch=1, max_seq_len=64, max_queue=8)
+    engine.warmup()
+    engine.start()
+    app = ServeApp(engine, tok, "tiny", api_key=None)
+    limits = dict(header_timeout=1.0, body_timeout=2.0, max_connections=32)
+    with ServerThread(app, **limits) as srv:
+        yield srv
+    engine.close()
+
+
+def _complete(server, timeout=30):
+    import httpx
+
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 2, "temperature": 0}
+    return httpx.post(server.url + "/v1/completions", json=body, timeout=timeout)
+
+
+def test_deeply_nested_json_is_400_not_500(guarded_server):
+    import httpx
+
+    body = b"[" * 100_000 + b"]" * 100_000
+    r = httpx.post(
+        guarded_server.url + "/v1/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "nests JSON deeper than" in r.json()["error"]["message"]
+    assert _complete(guarded_server).status_code == 200
+
+
+def test_slow_clients_are_cut_off_and_do_not_lock_out_a_normal_one(guarded_server):
+    """Before: a byte-at-a-time client kept its connection forever; enough of them stopped
+    everyone else. Now 200 stalled clients (headers or body unfinished) are closed within
+    their deadline or evicted, and a normal request is answered meanwhile."""
+    import socket
+
+    host, port = guarded_server.host, guarded_server.port
+    stalled = []
+    try:
+        for i in range(200):
+            s = socket.create_connection((host, port), timeout=5)
+            if i % 2:  # headers never finished
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            else:  # headers done, body never finished
+                s.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: 100\r\n\r\n{"
+                )
+            stalled.append(s)
+        t0 = time.perf_counter()
+        r = _complete(guarded_server, timeout=20)
+        assert r.status_code == 200, r.text
+        assert time.perf_counter() - t0 < 10
+        deadline = time.monotonic() + 6  # body_timeout 2 s, plus slack on a loaded machine
+        for s in stalled:
+            s.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                got = s.recv(1024)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"" or got.startswith(b"HTTP/1.1 4"), got[:200]
+    finally:
+        for s in stalled:
+            s.close()
+    assert _complete(guarded_server).status_code == 200

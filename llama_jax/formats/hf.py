@@ -230,3 +230,40 @@ def with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -
     if compute:
         return dataclasses.replace(config, param_dtype=name, dtype=name)
     return dataclasses.replace(config, param_dtype=name)
+
+
+def write_hf_token_files(path: str, config: ModelConfig, tokenizer: Any) -> None:
+    """The model's own special ids in an exported directory, so transformers uses it as-is:
+    `bos/eos/pad_token_id` in config.json (ModelConfig.to_hf writes Llama 3's 128000/128001),
+    and, unless the source came with its own, `generation_config.json` (every stop id: chat
+    turns end at end-of-turn) and `tokenizer_config.json` (special tokens, context length and
+    the chat template where the tokenizer has one)."""
+    ids = {v: k for k, v in tokenizer.special_tokens.items()}
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    hf["pad_token_id"] = tokenizer.pad_id
+    write_atomic(cfg_path, json.dumps(hf, indent=2))
+    stops = list(tokenizer.stop_ids)
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
+        "pad_token_id": tokenizer.pad_id,
+        "max_length": config.max_seq_len,
+    }
+    if not os.path.isfile(os.path.join(path, "generation_config.json")):
+        write_atomic(os.path.join(path, "generation_config.json"), json.dumps(generation, indent=2))
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        tok_cfg = {
+            "bos_token": ids[tokenizer.bos_id],
+            "eos_token": ids[tokenizer.eos_id],
+            "pad_token": ids.get(tokenizer.pad_id) if tokenizer.pad_id is not None else None,
+            "model_max_length": config.max_seq_len,
+            "add_bos_token": True,
+            "add_eos_token": False,
+        }
+        template = getattr(tokenizer, "chat_template", None)
+        if template:
+            tok_cfg["chat_template"] = template
+        write_atomic(os.path.join(path, "tokenizer_config.json"), json.dumps(tok_cfg, indent=2))

@@ -156,12 +156,16 @@ def run_chat(
     write: Callable[[str], Any],
     system: str | None = None,
     prompt: str = "",
+    errors: list[str] | None = None,
     **kwargs: Any,
 ) -> list[Mapping[str, str]]:
     """An interactive chat: each line is a user turn; the reply is streamed to `write`.
 
     `/reset` forgets the conversation (keeping the system prompt), `/exit` ends it, as does
-    the end of `lines`.
+    the end of `lines`. When the conversation and `max_new_tokens` outgrow the model's
+    context, the oldest whole turns (user + reply) are dropped, never the system prompt or
+    the new turn, with a note; if those alone do not fit, the turn fails (or, with
+    `truncate=True`, loses its oldest tokens).
 
     Args:
       model: a `Llama3` (its tokenizer must have the Llama 3 chat tokens).
@@ -169,6 +173,7 @@ def run_chat(
       write: where output goes (e.g. sys.stdout.write); flushed by the caller's stream.
       system: an optional system prompt.
       prompt: written before reading each line (e.g. "> " on a terminal).
+      errors: if given, each failed turn's message is appended (the CLI exits non-zero).
       **kwargs: generation arguments for `model.stream`.
 
     Returns:
@@ -190,7 +195,11 @@ def run_chat(
             messages.append({"role": "user", "content": text})
             reply = []
             try:
-                ids = model.tokenizer.encode_dialog(messages)
+                budget = model.config.max_seq_len - kwargs.get("max_new_tokens", 256)
+                ids, dropped = fit_dialog(model.tokenizer, messages, budget, len(start))
+                if dropped:
+                    del messages[len(start) : len(start) + dropped]
+                    write(f"[dropped the {dropped // 2} oldest turn(s) to fit the context]\n")
                 for piece in model.stream(ids, **kwargs):
                     reply.append(piece)
                     write(piece)
@@ -199,8 +208,24 @@ def run_chat(
             except ValueError as e:
                 messages.pop()
                 write(f"[error: {e}]")
+                if errors is not None:
+                    errors.append(str(e))
             else:
                 messages.append({"role": "assistant", "content": "".join(reply)})
             write("\n")
         write(prompt)
     return messages
+
+
+def fit_dialog(
+    tokenizer: Any, messages: list[Mapping[str, str]], budget: int, keep_head: int = 0
+) -> tuple[list[int], int]:
+    """(ids, n): the dialog's ids once its `n` oldest messages after the first `keep_head`
+    (the system prompt) are dropped, whole user + assistant pairs at a time, until the ids fit
+    `budget` tokens or only the head and the last turn are left."""
+    dropped = 0
+    ids = tokenizer.encode_dialog(messages)
+    while len(ids) > budget and len(messages) - dropped - keep_head > 1:
+        dropped += 2
+        ids = tokenizer.encode_dialog(messages[:keep_head] + messages[keep_head + dropped :])
+    return ids, dropped

@@ -417,18 +417,22 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
     # ------------------------------------------------------------------ 7. the loop
     tokens_per_step = c.batch_size * c.seq_len
     flops_per_token = model_cfg.flops_per_token(c.seq_len)
-    peak = c.peak_flops or metrics.measure_peak_flops()
     # CPU "devices" of one process share its cores (and one matmul already uses them all):
-    # the peak counts once per process there, once per device on accelerators.
+    # the peak counts once per process there, once per device on accelerators. A CPU has no
+    # known peak: MFU is n/a there unless peak_flops is configured.
     cpu = mesh.devices.flat[0].platform == "cpu"
+    peak = c.peak_flops or (0.0 if cpu else metrics.measure_peak_flops())
     units = jax.process_count() if cpu else mesh.size
-    log.info(
-        "MFU is model FLOPs/s over %s %.0f GFLOP/s x %d %s",
-        "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
-        peak / 1e9,
-        units,
-        "processes (CPU devices share cores)" if cpu else "devices",
-    )
+    if peak:
+        log.info(
+            "MFU is model FLOPs/s over %s %.0f GFLOP/s x %d %s",
+            "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
+            peak / 1e9,
+            units,
+            "processes (CPU devices share cores)" if cpu else "devices",
+        )
+    else:
+        log.info("MFU: n/a on CPU (no known peak; set --config.peak_flops to report one)")
     writer = metrics.MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
     pending: collections.deque = collections.deque()
     window: list[dict] = []
@@ -504,7 +508,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
                         bar.set_postfix(
                             loss=f"{row['loss']:.3f}",
                             tok_s=f"{row['tokens_per_s']:.0f}",
-                            mfu=f"{row['mfu']:.1%}",
+                            mfu="n/a" if row["mfu"] is None else f"{row['mfu']:.1%}",
                             refresh=False,
                         )
                 if bar is not None:
