@@ -3,6 +3,7 @@ mocked permission or disk error), bit flips and edited files on every load, a fu
 the tokenizer trainer, and what `llama3 eval` / `llama3 serve` do with broken inputs. Each
 asserts the one line the user sees, the exit status, a time bound and what is left on disk."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -192,7 +193,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("damage", ["flip", "flip_without_record"])
+@pytest.mark.parametrize("damage", ["flip", "flip_without_record", "file_missing"])
 def test_load_of_a_damaged_newest_step_falls_back_with_a_warning(
     trained_run, tmp_path, damage, caplog
 ):
@@ -200,7 +201,12 @@ def test_load_of_a_damaged_newest_step_falls_back_with_a_warning(
     from llama_jax.formats import load_any
 
     run = _copy_run(trained_run, tmp_path)
-    _flip_a_bit(run / "checkpoints" / "6")
+    if damage == "file_missing":  # before: eval failed where training fell back
+        for p in (run / "checkpoints" / "6" / "state").rglob("*"):
+            if p.is_file() and p.parent.name == "d":
+                p.unlink()
+    else:
+        _flip_a_bit(run / "checkpoints" / "6")
     if damage == "flip_without_record":  # before: a deleted record hid the flip from resume too
         shutil.rmtree(run / "checkpoints" / "6" / "verify")
     with caplog.at_level("WARNING", logger="llama_jax"):
@@ -208,7 +214,12 @@ def test_load_of_a_damaged_newest_step_falls_back_with_a_warning(
     _assert_same(params, _params_of_step(run, 4))
     warned = [r.getMessage() for r in caplog.records if "step 6" in r.getMessage()]
     assert warned and "loading step 4 instead" in warned[0], caplog.text
-    assert "fingerprint" in warned[0] or "unreadable" in warned[0], warned[0]
+    why = {
+        "flip": ("fingerprint", "unreadable"),
+        "flip_without_record": ("lost its verification record",),
+        "file_missing": ("unreadable",),
+    }[damage]
+    assert any(w in warned[0] for w in why), warned[0]
 
 
 def test_no_good_step_is_one_line_from_generate(trained_run, tmp_path):
@@ -422,8 +433,10 @@ def test_perplexity_task_with_fewshot_is_scored_zero_shot(trained_run, monkeypat
     from llama_jax.inference.loaded import LoadedModel
 
     docs = ["First Witch. When shall we three meet again", "Double, double toil and trouble"]
-    task = builtin.TASKS["shakespeare"]
-    monkeypatch.setattr(task, "load", lambda cache=None: builtin.TaskData(documents=docs))
+    task = dataclasses.replace(
+        builtin.TASKS["shakespeare"], load=lambda cache=None: builtin.TaskData(documents=docs)
+    )
+    monkeypatch.setitem(builtin.TASKS, "shakespeare", task)
     model = LoadedModel.from_pretrained(str(trained_run["run"]))
     with caplog.at_level("WARNING", logger="llama_jax.eval"):
         three, _ = runner.evaluate(model, ["shakespeare"], num_fewshot=3, progress=False)

@@ -298,15 +298,16 @@ def read_verify_record(step_dir: str) -> tuple[dict | None, str | None]:
         return None, f"has an unreadable verification record ({type(e).__name__})"
 
 
-def load_verified_params(checkpoints_dir: str) -> tuple[int, Any]:
+def load_verified_params(checkpoints_dir: str, below: int | None = None) -> tuple[int, Any]:
     """(step, numpy params) of the newest committed training checkpoint that verifies, as
     resume does: readable, finite, equal to the fingerprint written at save. Newer steps that
     fail are named in a warning and skipped (never moved: a reader may not own the run).
 
     Raises:
-      CheckpointError: no committed step verifies (each one's problem is listed).
+      CheckpointError: no committed step (below `below`, if given) verifies (each one's
+        problem is listed).
     """
-    steps = committed_steps(checkpoints_dir)
+    steps = [s for s in committed_steps(checkpoints_dir) if below is None or s < below]
     failed: list[tuple[int, str]] = []
     for step in reversed(steps):
         step_dir = os.path.join(checkpoints_dir, str(step))
@@ -464,14 +465,13 @@ class TrainCheckpointer:
         self._in_flight = None
 
     def newest_intact(self, below: int | None = None) -> int | None:
-        """The newest committed step (below `below`) whose every item, its verification
-        record included, is on disk: what a rerun resumes from."""
-        for s in reversed(committed_steps(self.directory)):
-            if below is not None and s >= below:
-                continue
-            if os.path.isdir(os.path.join(self.directory, str(s), VERIFY_ITEM)):
-                return s
-        return None
+        """The newest committed step (below `below`) whose params verify: what a rerun
+        resumes from. Read back, because on a full disk orbax can commit a step whose array
+        writes failed (its tasks' errors go unretrieved), so "committed" is not "intact"."""
+        try:
+            return load_verified_params(self.directory, below=below)[0]
+        except CheckpointError:
+            return None
 
     @contextlib.contextmanager
     def _disk_errors(self, step: int | None):

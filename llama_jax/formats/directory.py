@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 
+from llama_jax.atomic import write_atomic
 from llama_jax.formats.checkpoint import (
     PARAMS_DIR,
     committed_steps,
@@ -35,7 +36,8 @@ def copy_tokenizer(src: str, dst: str, extra: tuple[str, ...] = ()) -> str | Non
     for name in TOKENIZER_FILES + extra:
         p = os.path.join(src, name)
         if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(dst, name))
+            with open(p, "rb") as f:  # atomic: a failed export leaves no partial tokenizer
+                write_atomic(os.path.join(dst, name), f.read())
             if name in TOKENIZER_FILES and found is None:
                 found = name
     return found

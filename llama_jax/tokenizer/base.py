@@ -17,7 +17,6 @@ import functools
 import math
 import os
 import re
-import shutil
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.tokenizer import chat
 from llama_jax.tokenizer.chat import (
     BEGIN_OF_TEXT,
@@ -311,7 +311,7 @@ class Tokenizer(abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         dest = directory / self.FILE_NAME
         if not (dest.exists() and dest.samefile(self.path)):
-            shutil.copyfile(self.path, dest)
+            write_atomic(dest, self.path.read_bytes())  # never a partial tokenizer file
         return dest
 
     # -- helpers
