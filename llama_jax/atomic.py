@@ -27,7 +27,9 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would make e.g. a served tokenizer unreadable
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a failed write(2)
+            raise OSError(e.errno, e.strerror, path) from e  # names the file it was for
         raise

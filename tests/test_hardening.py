@@ -276,7 +276,7 @@ def test_misspelt_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
     code, _, err = _run_cli(["train", "--config", exp, "--config.lerning_rate=1"], capsys)
     assert code == 1 and "did you mean learning_rate" in _error_line(err)
     code, _, err = _run_cli(["train", "--config", exp, "--config.seq_len=long"], capsys)
-    assert code == 1 and "expected int" in _error_line(err)
+    assert code == 1 and "--config.seq_len='long'; valid: an integer" in _error_line(err)
     code, _, err = _run_cli(
         ["train", "--config", exp, "--config.seq_len=long", "--verbose"], capsys
     )
