@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import sys
-import threading
 import traceback
 
 from llama_jax import __version__
@@ -381,10 +380,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_now(code: int) -> None:
-    """Exits with `code` now if a non-daemon thread would keep the interpreter alive."""
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if not stuck:
-        return
+    """Exits with `code` now, without the interpreter's shutdown: a non-daemon thread (orbax's,
+    waiting on a failed save) would keep it alive forever, and daemon threads of a failed read
+    print tracebacks of their closed event loops while it tears down."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
