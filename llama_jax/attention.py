@@ -17,8 +17,6 @@ K key/value heads, G = N // K query heads per key/value head, H head dim.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,10 +145,13 @@ def splash_block(t: int) -> int:
     )
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, t: int, interpret: bool):
-    """The causal splash kernel for `heads` local query heads of length `t` (cached: building
-    the block-sparse mask tables runs on the host)."""
+    """The causal splash kernel for `heads` local query heads of length `t`.
+
+    A pytree: its block-sparse mask tables are arrays of the program being traced (made anew per
+    trace; a kernel kept across traces would leak one trace's values into another).
+    """
+    # Deferred: the Pallas TPU modules load only when splash is used.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -168,12 +169,9 @@ def _splash_kernel(heads: int, t: int, interpret: bool):
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
     # make_splash_mha takes k/v with fewer heads than q (grouped-query: query head n reads
     # key/value head n // G); head_shards=1 because shard_map has already split the heads.
-    # The mask tables become concrete arrays (constants of every program that uses the kernel),
-    # not tracers of the first trace that asked for them: the kernel is cached across traces.
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha(
-            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-        )
+    return sk.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _mesh_spec(logical: tuple[str, ...], mesh_axes: tuple[str, ...]) -> PartitionSpec:
@@ -237,12 +235,13 @@ def splash_attention(
                 f"splash attention: {count} {what} heads do not split over mesh axes {spec[2]} "
                 f"of size {size}"
             )
-    # Built out here, not in the shard_map body, so its mask tables belong to no one mesh.
+    # Built out here and passed in replicated: inside the body its mask tables would be made
+    # per device of the manual mesh.
     kernel = _splash_kernel(n // _mesh_size(mesh, q_spec[2]), t, interpret)
     dtype = q.dtype
     q = q * jnp.asarray(1.0 / np.sqrt(h), dtype)  # the kernel applies no scale of its own
 
-    def local(q, k, v, seg):
+    def local(kernel, q, k, v, seg):
         # Deferred like _splash_kernel's: the Pallas TPU modules load only when splash is used.
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
@@ -255,14 +254,20 @@ def splash_attention(
         return jnp.swapaxes(out, 1, 2).astype(dtype)
 
     if mesh.empty:
-        return local(q, k, v, segment_ids)
+        return local(kernel, q, k, v, segment_ids)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+        in_specs=(
+            jax.tree.map(lambda _: PartitionSpec(), kernel),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            seg_spec,
+        ),
         out_specs=q_spec,
         check_vma=False,  # the Pallas call carries no varying-axes annotations
-    )(q, k, v, segment_ids)
+    )(kernel, q, k, v, segment_ids)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -126,6 +126,30 @@ def _finetune(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 plan",
+        description="Compile an experiment's train and eval steps for a TPU topology on this "
+        "host (no TPU, weights or data needed): per-chip memory vs HBM, FLOPs, roofline, MFU "
+        "bound, collectives. Exit 0 fits, 2 does not fit, 1 error. Overrides: --config.KEY=VALUE.",
+    )
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args, rest = p.parse_known_args(argv)
+    # The host compiles for the TPU devices libtpu describes; JAX itself must not look for a
+    # TPU (or a cloud metadata server) to run on.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from llama_jax import experiment, plan
+
+    plan.parse_topology(args.topology)  # a bad name fails before the config is loaded
+    config = experiment.load_config(args.config)
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return plan.run(config, args.topology, args.json)
+
+
 def _tokenizer(argv: list[str]) -> int:
     from llama_jax.tokenizer import cli_main
 
@@ -288,6 +312,7 @@ COMMANDS = {
     "chat": (_chat, "interactive chat in the Llama 3 chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
+    "plan": (_plan, "compile an experiment for a TPU topology: memory, FLOPs, MFU bound"),
 }
 
 

@@ -92,8 +92,8 @@ def make_run_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 # ============================================================================ 2. checks
-def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
-    """Everything a user can get wrong, before any expensive work."""
+def check_step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+    """The checks of the step's shapes against the mesh (no files read; plan.py uses them)."""
     sharding.check_model_fits_mesh(model_cfg, mesh)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
         raise ValueError(
@@ -104,6 +104,11 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
         raise ValueError(
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
+
+
+def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+    """Everything a user can get wrong, before any expensive work."""
+    check_step_config(c, model_cfg, mesh)
     if c.get("eval_tasks"):
         from llama_jax.eval.runner import task_names
 
@@ -286,6 +291,29 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg=None):
     return eval_step
 
 
+def jit_steps(
+    model_cfg: ModelConfig, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
+):
+    """(train_step, eval_step) jitted with their shardings; the train state is donated.
+
+    train_step(state, batch, base) -> (state, metrics); eval_step(params, batch, base) ->
+    (summed nll, tokens). `base_sharding` is {} without LoRA. plan.py compiles these same two.
+    """
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
+        in_shardings=(state_shardings, batch_sharding, base_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, lora_cfg),
+        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return train_step, eval_step
+
+
 # ============================================================================ the trainer
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
@@ -340,7 +368,6 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
     tx, schedule = make_optimizer(c, num_steps)
     abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed, lora_cfg))
     state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh)
     # The frozen base under LoRA: an argument of every step, never donated or checkpointed.
     base, base_sharding = {}, {}
     if lora_cfg is not None:
@@ -348,16 +375,8 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
         dt = jnp.dtype(c.base_dtype or model_cfg.param_dtype)
         base = jax.device_put(jax.tree.map(lambda a: np.asarray(a, dt), base_params), base_sharding)
         base_params = None
-    train_step = jax.jit(
-        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
-        in_shardings=(state_shardings, batch_sharding, base_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(
-        make_eval_step(model_cfg, lora_cfg),
-        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
-        out_shardings=sharding.replicated(mesh),
+    train_step, eval_step = jit_steps(
+        model_cfg, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
     )
 
     # ------------------------------------------------------------------ 6. resume or init
