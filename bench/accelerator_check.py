@@ -102,6 +102,54 @@ def attention_check(tiny: bool, gpu: bool) -> tuple[str, float, float, bool]:
     return f"attention {name} vs XLA", d_out, d_grad, d_out < 0.05 and d_grad < 0.05
 
 
+def splash_tpu_compile(tiny: bool, topology: str) -> tuple[str, str, str, str]:
+    """Compiles splash attention's forward + backward (bf16, GQA, packed segments) inside
+    shard_map for compile-only TPU devices (libtpu's topology API; no TPU needed): a table row.
+
+    The mesh splits batch over fsdp and heads over a tensor axis of 2, as the model's rules do.
+    """
+    import importlib.util
+
+    what = f"splash attention, TPU {topology} compile-only"
+    if importlib.util.find_spec("libtpu") is None:
+        return what, "skipped: no libtpu", "pip install llama_jax[tpu]", "-"
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax import attention, plan, sharding
+
+    _, topo, chips = plan.parse_topology(topology)
+    mesh = sharding.make_mesh((1, -1, 2), plan.topology_devices(topo))
+    # The 1B preset's attention shapes (or tiny ones): [B, T, N|K, H], 2 rows per chip.
+    b, t, n, k, h = (4, 128, 4, 2, 64) if tiny else (2 * chips, 2048, 32, 8, 64)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        spec = lambda *axes: nn.logical_to_mesh_sharding(
+            jax.sharding.PartitionSpec(*axes), mesh, sharding.LOGICAL_RULES
+        )
+        q = jax.ShapeDtypeStruct(
+            (b, t, n, h), jnp.bfloat16, sharding=spec("batch", None, "act_heads")
+        )
+        kv = jax.ShapeDtypeStruct(
+            (b, t, k, h), jnp.bfloat16, sharding=spec("batch", None, "act_kv_heads")
+        )
+        seg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec("batch", None))
+
+        def loss(q, k, v, seg):
+            return jnp.sum(attention.splash_attention(q, k, v, seg).astype(jnp.float32))
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
+        secs = time.perf_counter() - t0
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return (
+        f"{what} (B{b} T{t} N{n} K{k} H{h}, fwd+bwd)",
+        f"compiled in {secs:.1f} s",
+        f"temp {temp / 2**20:.1f} MiB/chip",
+        "PASS",
+    )
+
+
 def matmul_rate(tiny: bool) -> float:
     import jax
     import jax.numpy as jnp
@@ -220,6 +268,11 @@ def main() -> int:
     p.add_argument(
         "--remat", default="dots_with_no_batch_dims", help="remat policy of the 1B training run"
     )
+    p.add_argument(
+        "--tpu_topology",
+        default="v5e:2x2",
+        help="compile splash attention for this TPU topology when libtpu is installed ('' skips)",
+    )
     args = p.parse_args()
     import jax
 
@@ -251,6 +304,8 @@ def main() -> int:
             "PASS" if passed else "FAIL",
         )
     )
+    if args.tpu_topology:
+        rows.append(splash_tpu_compile(tiny, args.tpu_topology))
     peak = matmul_rate(tiny)
     rows.append(
         (

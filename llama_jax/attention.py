@@ -204,6 +204,9 @@ def splash_attention(
       q: [B, T, N, H]; k, v: [B, T, K, H]; segment_ids: int [B, T] or None (one segment).
       interpret: run the kernel in the Pallas interpreter; default: when the mesh (or, with
         none, the default backend) is a CPU.
+
+    On TPU, Mosaic refuses the kernel's bf16 dots under jax_default_matmul_precision="highest"
+    ("Bad lhs type"): leave that setting at its default there.
     Returns:
       [B, T, N, H] in q's dtype.
     """

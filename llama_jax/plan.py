@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
 import time
 from typing import Any
@@ -119,6 +120,11 @@ def topology_devices(topology: str) -> tuple:
     """The compile-only TPU devices of a libtpu topology string (ImportError without libtpu)."""
     if importlib.util.find_spec("libtpu") is None:
         raise ImportError(TPU_HINT)
+    # Compile-only devices hold no chip: several processes may load libtpu at once (pytest
+    # workers, a plan beside a test run) without its one-process lockfile refusing them.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")  # libtpu's INFO/WARNING lines
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
     # Deferred: only `plan` needs the topology API (it loads libtpu).
     from jax.experimental import topologies
 
@@ -227,8 +233,10 @@ def _compile(lowered):
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text:
             raise
+        # "... required (41.31G) exceeds available HBM (15.75G)", or "... memory required for
+        # HLO temporaries (56.12G) exceeds ...": the latter leaves out the arguments.
         sizes = re.search(
-            r"required \(([\d.]+)([KMGT])\).*available HBM \(([\d.]+)([KMGT])\)", text
+            r"\(([\d.]+)([KMGT])\)[^()]*exceeds available HBM \(([\d.]+)([KMGT])\)", text
         )
         if not sizes:
             raise

@@ -7,6 +7,7 @@ Topology parsing and the missing-libtpu message are checked everywhere.
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from llama_jax import cli, experiment, plan
@@ -17,6 +18,12 @@ needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason="libtpu is not installed (pip install llama_jax[tpu])"
 )
 TOPOLOGY = "v5e:2x2"  # 4 compile-only v5e chips
+
+
+def DEFAULT_PRECISION():
+    """conftest.py sets jax_default_matmul_precision="highest" for CPU references; Mosaic
+    refuses splash's bf16 dots under it, and a TPU run keeps the default."""
+    return jax.default_matmul_precision("default")
 
 
 def tiny(**overrides):
@@ -84,7 +91,8 @@ def reports():
     for impl in ("xla", "splash"):
         for dtype in ("float32", "bfloat16"):
             c = tiny(**{"model.attention_impl": impl, "model.dtype": dtype})
-            out[impl, dtype] = plan.plan(c, TOPOLOGY)
+            with DEFAULT_PRECISION():
+                out[impl, dtype] = plan.plan(c, TOPOLOGY)
     return out
 
 
@@ -112,7 +120,7 @@ def test_plan_compiles_both_steps(reports, impl, dtype):
     # AdamW keeps two moments per param, sharded like the params.
     assert r["per_chip_bytes"]["optimizer"] >= 2 * r["per_chip_bytes"]["params"]
     assert r["fits"] and 0 < r["per_chip_bytes"]["total"] < r["hbm_bytes_per_chip"]
-    assert r["eval"]["total"] > 0 and r["eval"]["temporaries"] > 0
+    assert r["eval"]["total"] > r["eval"]["params"] > 0
     assert r["flops_per_step"] > 0 and r["roofline_step_seconds"] > 0
     assert 0 < r["mfu_bound"] <= 1.0
     # FSDP gathers weights and reduce-scatters (or all-reduces) gradients.
