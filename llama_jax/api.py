@@ -228,7 +228,13 @@ class Llama3(LoadedModel):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no texts given: pass a string or a non-empty list of strings")
-        return self.sampler().score(self._encode_prompts(texts))
+        seqs = self._encode_prompts(texts)
+        scored = [i for i, ids in enumerate(seqs) if len(ids) > 1]
+        results = self.scorer().loglikelihood([(seqs[i][:1], seqs[i][1:]) for i in scored])
+        out = [0.0] * len(seqs)  # an empty text (BOS alone) has nothing to score
+        for i, r in zip(scored, results):
+            out[i] = r.logprob
+        return out
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, path: str, format: str = "llama_jax") -> None:

@@ -149,10 +149,12 @@ class LoadedModel:
         except (ValueError, OSError):
             return None
 
-    def scorer(self, **options: Any) -> Any:
-        """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first
-        use and remade when `params` is replaced or `options` (max_batch_size,
-        max_batch_bytes) change."""
+    def scorer(self, **options: Any) -> Scorer:
+        """The log-likelihood engine (`inference.scoring.Scorer`, the one every score goes
+        through) over these params, made on first use and remade when `params` is replaced or
+        `options` (max_batch_size, max_batch_bytes, quantize) change; int8 as given to the
+        model unless `quantize` says otherwise."""
+        options = {"quantize": self.quantize, **options}
         cached = getattr(self, "_scorer_cache", None)
         if cached is None or cached[0] is not self.params or cached[1] != options:
             made = Scorer(self.config, self.params, self.mesh, **options)
