@@ -38,6 +38,7 @@ class Llama3:
         tokenizer: Any | None = None,
         adapter: str | None = None,
         quantize: str | None = None,
+        chat_template: str | None = None,
     ):
         """Loads `model_path`, or wraps an in-memory (config, params) pair.
 
@@ -54,7 +55,15 @@ class Llama3:
             (checked to fit the base).
           quantize: "int8" runs generation, scoring and `logits` with int8 projection weights
             and per-channel scales (quantize.py); None (default) uses the weights as loaded.
+          chat_template: a jinja2 chat template file (or a tokenizer_config.json holding one)
+            that replaces the tokenizer's own template (or the built-in Llama 3 format) in
+            `chat` and everywhere `tokenizer.encode_dialog` renders a dialog.
         """
+        self._chat_template = None
+        if chat_template is not None:  # read and compiled before the weights load
+            from llama_jax.tokenizer.chat_template import read_template_file
+
+            self._chat_template = read_template_file(chat_template)
         self.quantize = check_quantize(quantize)
         if dtype == "auto":
             dtype = None
@@ -89,6 +98,8 @@ class Llama3:
             jax.tree.map(lambda a: np.asarray(a).astype(cast), params), self.param_shardings
         )
         self._tokenizer = tokenizer
+        if tokenizer is not None and self._chat_template is not None:
+            tokenizer.use_chat_settings(self._chat_template)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **kwargs: Any) -> Llama3:
@@ -111,6 +122,8 @@ class Llama3:
             if self.model_path is None:
                 raise ValueError("this model was built in memory: pass tokenizer= to Llama3()")
             self._tokenizer = load_tokenizer(self.model_path)
+            if self._chat_template is not None:
+                self._tokenizer.use_chat_settings(self._chat_template)
         return self._tokenizer
 
     # ------------------------------------------------------------------ forward
@@ -348,12 +361,14 @@ class Llama3:
         seed: int = 0,
         stop: str | Sequence[str] | None = None,
     ) -> str:
-        """The assistant's reply to a conversation, in the Llama 3 chat format.
+        """The assistant's reply to a conversation, in the model's chat format (its own chat
+        template, or the built-in Llama 3 format; see `Tokenizer.encode_dialog`).
 
         Args:
           messages: [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...].
           max_new_tokens, temperature, top_k, top_p, min_p, seed, stop: as in `generate`;
-            the reply ends at <|eot_id|> (or another stop id of the tokenizer).
+            the reply ends at the end of the turn (<|eot_id|>, <|im_end|>: a stop id of the
+            tokenizer), which is not part of it.
 
         Returns:
           The reply text.

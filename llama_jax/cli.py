@@ -68,6 +68,7 @@ def _train(argv: list[str]) -> int:
         "(llama_jax.experiment.default_config)",
     )
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    _chat_template_flag(p)
     args, rest = p.parse_known_args(argv)
     from llama_jax import experiment
 
@@ -110,6 +111,8 @@ def _finetune(argv: list[str]) -> int:
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
+    if args.chat_template is not None:
+        config.chat_template = args.chat_template
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -132,6 +135,16 @@ def _tokenizer(argv: list[str]) -> int:
     return cli_main(argv)
 
 
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template (or tokenizer_config.json) used instead of the model's own "
+        "(default: the model's template, else the built-in Llama 3 format)",
+    )
+
+
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model_path", required=True, help="llama_jax or Hugging Face model directory")
@@ -145,6 +158,7 @@ def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantisation"
     )
     p.add_argument("--adapter", default=None, help="a PEFT LoRA directory or LoRA run to merge")
+    _chat_template_flag(p)
     p.add_argument("--max_new_tokens", type=int, default=256)
     # Meta's reference sampling settings; --temperature 0 is greedy.
     p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
@@ -195,7 +209,11 @@ def _chat(argv: list[str]) -> int:
     from llama_jax.text_stream import run_chat
 
     model = Llama3.from_pretrained(
-        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+        args.model_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     prompt = "> " if sys.stdin.isatty() else ""
     kwargs = _sampling_kwargs(args, truncate=False)
@@ -235,6 +253,7 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
     from llama_jax.serve.server import serve
@@ -250,6 +269,7 @@ def _serve(argv: list[str]) -> int:
         args.dtype,
         mesh_shape,
         args.model_name,
+        args.chat_template,
     )
     return 0
 
@@ -285,7 +305,7 @@ COMMANDS = {
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
-    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
 }

@@ -28,7 +28,12 @@ import numpy as np
 from llama_jax.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
-HF_EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_EXTRA_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 # ----------------------------------------------------------------------------- safetensors
 _ST_DTYPES = {
@@ -460,7 +465,7 @@ def save_llama_jax(params: dict, config: ModelConfig, path: str, tokenizer_src: 
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config.to_json())
         if tokenizer_src:
-            copy_tokenizer(tokenizer_src, tmp)
+            copy_tokenizer(tokenizer_src, tmp, HF_EXTRA_FILES)  # the chat template travels
         save_params(os.path.join(tmp, PARAMS_DIR), params)
         if os.path.isdir(path):
             os.rmdir(path)

@@ -39,6 +39,7 @@ def add_config_keys(c: ml_collections.ConfigDict) -> None:
     c.data_format = "text"  # text (pretraining documents) | chat (data/chat.py rows)
     c.train_on = "assistant"  # chat: assistant | last | all
     c.truncation = "right"  # chat: right | drop, for dialogs longer than seq_len
+    c.chat_template = ""  # chat: a jinja2 template file instead of the tokenizer's own
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0: full fine-tune (or pretraining); > 0: train adapters only
     c.lora.alpha = 16.0
@@ -148,6 +149,10 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.base_dtype not in BASE_DTYPES:
         valid = ", ".join(repr(d) for d in BASE_DTYPES)
         raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
+    if c.get("chat_template"):  # a missing or broken template: one line before anything loads
+        from llama_jax.tokenizer.chat_template import read_template_file
+
+        read_template_file(c.chat_template)
     base = read_base_config(c.init_from)
     keep = {k: c.model[k] for k in COMPUTE_FIELDS}
     if c.lora.rank > 0 and not c.base_dtype:

@@ -164,7 +164,7 @@ def run_chat(
     the end of `lines`.
 
     Args:
-      model: a `Llama3` (its tokenizer must have the Llama 3 chat tokens).
+      model: a `Llama3` (dialogs in its chat format: `Tokenizer.encode_dialog`).
       lines: user input, one turn per line (e.g. sys.stdin).
       write: where output goes (e.g. sys.stdout.write); flushed by the caller's stream.
       system: an optional system prompt.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import json
 import math
 import os
 import re
@@ -407,7 +408,8 @@ class Tokenizer(abc.ABC):
         return encode_rendered(self, text, with_generation=with_generation)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Copies the tokenizer file, byte for byte, into `directory` as `FILE_NAME`.
+        """Copies the tokenizer file, byte for byte, into `directory` as `FILE_NAME`, with the
+        chat template (`chat_template.jinja`) and the bos / eos token strings it sees.
 
         Args:
           directory: destination; created if missing.
@@ -420,6 +422,14 @@ class Tokenizer(abc.ABC):
         dest = directory / self.FILE_NAME
         if not (dest.exists() and dest.samefile(self.path)):
             shutil.copyfile(self.path, dest)
+        if self.chat_template is not None:
+            # The chat format travels with the tokenizer, so a fine-tuned model chats as trained.
+            from llama_jax.tokenizer.chat_template import TEMPLATE_FILE
+
+            (directory / TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
+            config = directory / "tokenizer_config.json"
+            if self.template_tokens and not config.exists():
+                config.write_text(json.dumps(self.template_tokens, indent=2), encoding="utf-8")
         return dest
 
     # -- helpers
