@@ -118,8 +118,9 @@ def test_openai_chat_completions_equal_llama3_chat(model):
     from llama_jax.serve.engine import Engine
     from llama_jax.serve.server import ServerThread
 
+    # No warm-up: compiling every bucket of a 30-layer model takes minutes on a CPU; the one
+    # request compiles only what it needs.
     engine = Engine(model.sampler(), max_batch=1, max_seq_len=64, max_queue=4)
-    engine.warmup()
     engine.start()
     try:
         with ServerThread(ServeApp(engine, model.tokenizer, "smollm2", api_key=None)) as srv:
