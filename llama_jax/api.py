@@ -375,6 +375,7 @@ class Llama3:
         """
         params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
         ids = self.tokenizer.encode_dialog(messages)
+        text_stream.check_dialog_fits(ids, max_new_tokens, self.config.max_seq_len)
         return text_stream.generate_text(
             self.sampler(),
             self.tokenizer,

@@ -150,6 +150,21 @@ def stream_text(
         yield rest
 
 
+def check_dialog_fits(ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """Raises one line when a rendered dialog and its reply cannot fit the model's context.
+
+    A dialog is never truncated from the front (that would cut the system prompt and the
+    template's opening), so the error says what to shorten instead.
+    """
+    if len(ids) + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"the dialog renders to {len(ids)} tokens in the chat format; with max_new_tokens="
+            f"{max_new_tokens} that is more than the model's context (max_seq_len={max_seq_len})"
+            ": lower max_new_tokens (--max_new_tokens), or drop early turns (/reset in llama3 "
+            "chat)"
+        )
+
+
 def run_chat(
     model: Any,
     lines: Iterable[str],
@@ -191,6 +206,7 @@ def run_chat(
             reply = []
             try:
                 ids = model.tokenizer.encode_dialog(messages)
+                check_dialog_fits(ids, kwargs.get("max_new_tokens", 256), model.config.max_seq_len)
                 for piece in model.stream(ids, **kwargs):
                     reply.append(piece)
                     write(piece)

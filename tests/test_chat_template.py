@@ -390,7 +390,38 @@ def test_bad_templates_and_dialogs(toks, tmp_path):
     _one_line_error(
         ValueError,
         lambda: counting_tok.encode_dialog_masked([Q1, A1], "assistant"),
-        "turn 1 \\(assistant\\) is not a prefix of the whole dialog \\(token 4 is '1' there but '2'",
+        "turn 1 \\(assistant\\) is not a prefix of the whole dialog "
+        "\\(token 4 is '1' there but '2'",
     )
     with pytest.raises(ValueError, match="cannot both be set"):
         tok.encode_dialog([Q1, A1], True, continue_final_message=True)
+
+
+def test_dialog_longer_than_the_context_says_what_to_shorten(toks):
+    import io
+
+    import jax
+    from flax import linen as nn
+
+    from llama_jax import Llama3
+    from llama_jax.config import get_config
+    from llama_jax.model import init_params
+    from llama_jax.text_stream import run_chat
+
+    tok = load_tokenizer(toks["smollm2"].path)
+    config = get_config(
+        "tiny", vocab_size=tok.vocab_size, dim=32, mlp_dim=32, n_heads=4, n_kv_heads=2,
+        max_seq_len=32,
+    )  # fmt: skip
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    model = Llama3(config=config, params=params, dtype="float32", tokenizer=tok)
+    n = len(tok.encode_dialog([Q1]))
+    message = _one_line_error(
+        ValueError,
+        lambda: model.chat([Q1], max_new_tokens=8),
+        f"the dialog renders to {n} tokens .* max_new_tokens=8 .*max_seq_len=32\\): lower "
+        "max_new_tokens \\(--max_new_tokens\\), or drop early turns",
+    )
+    out = io.StringIO()
+    run_chat(model, [Q1["content"]], out.write, max_new_tokens=8)
+    assert out.getvalue() == f"[error: {message}]\n"
