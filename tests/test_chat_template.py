@@ -401,6 +401,7 @@ def test_dialog_longer_than_the_context_says_what_to_shorten(toks):
     import io
 
     import jax
+    import numpy as np
     from flax import linen as nn
 
     from llama_jax import Llama3
@@ -413,7 +414,9 @@ def test_dialog_longer_than_the_context_says_what_to_shorten(toks):
         "tiny", vocab_size=tok.vocab_size, dim=32, mlp_dim=32, n_heads=4, n_kv_heads=2,
         max_seq_len=32,
     )  # fmt: skip
-    params = nn.unbox(init_params(config, jax.random.key(0)))
+    # Zeros of the right shapes: the error must come before anything is computed or compiled.
+    shapes = nn.unbox(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     model = Llama3(config=config, params=params, dtype="float32", tokenizer=tok)
     n = len(tok.encode_dialog([Q1]))
     message = _one_line_error(
