@@ -103,7 +103,7 @@ def test_chat_answers_paris_stops_at_end_of_turn_and_equals_transformers(smol_di
 
 
 def test_piped_chat_stops_at_each_end_of_turn(model):
-    from llama_jax.text_stream import run_chat
+    from llama_jax.inference.text_stream import run_chat
 
     out = io.StringIO()
     lines = ["What is the capital of France?\n", "/exit\n", "never read\n"]

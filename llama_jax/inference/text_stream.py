@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from llama_jax.sampling import Generation, Sampler, SamplingParams
+from llama_jax.inference.sampler import Generation, Sampler, SamplingParams
 
 Array = jax.Array
 
@@ -161,7 +161,7 @@ def check_dialog_fits(ids: Sequence[int], max_new_tokens: int, max_seq_len: int)
             f"the dialog renders to {len(ids)} tokens in the chat format; with max_new_tokens="
             f"{max_new_tokens} that is more than the model's context (max_seq_len={max_seq_len})"
             ": lower max_new_tokens (--max_new_tokens), or drop early turns (/reset in llama3 "
-            "chat)"
+            "chat; truncate=True in Llama3.chat keeps the last tokens)"
         )
 
 
@@ -191,6 +191,8 @@ def run_chat(
     """
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    sp = kwargs.get("sampling") or SamplingParams()
+    max_new = kwargs.get("max_new_tokens", sp.max_new_tokens)
     flush = getattr(write, "__self__", None)
     write(prompt)
     for line in lines:
@@ -206,7 +208,8 @@ def run_chat(
             reply = []
             try:
                 ids = model.tokenizer.encode_dialog(messages)
-                check_dialog_fits(ids, kwargs.get("max_new_tokens", 256), model.config.max_seq_len)
+                if not kwargs.get("truncate", getattr(sp, "truncate", False)):
+                    check_dialog_fits(ids, max_new, model.config.max_seq_len)
                 for piece in model.stream(ids, **kwargs):
                     reply.append(piece)
                     write(piece)
