@@ -405,9 +405,9 @@ def test_dialog_longer_than_the_context_says_what_to_shorten(toks):
     from flax import linen as nn
 
     from llama_jax import Llama3
+    from llama_jax.inference.text_stream import run_chat
     from llama_jax.model.config import get_config
     from llama_jax.model.transformer import init_params
-    from llama_jax.inference.text_stream import run_chat
 
     tok = load_tokenizer(toks["smollm2"].path)
     config = get_config(
