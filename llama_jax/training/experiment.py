@@ -129,7 +129,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.progress = True
     # test hooks (fault injection): make step k's loss NaN; stop after k steps.
-    c.debug_nan_step = -1
     c.debug_stop_after = -1
 
     # fine-tuning (llama_jax.training.finetune): data format, chat masking, LoRA

@@ -215,7 +215,6 @@ def make_train_step(
     LoRA (the state's params are then the adapters) and unused (may be omitted) otherwise."""
     model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
     accum = c.grad_accum_steps
-    nan_step = c.debug_nan_step
 
     def micro_grads(params, mb, base, rng):
         def f(p):
@@ -249,10 +248,6 @@ def make_train_step(
         denom = jnp.maximum(ntok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
-        if nan_step >= 0:  # fault injection for tests
-            poison = jnp.where(state["step"] == nan_step, jnp.nan, 1.0)
-            loss = loss * poison
-            grads = jax.tree.map(lambda g: g * poison, grads)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
