@@ -105,11 +105,14 @@ def _finetune(argv: list[str]) -> int:
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    _chat_template_flag(p)
     args, rest = p.parse_known_args(argv)
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
+    if args.chat_template is not None:
+        config.chat_template = args.chat_template
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -126,6 +129,16 @@ def _finetune(argv: list[str]) -> int:
 
 def _tokenizer(argv: list[str]) -> int:
     return cli_main(argv)
+
+
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template (or tokenizer_config.json) used instead of the model's own "
+        "(default: the model's template, else the built-in Llama 3 format)",
+    )
 
 
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -184,9 +197,14 @@ def _chat(argv: list[str]) -> int:
         "llama3 chat", "Chat on stdin (one line per turn; /reset forgets, /exit quits)."
     )
     p.add_argument("--system", default=None, help="system prompt")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     model = Llama3.from_pretrained(
-        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+        args.model_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     prompt = "> " if sys.stdin.isatty() else ""
     kwargs = _sampling_kwargs(args, truncate=False)
@@ -224,6 +242,7 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
     from llama_jax.serve.server import serve  # deferred: starlette / uvicorn are an extra
@@ -239,6 +258,7 @@ def _serve(argv: list[str]) -> int:
         args.dtype,
         mesh_shape,
         args.model_name,
+        args.chat_template,
     )
     return 0
 
@@ -272,7 +292,7 @@ COMMANDS = {
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
-    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
 }
