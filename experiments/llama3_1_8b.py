@@ -17,7 +17,7 @@ to compile on a loaded 2-core host). The target is the v5p-128 (64 chips, 8 rows
 bench/RESULTS.md ("llama3 plan") has the numbers measured so far.
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

@@ -18,7 +18,7 @@ bench/RESULTS.md ("llama3 plan") has the other topologies.
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

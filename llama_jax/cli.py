@@ -13,6 +13,18 @@ import pickle
 import sys
 import traceback
 
+import jax
+
+from llama_jax.api import Llama3
+from llama_jax.eval.cli import main as eval_main
+from llama_jax.eval.runner import TrainerEval
+from llama_jax.formats import convert, finetune_run
+from llama_jax.formats.checkpoint import CheckpointError
+from llama_jax.inference.text_stream import run_chat
+from llama_jax.tokenizer import cli_main
+from llama_jax.training import experiment, finetune, plan
+from llama_jax.training.trainer import NonFiniteLossError, train
+
 
 def _convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
@@ -34,13 +46,9 @@ def _convert(argv: list[str]) -> int:
         help="cast parameters (default: keep the checkpoint's dtype)",
     )
     args = p.parse_args(argv)
-    from llama_jax.convert import convert
-
     config = convert(args.input, args.output, args.format, args.dtype)
     if args.format == "peft":
-        from llama_jax.finetune import read_record
-
-        record = read_record(args.input)
+        record = finetune_run.read_record(args.input)
         print(
             f"wrote the PEFT adapter (rank {record['lora']['rank']}) of {args.input} to "
             f"{args.output}; its base is {record['base']['path']} (for transformers: "
@@ -65,12 +73,10 @@ def _train(argv: list[str]) -> int:
         "--config",
         default=None,
         help="experiments/NAME.py[:VARIANT]; default: a small model for your own --data_path "
-        "(llama_jax.experiment.default_config)",
+        "(llama_jax.training.experiment.default_config)",
     )
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
-    from llama_jax import experiment
-
     config = experiment.load_config(args.config) if args.config else experiment.default_config()
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
@@ -83,9 +89,7 @@ def _train(argv: list[str]) -> int:
             "no training data: give --data_path (text files, a directory or a glob; "
             "'shakespeare'; or tfds:NAME), or --config experiments/NAME.py"
         )
-    from llama_jax.train import train
-
-    result = train(config)
+    result = train(config, task_eval=TrainerEval)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -103,13 +107,14 @@ def _finetune(argv: list[str]) -> int:
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    _chat_template_flag(p)
     args, rest = p.parse_known_args(argv)
-    from llama_jax import experiment, finetune
-
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
+    if args.chat_template is not None:
+        config.chat_template = args.chat_template
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -117,9 +122,7 @@ def _finetune(argv: list[str]) -> int:
     if args.print_config:
         print(config)
         return 0
-    from llama_jax.train import train
-
-    result = train(config)
+    result = train(config, task_eval=TrainerEval)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -137,11 +140,10 @@ def _plan(argv: list[str]) -> int:
     p.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     args, rest = p.parse_known_args(argv)
-    # The host compiles for the TPU devices libtpu describes; JAX itself must not look for a
-    # TPU (or a cloud metadata server) to run on.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from llama_jax import experiment, plan
-
+    if not os.environ.get("JAX_PLATFORMS"):
+        # The host compiles for the TPU devices libtpu describes; JAX itself runs on the CPU
+        # (no search for a TPU to run on, even on a TPU VM).
+        jax.config.update("jax_platforms", "cpu")
     plan.parse_topology(args.topology)  # a bad name fails before the config is loaded
     config = experiment.load_config(args.config)
     unknown = experiment.parse_overrides(config, rest)
@@ -151,9 +153,17 @@ def _plan(argv: list[str]) -> int:
 
 
 def _tokenizer(argv: list[str]) -> int:
-    from llama_jax.tokenizer import cli_main
-
     return cli_main(argv)
+
+
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template (or tokenizer_config.json) used instead of the model's own "
+        "(default: the model's template, else the built-in Llama 3 format)",
+    )
 
 
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -194,8 +204,6 @@ def _generate(argv: list[str]) -> int:
     p = _sampling_parser("llama3 generate", "Continue text prompts, streaming to stdout.")
     p.add_argument("prompt", nargs="+", help="prompt text (BOS is prepended)")
     args = p.parse_args(argv)
-    from llama_jax.api import Llama3
-
     model = Llama3.from_pretrained(
         args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
     )
@@ -214,12 +222,14 @@ def _chat(argv: list[str]) -> int:
         "llama3 chat", "Chat on stdin (one line per turn; /reset forgets, /exit quits)."
     )
     p.add_argument("--system", default=None, help="system prompt")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
-    from llama_jax.api import Llama3
-    from llama_jax.text_stream import run_chat
-
     model = Llama3.from_pretrained(
-        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+        args.model_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     prompt = "> " if sys.stdin.isatty() else ""
     kwargs = _sampling_kwargs(args, truncate=False)
@@ -228,8 +238,6 @@ def _chat(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    import os
-
     p = argparse.ArgumentParser(
         prog="llama3 serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
@@ -259,9 +267,10 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
-    from llama_jax.serve.server import serve
+    from llama_jax.serve.server import serve  # deferred: starlette / uvicorn are an extra
 
     serve(
         args.model_path,
@@ -274,6 +283,7 @@ def _serve(argv: list[str]) -> int:
         args.dtype,
         mesh_shape,
         args.model_name,
+        args.chat_template,
     )
     return 0
 
@@ -298,8 +308,6 @@ def _serve_check(args: argparse.Namespace) -> tuple[int, ...] | None:
 
 
 def _eval(argv: list[str]) -> int:
-    from llama_jax.eval.cli import main as eval_main
-
     return eval_main(argv)
 
 
@@ -309,7 +317,7 @@ COMMANDS = {
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
-    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
     "plan": (_plan, "compile an experiment for a TPU topology: memory, FLOPs, MFU bound"),
@@ -318,9 +326,6 @@ COMMANDS = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something that cannot be done (not a bug)."""
-    from llama_jax.checkpoint import CheckpointError
-    from llama_jax.train import NonFiniteLossError
-
     return (
         ValueError,
         KeyError,

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import attention, sharding
-from llama_jax.config import get_config
-from llama_jax.model import Transformer, init_params
+from llama_jax.model import attention, sharding
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, init_params
 
 B, T, N, K, H = 4, 128, 4, 2, 16  # GQA: two query heads per kv head; T = one splash tile
 

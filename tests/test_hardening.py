@@ -12,11 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from poison import poisoned_batch
 from test_train import WORDS, assert_trees_equal, corpus, final_state, losses, tiny_config
 
-from llama_jax import checkpoint, cli, experiment
-from llama_jax import train as trainer
+from llama_jax import cli
 from llama_jax.data import make_eval_iterator, make_train_iterator
+from llama_jax.formats import checkpoint
+from llama_jax.training import experiment, trainer
+from llama_jax.training.data import data_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,11 +81,11 @@ def test_the_seeds_command_line_works_as_written(tmp_path, monkeypatch, capsys):
 def test_no_validation_given_holds_out_a_slice(tmp_path):
     c = experiment.default_config()
     c.data_path = str(tmp_path / "train.txt")
-    assert trainer.data_splits(c) == ("train[:95%]", "train[95%:]")
+    assert data_splits(c) == ("train[:95%]", "train[95%:]")
     c.valid_fraction = 0.0
-    assert trainer.data_splits(c) == ("train", None)
+    assert data_splits(c) == ("train", None)
     c.valid_data_path = str(tmp_path / "valid.txt")
-    assert trainer.data_splits(c) == ("train", "train")
+    assert data_splits(c) == ("train", "train")
 
 
 class _ByteTokenizer:
@@ -101,9 +104,9 @@ def test_text_units_and_holdout(tmp_path, text_unit, n_docs):
     text = _prose(40, seed=3)
     path = tmp_path / "one.txt"
     path.write_text(text)
-    mode = trainer.TXT_MODES[text_unit]
     kw = dict(seq_len=32, global_batch_size=1, add_bos=False, add_eos=False, mesh=None)
-    kw.update(cache_dir=str(tmp_path / "cache"), txt_mode=mode, process_index=0, process_count=1)
+    kw.update(cache_dir=str(tmp_path / "cache"), text_unit=text_unit)
+    kw.update(process_index=0, process_count=1)
 
     def tokens(split):
         it = make_eval_iterator(str(path), _ByteTokenizer(), split=split, **kw)
@@ -119,14 +122,19 @@ def test_text_units_and_holdout(tmp_path, text_unit, n_docs):
     expected_docs = {"document": 1, "paragraph": 40, "line": len(lines)}[text_unit]
     it = make_train_iterator(str(path), _ByteTokenizer(), split="train", seed=0, **kw)
     assert it.get_state() is not None
-    # Each document is packed alone: count the segment starts over one epoch.
-    starts = 0
+    # Each document is packed alone: count the documents over one epoch, in corpus order. A
+    # segment starts a document unless it continues the previous row's last one (a piece cut
+    # at the row boundary, whose prediction across the cut the previous row keeps).
+    documents, prev_last_mask = 0, 0.0
     it = make_eval_iterator(str(path), _ByteTokenizer(), split="train", **kw)
     for b in it:
         seg = np.asarray(b["segment_ids"])[0]
         pos = np.asarray(b["positions"])[0]
-        starts += int(((pos == 0) & (seg > 0)).sum())
-    assert starts >= expected_docs
+        starts = (pos == 0) & (seg > 0)
+        starts[0] &= prev_last_mask == 0
+        documents += int(starts.sum())
+        prev_last_mask = float(np.asarray(b["loss_mask"])[0, -1])
+    assert documents == expected_docs
 
 
 # ----------------------------------------------------------------------------- 2. flags win
@@ -144,15 +152,13 @@ def test_num_epochs_flag_wins_over_the_files_num_steps():
 def test_nan_abort_saves_nothing_at_or_after_the_bad_step(corpus, tmp_path):
     run = tmp_path / "run"
     # Step 3 -> 4 is poisoned; a checkpoint is due after every step.
-    c = tiny_config(
-        corpus, run, num_steps=8, checkpoint_every=1, debug_nan_step=3, nan_policy="abort"
-    )
+    c = tiny_config(corpus, run, num_steps=8, checkpoint_every=1, nan_policy="abort")
     message = "step from 3 to 4 gave a non-finite.*the newest checkpoint, step 3, is intact"
-    with pytest.raises(trainer.NonFiniteLossError, match=message):
+    with poisoned_batch(at=3), pytest.raises(trainer.NonFiniteLossError, match=message):
         trainer.train(c)
     assert checkpoint.committed_steps(str(run / "checkpoints"))[-1] == 3
     # A rerun resumes from step 3 and stops at the same step again, saving nothing new.
-    with pytest.raises(trainer.NonFiniteLossError, match=message):
+    with poisoned_batch(at=3), pytest.raises(trainer.NonFiniteLossError, match=message):
         trainer.train(c)
     assert checkpoint.committed_steps(str(run / "checkpoints"))[-1] == 3
 
@@ -324,8 +330,8 @@ def test_disk_full_names_the_cause(corpus, tmp_path):
 
 def test_prompt_over_the_context_names_truncate(tmp_path, capsys):
     from llama_jax import Llama3
-    from llama_jax.config import get_config
-    from llama_jax.model import init_params
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
 
     cfg = get_config("tiny", vocab_size=400, max_seq_len=32)
     from llama_jax.tokenizer.train import train_tokenizer
@@ -414,7 +420,7 @@ def test_killed_token_cache_build_leaves_nothing_behind(tmp_path):
 def test_default_experiment_warms_up_over_5_percent_of_its_steps():
     c = experiment.default_config()
     c.learning_rate = 1e-3
-    _, schedule = trainer.make_optimizer(c, 200)  # 5% of 200: 10 warmup steps
+    _, schedule = trainer.make_tx(c, 200)  # 5% of 200: 10 warmup steps
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)
 
@@ -426,8 +432,8 @@ def test_sampling_never_draws_ids_the_tokenizer_cannot_decode(tmp_path):
     import flax.linen as nn
 
     from llama_jax import Llama3
-    from llama_jax.config import get_config
-    from llama_jax.model import init_params
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
     from llama_jax.tokenizer.train import train_tokenizer
 
     (tmp_path / "c.txt").write_text(_prose(50))

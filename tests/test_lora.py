@@ -11,9 +11,11 @@ import torch
 import transformers
 from hf_reference import hf_logits, make_hf_model
 
-from llama_jax import convert, lora, peft_format
-from llama_jax.config import get_config
-from llama_jax.model import Transformer, init_params
+from llama_jax import formats
+from llama_jax.formats import peft as peft_format
+from llama_jax.model import lora
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, init_params
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 6.0  # scale 1.5
@@ -47,7 +49,7 @@ TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 24))
 
 
 def _ours(base_dir: str, adapter_dir: str):
-    config, params = convert.load_hf(base_dir)
+    config, params = formats.load_hf(base_dir)
     cfg, adapters = peft_format.load_peft(adapter_dir, config)
     return config, params, cfg, adapters
 
@@ -132,9 +134,9 @@ def _lora_grads(model_overrides, accum=1):
     import jax.numpy as jnp
     import ml_collections
 
-    from llama_jax import train
-    from llama_jax.experiment import base_config
-    from llama_jax.model import unstack_layers
+    from llama_jax.model.transformer import unstack_layers
+    from llama_jax.training import trainer as train
+    from llama_jax.training.experiment import base_config
 
     cfg = dataclasses.replace(TINY, **model_overrides)
     c = base_config()
@@ -142,7 +144,7 @@ def _lora_grads(model_overrides, accum=1):
     c.learning_rate, c.warmup_steps, c.num_steps = 1e-2, 0, 4
     c = ml_collections.ConfigDict(c)
     lcfg = lora.LoraConfig(rank=2, alpha=4.0)
-    tx, schedule = train.make_optimizer(c, 4)
+    tx, schedule = train.make_tx(c, 4)
     # The same base and adapters in every layout: made stacked, unstacked when asked.
     base = nn.unbox(init_params(TINY, jax.random.key(0)))
     adapters = nn.unbox(lora.init_adapters(base, lcfg, jax.random.key(1)))
@@ -184,3 +186,83 @@ def test_lora_step_under_scan_remat_and_accumulation():
         loss, d = _lora_grads(overrides, accum)
         assert abs(loss - loss0) < 1e-5, (overrides, accum)  # Adam step 1 ~ lr * sign(g): 1e-2
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), d, d0)
+
+
+def test_adapter_axes_come_from_the_boxed_weights():
+    """A shards like its weight's inputs and B like its outputs, whatever the model declares."""
+    boxed = init_params(TINY, jax.random.key(0))
+    adapters = lora.init_adapters(boxed, lora.LoraConfig(rank=2), jax.random.key(1))
+    layer, ad = boxed["layers"], adapters["layers"]
+    assert ad["attention"]["wq"]["a"].names == ("layers", "embed", None)
+    assert ad["attention"]["wq"]["b"].names == ("layers", None, "heads", "head_dim")
+    assert ad["attention"]["wo"]["a"].names == ("layers", "heads", "head_dim", None)
+    assert ad["mlp"]["w_down"]["b"].names == ("layers", None, "embed")
+    for module, t in [("attention", "wk"), ("mlp", "w_gate")]:
+        names = layer[module][t].names
+        assert ad[module][t]["a"].names[:-1] == names[:2]
+        assert ad[module][t]["b"].names[2:] == names[2:]
+
+
+HF_MODULES = dict(
+    zip(
+        lora.TARGETS,
+        [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")]
+        + [("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")],
+    )
+)
+
+
+class _FixedDropout(torch.nn.Module):
+    """peft's lora_dropout with a given keep mask: x * keep / (1 - p), as nn.Dropout scales."""
+
+    def __init__(self, keep: np.ndarray, p: float):
+        super().__init__()
+        self.keep, self.p = torch.tensor(keep, dtype=torch.float32), p
+
+    def forward(self, x):
+        return x * self.keep.reshape(x.shape) / (1.0 - self.p)
+
+
+def test_dropout_equals_peft_in_train_mode_with_the_same_mask(pair):
+    """Adapter dropout drops the adapter's input (not its output), scaled by 1 / (1 - p), with
+    an independent mask per layer and target: peft in train mode with our masks agrees."""
+    base_dir, model, adapter_dir = pair
+    config, params, cfg, adapters = _ours(base_dir, adapter_dir)
+    p, rng = 0.3, jax.random.key(7)
+    cfg = lora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=p, targets=cfg.targets)
+    adapted = lora.combine(params, adapters, cfg, rng)
+    got = np.asarray(
+        Transformer(config, dense=lora.lora_dense).apply({"params": adapted}, TOKENS)[0]
+    )
+    n, h, f = config.n_heads, config.head_dim, config.mlp_dim
+    inputs = {t: (config.dim,) for t in ("wq", "wk", "wv", "w_gate", "w_up")}
+    inputs |= {"wo": (n, h), "w_down": (f,)}
+    # The masks lora_dense draws: bernoulli(key of (layer, target), 1 - p, x.shape).
+    keys = {}
+    for k, key in enumerate(sorted(adapters)):
+        for t in cfg.targets:
+            sub = jax.random.fold_in(rng, k * len(lora.TARGETS) + lora.TARGETS.index(t))
+            if key == "layers":
+                for layer, kl in enumerate(jax.random.split(sub, config.n_layers)):
+                    keys[layer, t] = kl
+            else:
+                keys[int(key.removeprefix("layers_")), t] = sub
+    layers = model.base_model.model.model.layers
+    saved = {}
+    try:
+        for (layer, t), key in keys.items():
+            module, proj = HF_MODULES[t]
+            target = getattr(getattr(layers[layer], module), proj)
+            keep = np.asarray(jax.random.bernoulli(key, 1.0 - p, (*TOKENS.shape, *inputs[t])))
+            saved[layer, t] = target.lora_dropout["default"]
+            target.lora_dropout["default"] = _FixedDropout(keep.reshape(*TOKENS.shape, -1), p)
+        model.train()
+        want = hf_logits(model, TOKENS)
+    finally:
+        model.eval()
+        for (layer, t), original in saved.items():
+            module, proj = HF_MODULES[t]
+            getattr(getattr(layers[layer], module), proj).lora_dropout["default"] = original
+    no_dropout = hf_logits(model, TOKENS)
+    assert np.abs(no_dropout - want).max() > 1e-2  # the masks change the logits
+    assert np.abs(got - want).max() <= 1e-4

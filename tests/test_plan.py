@@ -10,8 +10,9 @@ import json
 import jax
 import pytest
 
-from llama_jax import cli, experiment, plan
-from llama_jax.config import get_config
+from llama_jax import cli
+from llama_jax.model.config import get_config
+from llama_jax.training import experiment, plan
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(

@@ -5,17 +5,18 @@ decode layout."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 from hf_reference import hf_logits, make_hf_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llama_jax import Llama3, convert
-from llama_jax import train as trainer
-from llama_jax.config import get_config
-from llama_jax.experiment import base_config
-from llama_jax.model import Transformer, rope_inv_freq
+from llama_jax import Llama3, formats
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, rope_inv_freq
+from llama_jax.training import trainer
+from llama_jax.training.experiment import base_config
 
 # ----------------------------------------------------------------------------- RoPE
 # Published rope settings (Meta's reference `apply_scaling` / the Hub's config.json files).
@@ -148,7 +149,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
         if z_loss:
             assert float(total) - float(nll) > 1.0
         want = {name: p.grad.numpy() for name, p in hf.named_parameters()}
-        got = dict(convert.params_to_tensors(jax.tree.map(np.asarray, grads), config))
+        got = dict(formats.params_to_tensors(jax.tree.map(np.asarray, grads), config))
         assert sorted(got) == sorted(want)
         for name in want:
             scale = np.abs(want[name]).max()
@@ -161,12 +162,39 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
                 err_msg=f"{name} z_loss={z_loss}",
             )
 
+    # The trainer's step under gradient accumulation applies transformers' gradient of the
+    # whole batch (z_loss 0.1, as last computed above): microbatches of unequal token counts
+    # must be normalised by the batch's count, not averaged. SGD with learning rate 1 exposes
+    # the applied gradient exactly (new = old - grad); Adam and clipping would hide a scale.
+    c = base_config()
+    c.z_loss = 0.1
+    sgd = optax.sgd(1.0)
+    for accum in (1, 2):
+        c.grad_accum_steps = accum
+        step = jax.jit(trainer.make_train_step(config, sgd, lambda s: 1.0, c))
+        start = {
+            "params": params,
+            "opt_state": sgd.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(0)),
+        }
+        new, _ = step(start, batch)
+        applied = jax.tree.map(
+            lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+            params,
+            new["params"],
+        )
+        got = dict(formats.params_to_tensors(applied, config))
+        for name in want:
+            scale = np.abs(want[name]).max()
+            np.testing.assert_allclose(
+                got[name], want[name], atol=2e-5 * max(scale, 1e-2), rtol=1e-4, err_msg=name
+            )
     if tie:
         return
     # The trainer's step reports the same loss and gradient norm (before clipping).
-    c = base_config()
-    c.z_loss, c.grad_accum_steps, c.debug_nan_step = 0.1, 1, -1
-    tx, schedule = trainer.make_optimizer(c, 10)
+    c.grad_accum_steps = 1
+    tx, schedule = trainer.make_tx(c, 10)
     step = jax.jit(trainer.make_train_step(config, tx, schedule, c))
     state = {
         "params": params,

@@ -17,11 +17,14 @@ import pytest
 import torch
 from hf_reference import make_hf_model
 
-from llama_jax import Llama3, decode_layout, sampling, sharding
-from llama_jax.config import get_config
-from llama_jax.model import Transformer, init_params
-from llama_jax.sampling import SamplingParams, sample_tokens
-from llama_jax.text_stream import TextStream
+from llama_jax import Llama3
+from llama_jax.inference import decode_layout
+from llama_jax.inference import sampler as sampling
+from llama_jax.inference.sampler import SamplingParams, sample_tokens
+from llama_jax.inference.text_stream import TextStream
+from llama_jax.model import sharding
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, init_params
 from llama_jax.tokenizer import load_tokenizer
 
 
@@ -524,3 +527,18 @@ def test_text_api_errors(tiny, tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer file in directory"):
         model.generate("hello")
     assert len(model.generate_ids([[1, 2]], max_new_tokens=3)[0]) == 3  # ids need no tokenizer
+
+
+def test_one_sampling_params_for_every_method():
+    config, params = _tiny_model(5)
+    model = Llama3(config=config, params=params, dtype="float32")
+    prompts = _prompts(256, [4, 9], seed=2)
+    sp = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=7, seed=3)
+    got = model.generate_ids(prompts, sp)
+    assert got == model.generate_ids(prompts, temperature=1.0, top_k=50, max_new_tokens=7, seed=3)
+    assert [len(g) for g in got] == [7, 7]
+    assert model.generate_ids(prompts, sp, seed=4) != got  # a keyword replaces a field
+    with pytest.raises(ValueError, match="unknown sampling setting.*tempreature.*valid: temp"):
+        model.generate_ids(prompts, tempreature=1.0)
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams, got int"):
+        model.generate_ids(prompts, 12)

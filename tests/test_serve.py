@@ -23,9 +23,9 @@ import openai
 import pytest
 
 from llama_jax import Llama3
-from llama_jax.config import get_config
-from llama_jax.model import init_params
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference.sampler import SamplingParams
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import init_params
 from llama_jax.serve.app import ServeApp
 from llama_jax.serve.engine import Engine, Finished, Request, Token
 from llama_jax.serve.server import ServerThread
@@ -256,8 +256,8 @@ def test_requests_queued_together_share_one_prefill_and_equal_their_offline_resu
     # 16 rows of at most 32 tokens: one bucketed prefill call for all of them.
     assert engine.stats["admit_calls"] == calls + 1
     for i, p in enumerate(prompts):
-        sp = vars(settings[i % 2])
-        want = model.generate_ids([p], max_new_tokens=6, seed=i, stop_ids=(), **sp)[0]
+        sp = settings[i % 2].replace(max_new_tokens=6, seed=i)
+        want = model.generate_ids([p], sp, stop_ids=())[0]
         assert got[i] == want, i
 
 
@@ -445,7 +445,9 @@ def test_server_on_eight_devices_equals_one_device(model):
     engine.close()
     assert late == []
     assert [t.choices[0].text for t in texts] == model.generate(prompts, max_new_tokens=10)
-    want = model.chat([{"role": "user", "content": "Hi there"}], 8, temperature=0.8, seed=4)
+    want = model.chat(
+        [{"role": "user", "content": "Hi there"}], max_new_tokens=8, temperature=0.8, seed=4
+    )
     assert chat.choices[0].message.content == want
 
 

@@ -11,10 +11,11 @@ Rows, in the formats people already have:
   - ``{"instruction": ..., "input": ..., "output": ...}`` (Alpaca) -> user
     ``instruction + "\\n\\n" + input`` (just the instruction when input is empty), assistant.
 
-Each dialog is rendered ONCE with the tokenizer's Llama 3 chat format
-(`tokenizer.chat.render_dialog`); the loss mask comes from the token spans of that single
-encoding, so no id ever changes at a prompt/answer seam. `train_on`:
-  - ``assistant``: the content and `<|eot_id|>` of every assistant turn;
+Each dialog is rendered ONCE with the tokenizer's chat format (the model's own chat template,
+or the built-in Llama 3 format: `Tokenizer.encode_dialog_masked`); the loss mask comes from that
+single encoding, so no id ever changes at a prompt/answer seam. `train_on`:
+  - ``assistant``: the content and end-of-turn token (`<|eot_id|>`, `<|im_end|>`, ...) of
+    every assistant turn;
   - ``last``: those of the last assistant turn only;
   - ``all``: every token.
 A token is a training target when its mask is 1: position i of a row predicts token i + 1 with
@@ -42,7 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.data import chatterbot, loader
 from llama_jax.data.packing import permutation
+from llama_jax.data.sources import parse_data_path
+from llama_jax.data.tfds import tfds_builder
 
 log = logging.getLogger("llama_jax.data.chat")
 
@@ -162,15 +166,10 @@ def read_dialogs(
       split: chatterbot and TFDS splits; local files have only "train".
       data_dir: TFDS data dir / chatterbot download dir.
     """
-    if data_path.startswith("chatterbot"):
-        from llama_jax.data import chatterbot
-
-        _, _, lang = data_path.partition("/")
-        return chatterbot.dialogs(lang or "en", split, data_dir)
-    if data_path.startswith("tfds:"):
-        from llama_jax.data.sources import parse_data_path, tfds_builder
-
-        dp = parse_data_path(data_path)
+    dp = parse_data_path(data_path)
+    if dp.scheme == "chatterbot":
+        return chatterbot.dialogs(dp.name, split, data_dir)
+    if dp.scheme == "tfds":
         builder = tfds_builder(dp.name, dp.version, data_dir=data_dir)
         if split.split("[", 1)[0] not in builder.info.splits:
             raise ValueError(
@@ -192,25 +191,16 @@ def read_dialogs(
 def render(
     tokenizer: Any, messages: list[dict[str, str]], train_on: str
 ) -> tuple[list[int], list[int]]:
-    """(ids, mask): the single Llama 3 chat encoding of a dialog and which ids are targets.
+    """(ids, mask): the single chat encoding of a dialog (the model's template, or the built-in
+    Llama 3 format) and which ids are targets (`Tokenizer.encode_dialog_masked`).
 
     Raises:
-      ValueError for an unknown `train_on`.
+      ValueError for an unknown `train_on`, or a template no mask can be cut from.
     """
-    from llama_jax.tokenizer.chat import render_dialog
 
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; valid: {', '.join(TRAIN_ON)}")
-    ids, spans = render_dialog(tokenizer, messages)
-    if train_on == "all":
-        return ids, [1] * len(ids)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    chosen = set(assistant[-1:] if train_on == "last" else assistant)
-    mask = [0] * len(ids)
-    for start, stop, i, part in spans:
-        if i in chosen and part in ("content", "eot"):
-            mask[start:stop] = [1] * (stop - start)
-    return ids, mask
+    return tokenizer.encode_dialog_masked(messages, train_on)
 
 
 @dataclasses.dataclass
@@ -388,7 +378,6 @@ def make_chat_iterators(
     The eval iterator reads `valid_data_path` ("train" split), else the `valid_split` of a
     source that has one (chatterbot, TFDS); local files without `valid_data_path` give None.
     """
-    from llama_jax.data import loader
 
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}; valid: {', '.join(TRUNCATION)}")
@@ -426,13 +415,12 @@ def make_chat_iterators(
         train_mb, num_steps=num_steps, config=config, prefetch=prefetch, num_threads=num_threads
     )
     eval_it = None
-    has_split = data_path.startswith(("chatterbot", "tfds:"))
-    if valid_data_path or has_split:
+    if valid_data_path or parse_data_path(data_path).has_splits:
         path, split = (valid_data_path, "train") if valid_data_path else (data_path, valid_split)
-        if valid_data_path.startswith(("chatterbot", "tfds:")):
+        if valid_data_path and parse_data_path(valid_data_path).has_splits:
             split = valid_split
         if (
-            path.startswith("tfds:")
+            parse_data_path(path).scheme == "tfds"
             and not valid_data_path
             and not _tfds_has(path, split, data_dir)
         ):
@@ -444,8 +432,6 @@ def make_chat_iterators(
 
 
 def _tfds_has(data_path: str, split: str, data_dir: str | None) -> bool:
-    from llama_jax.data.sources import parse_data_path, tfds_builder
-
     dp = parse_data_path(data_path)
     splits = tfds_builder(dp.name, dp.version, data_dir=data_dir).info.splits
     return split.split("[", 1)[0] in splits

@@ -22,6 +22,7 @@ is the same at every evaluation. Iterating an `EvalIterator` always starts from 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -279,31 +280,68 @@ class EvalIterator:
         return _grain_iter(self._make_batch, self.num_steps, self._prefetch, self._num_threads)
 
 
-def _build(
-    data_path: str,
-    tokenizer: Any,
-    *,
-    split: str,
-    seq_len: int,
-    global_batch_size: int,
-    mesh: Mesh | None,
-    shuffle: bool,
-    seed: int,
-    num_epochs: int | None,
-    max_seq_len: int | None,
-    add_bos: bool,
-    add_eos: bool,
-    batch_axes: tuple[str, ...],
-    process_index: int | None,
-    process_count: int | None,
-    data_dir: str | None,
-    cache_dir: str | None,
-    manual_dir: str | None,
-    download: bool,
-    text_field: str,
-    txt_mode: str,
-    num_workers: int | None,
-) -> tuple[_MakeBatch, dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a data iterator reads and how it cuts it into batches (everything but the mesh).
+
+    Attributes:
+      data_path: "tfds:NAME[/CONFIG][:VERSION]", "shakespeare" or a local file/dir/glob.
+      seq_len: T, tokens per row.
+      global_batch_size: B, rows per global batch (all hosts).
+      split: "train", "validation", or a slice such as "train[:95%]".
+      seed: shuffling seed (documents and rows, reshuffled every epoch).
+      num_epochs: stop after this many passes; None repeats forever.
+      shuffle: False keeps corpus order (still repeats per epoch).
+      max_seq_len: the model's maximum sequence length, checked against `seq_len`.
+      add_bos, add_eos: wrap each document in BOS ... EOS.
+      data_dir: TFDS data dir. cache_dir: token cache dir. manual_dir: manual downloads.
+      download: prepare TFDS datasets that are not prepared yet.
+      text_field: JSON field / parquet column / TFDS feature holding the text.
+      text_unit: what one document of a .txt file is: "document" (the file), "paragraph"
+        (blank-line separated) or "line".
+      batch_axes: mesh axes the batch dimension is sharded over.
+      process_index, process_count: this host and the host count (default: JAX's). Only
+        with mesh=None may they differ from JAX's (to simulate hosts in one process).
+      prefetch: batches computed ahead by background threads.
+      num_threads: background threads computing batches.
+      num_workers: threads tokenising (first run only).
+    """
+
+    data_path: str
+    seq_len: int
+    global_batch_size: int
+    split: str = "train"
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    max_seq_len: int | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    manual_dir: str | None = None
+    download: bool = True
+    text_field: str = "text"
+    text_unit: str = "document"
+    batch_axes: tuple[str, ...] = ("data", "fsdp")
+    process_index: int | None = None
+    process_count: int | None = None
+    prefetch: int = 2
+    num_threads: int = 2
+    num_workers: int | None = None
+
+
+def _build(cfg: DataConfig, tokenizer: Any, mesh: Mesh | None) -> tuple[_MakeBatch, dict[str, Any]]:
+    (data_path, split, seq_len, global_batch_size, shuffle, seed, num_epochs, max_seq_len) = (
+        cfg.data_path,
+        cfg.split,
+        cfg.seq_len,
+        cfg.global_batch_size,
+        cfg.shuffle,
+        cfg.seed,
+        cfg.num_epochs,
+        cfg.max_seq_len,
+    )
     # Everything a user can get wrong is checked before any reading or tokenising.
     tokens.check_tokenizer(tokenizer)
     tokens.tokenizer_fingerprint(tokenizer)
@@ -317,21 +355,27 @@ def _build(
     if num_epochs is not None:
         num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
     seed = _check_int("seed", seed, minimum=0)
-    batch_axes = tuple(batch_axes)
     rows, sharding = _local_rows(
-        mesh, batch_axes, global_batch_size, seq_len, process_index, process_count
+        mesh,
+        tuple(cfg.batch_axes),
+        global_batch_size,
+        seq_len,
+        cfg.process_index,
+        cfg.process_count,
     )
     dp = sources.parse_data_path(data_path)
     source = sources.open_source(
         dp,
         split=split,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        download=download,
-        text_field=text_field,
-        txt_mode=txt_mode,
+        data_dir=cfg.data_dir,
+        manual_dir=cfg.manual_dir,
+        download=cfg.download,
+        text_field=cfg.text_field,
+        text_unit=cfg.text_unit,
     )
-    corpus = tokens.load_or_build(source, tokenizer, cache_dir=cache_dir, num_workers=num_workers)
+    corpus = tokens.load_or_build(
+        source, tokenizer, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers
+    )
     corpus_tokens, offsets = corpus.tokens, corpus.offsets
     doc_range = source.select(corpus.num_documents)
     token_range = None
@@ -356,8 +400,8 @@ def _build(
         )
     spec = PackSpec(
         seq_len=seq_len,
-        bos_id=int(tokenizer.bos_id) if add_bos else None,
-        eos_id=int(tokenizer.eos_id) if add_eos else None,
+        bos_id=int(tokenizer.bos_id) if cfg.add_bos else None,
+        eos_id=int(tokenizer.eos_id) if cfg.add_eos else None,
         # Padding is told apart by segment_ids == 0 and loss_mask == 0, never by its value, so
         # a tokenizer without a pad token (pad_id None) pads with EOS.
         pad_id=int(tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id),
@@ -382,155 +426,62 @@ def _build(
 
 
 def make_train_iterator(
-    data_path: str,
-    tokenizer: tokens.Tokenizer,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    mesh: Mesh | None,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    split: str = "train",
-    max_seq_len: int | None = None,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    shuffle: bool = True,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    manual_dir: str | None = None,
-    download: bool = True,
-    text_field: str = "text",
-    txt_mode: str = "file",
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
-    num_threads: int = 2,
-    num_workers: int | None = None,
+    data_path: str, tokenizer: tokens.Tokenizer, *, mesh: Mesh | None, **options: Any
 ) -> TrainIterator:
     """The trainer's data: packed, shuffled, host-sharded, prefetched, resumable batches.
 
     Args:
       data_path: "tfds:NAME[/CONFIG][:VERSION]", "shakespeare" or a local file/dir/glob.
       tokenizer: see `llama_jax.data.Tokenizer`.
-      seq_len: T, tokens per row.
-      global_batch_size: B, rows per global batch (all hosts).
       mesh: the trainer's mesh; batches are global jax.Arrays sharded
         ``P(batch_axes, None)``. None yields this host's numpy rows instead.
-      seed: shuffling seed (documents and rows, reshuffled every epoch).
-      num_epochs: stop after this many passes; None repeats forever.
-      split: "train", "validation", or a slice such as "train[:95%]".
-      max_seq_len: the model's maximum sequence length, checked against `seq_len`.
-      add_bos, add_eos: wrap each document in BOS ... EOS.
-      shuffle: False keeps corpus order (still repeats per epoch).
-      data_dir: TFDS data dir. cache_dir: token cache dir. manual_dir: manual downloads.
-      download: prepare TFDS datasets that are not prepared yet.
-      text_field: JSON field / parquet column / TFDS feature holding the text.
-      txt_mode: "file" or "blank_lines" (how .txt files split into documents).
-      batch_axes: mesh axes the batch dimension is sharded over.
-      process_index, process_count: this host and the host count (default: JAX's). Only
-        with mesh=None may they differ from JAX's (to simulate hosts in one process).
-      prefetch: batches computed ahead by background threads.
-      num_threads: background threads computing batches.
-      num_workers: threads tokenising (first run only).
+      **options: the other fields of `DataConfig` (`seq_len` and `global_batch_size` are
+        required).
 
     Returns:
       A `TrainIterator`; its items are dicts of `BATCH_KEYS` -> [B, T] arrays.
     """
-    make_batch, config = _build(
-        data_path,
-        tokenizer,
-        split=split,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        mesh=mesh,
-        shuffle=shuffle,
-        seed=seed,
-        num_epochs=num_epochs,
-        max_seq_len=max_seq_len,
-        add_bos=add_bos,
-        add_eos=add_eos,
-        batch_axes=batch_axes,
-        process_index=process_index,
-        process_count=process_count,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        manual_dir=manual_dir,
-        download=download,
-        text_field=text_field,
-        txt_mode=txt_mode,
-        num_workers=num_workers,
-    )
+    cfg = DataConfig(data_path, **options)
+    make_batch, config = _build(cfg, tokenizer, mesh)
     num_steps = None
-    if num_epochs is not None:
-        num_steps = math.ceil(num_epochs * make_batch.packer.rows_per_epoch / global_batch_size)
+    if cfg.num_epochs is not None:
+        rows = make_batch.packer.rows_per_epoch
+        num_steps = math.ceil(cfg.num_epochs * rows / cfg.global_batch_size)
     return TrainIterator(
-        make_batch, num_steps=num_steps, config=config, prefetch=prefetch, num_threads=num_threads
+        make_batch,
+        num_steps=num_steps,
+        config=config,
+        prefetch=cfg.prefetch,
+        num_threads=cfg.num_threads,
     )
 
 
 def make_eval_iterator(
-    data_path: str,
-    tokenizer: tokens.Tokenizer,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    mesh: Mesh | None,
-    split: str = "validation",
-    max_seq_len: int | None = None,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    manual_dir: str | None = None,
-    download: bool = True,
-    text_field: str = "text",
-    txt_mode: str = "file",
-    batch_axes: tuple[str, ...] = ("data", "fsdp"),
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
-    num_threads: int = 2,
-    num_workers: int | None = None,
+    data_path: str, tokenizer: tokens.Tokenizer, *, mesh: Mesh | None, **options: Any
 ) -> EvalIterator:
     """Validation batches: the whole split once, in order, last batch padded.
 
-    Arguments as for `make_train_iterator` (no seed, shuffling or epochs). For a local corpus,
-    hold documents out with a slice, e.g. split="train[95%:]" here and "train[:95%]" for
-    training.
+    Arguments as for `make_train_iterator`; the split defaults to "validation", and seed,
+    shuffling and epochs do not apply. For a local corpus, hold documents out with a slice,
+    e.g. split="train[95%:]" here and "train[:95%]" for training.
 
     Returns:
       An `EvalIterator`: iterable (restarting at every `iter()`), with `len()` batches.
     """
-    make_batch, _ = _build(
-        data_path,
-        tokenizer,
-        split=split,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        mesh=mesh,
-        shuffle=False,
-        seed=0,
-        num_epochs=1,
-        max_seq_len=max_seq_len,
-        add_bos=add_bos,
-        add_eos=add_eos,
-        batch_axes=batch_axes,
-        process_index=process_index,
-        process_count=process_count,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        manual_dir=manual_dir,
-        download=download,
-        text_field=text_field,
-        txt_mode=txt_mode,
-        num_workers=num_workers,
-    )
-    return EvalIterator(make_batch, prefetch=prefetch, num_threads=num_threads)
+    for name in ("seed", "shuffle", "num_epochs"):
+        if name in options:
+            raise TypeError(
+                f"make_eval_iterator takes no {name!r}: validation reads in order, once"
+            )
+    options = {"split": "validation", **options}
+    cfg = DataConfig(data_path, shuffle=False, seed=0, num_epochs=1, **options)
+    make_batch, _ = _build(cfg, tokenizer, mesh)
+    return EvalIterator(make_batch, prefetch=cfg.prefetch, num_threads=cfg.num_threads)
 
 
 __all__ = [
     "BATCH_KEYS",
+    "DataConfig",
     "EvalIterator",
     "STATE_FORMAT",
     "TrainIterator",

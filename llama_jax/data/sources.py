@@ -7,7 +7,7 @@ A `data_path` names a corpus:
   that is not prepared in `data_dir` is prepared there (as ArrayRecord) when `download=True`.
 - ``shakespeare`` -- the built-in TFDS dataset of `llama_jax.data.shakespeare`.
 - ``[file:]PATH`` -- a local file, directory (searched recursively) or glob of ``.txt`` (one
-  document per file, per blank-line separated paragraph, or per line: `txt_mode`), ``.jsonl``
+  document per file, per blank-line separated paragraph, or per line: `text_unit`), ``.jsonl``
   (one JSON object per line, text in `text_field`) or ``.parquet`` (text in column `text_field`).
   Files are read in sorted path order; in a directory or glob, hidden files and files with
   other suffixes (README.md, ...) are ignored, and empty files are skipped with a warning.
@@ -24,20 +24,19 @@ the documents in sorted-file order. TFDS splits accept whatever TFDS accepts.
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import glob
-import io
 import json
-import logging
 import os
 import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from llama_jax.data.tfds import tfds_builder
+
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_MODES = ("file", "blank_lines", "lines")
+TEXT_UNITS = ("document", "paragraph", "line")  # what one document of a .txt file is
 
 # "gs://x", "hf:name", "s3://b" ... (two characters at least, so "C:\\data" stays a path).
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+):")
@@ -54,8 +53,8 @@ class DataPath:
     """A parsed `data_path`.
 
     Attributes:
-      scheme: "tfds", "shakespeare" or "files".
-      name: the TFDS name, with "/CONFIG" when given ("tfds" only).
+      scheme: "tfds", "shakespeare", "chatterbot" (a built-in chat corpus) or "files".
+      name: the TFDS name, with "/CONFIG" when given ("tfds"); the language ("chatterbot").
       version: the TFDS version, or None for the newest ("tfds" only).
       path: the local path or glob ("files" only).
     """
@@ -70,7 +69,14 @@ class DataPath:
             return f"tfds:{self.name}" + (f":{self.version}" if self.version else "")
         if self.scheme == "shakespeare":
             return "shakespeare"
+        if self.scheme == "chatterbot":
+            return f"chatterbot/{self.name}"
         return self.path
+
+    @property
+    def has_splits(self) -> bool:
+        """Whether the source names its own splits (train / validation); local files have one."""
+        return self.scheme != "files"
 
 
 def parse_data_path(data_path: str) -> DataPath:
@@ -87,6 +93,8 @@ def parse_data_path(data_path: str) -> DataPath:
     data_path = data_path.strip()
     if data_path == "shakespeare":
         return DataPath("shakespeare")
+    if data_path == "chatterbot" or data_path.startswith("chatterbot/"):
+        return DataPath("chatterbot", name=data_path.partition("/")[2] or "en")
     if data_path.startswith("tfds:"):
         m = _TFDS.match(data_path[len("tfds:") :])
         if not m:
@@ -253,11 +261,16 @@ class FilesSource(Source):
     """Local ``.txt`` / ``.jsonl`` / ``.parquet`` files (see the module docstring)."""
 
     def __init__(
-        self, path: str, *, split: str = "train", text_field: str = "text", txt_mode: str = "file"
+        self,
+        path: str,
+        *,
+        split: str = "train",
+        text_field: str = "text",
+        text_unit: str = "document",
     ) -> None:
         super().__init__()
-        if txt_mode not in TXT_MODES:
-            raise ValueError(f"txt_mode={txt_mode!r} is not one of {TXT_MODES}")
+        if text_unit not in TEXT_UNITS:
+            raise ValueError(f"text_unit={text_unit!r}; valid: {', '.join(TEXT_UNITS)}")
         m = _LOCAL_SPLIT.match(split)
         if not m:
             raise ValueError(
@@ -269,7 +282,7 @@ class FilesSource(Source):
         self.path = path
         self.split = split
         self.text_field = text_field
-        self.txt_mode = txt_mode
+        self.text_unit = text_unit
         self.files = _resolve_files(path)
         self._check_files()
 
@@ -316,7 +329,7 @@ class FilesSource(Source):
             "kind": "files",
             "files": self._stat,
             "text_field": self.text_field,
-            "txt_mode": self.txt_mode,
+            "text_unit": self.text_unit,
         }
 
     def select(self, num_documents: int) -> tuple[int, int]:
@@ -342,7 +355,7 @@ class FilesSource(Source):
     def _txt(self, f: str) -> Iterator[str | bytes | None]:
         with open(f, "rb") as fh:
             data = fh.read()
-        if self.txt_mode == "file":
+        if self.text_unit == "document":
             yield data
             return
         text, bad = decode_utf8(data)
@@ -350,7 +363,7 @@ class FilesSource(Source):
             self.stats.invalid_utf8 += bad
             self.stats.invalid_utf8_documents += 1
         text = text.replace("\r\n", "\n")
-        if self.txt_mode == "lines":
+        if self.text_unit == "line":
             for line in text.split("\n"):
                 if line.strip():
                     yield line
@@ -482,76 +495,6 @@ class TfdsSource(Source):
                 yield value
 
 
-def tfds_builder(
-    name: str,
-    version: str | None = None,
-    *,
-    data_dir: str | None = None,
-    download: bool = True,
-    manual_dir: str | None = None,
-) -> Any:
-    """Returns the TFDS builder for `name`, prepared as ArrayRecord in `data_dir`.
-
-    Raises:
-      ValueError: the dataset is unknown, or not prepared and `download` is False.
-    """
-    import tensorflow_datasets as tfds
-
-    full = name + (f":{version}" if version else "")
-    try:
-        builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
-    except Exception as e:  # DatasetNotFoundError and friends
-        raise ValueError(
-            f"TFDS dataset {full!r} is neither a registered builder nor prepared in "
-            f"data_dir={data_dir!r}: {str(e).splitlines()[0]}"
-        ) from None
-    if not builder.is_prepared():
-        if not download:
-            raise ValueError(
-                f"TFDS dataset {full!r} is not prepared in {builder.data_dir}; pass "
-                "download=True to prepare it, or point data_dir at a prepared copy"
-            )
-        prepare_tfds(builder, manual_dir=manual_dir)
-    return builder
-
-
-def _no_missing_dataset_info(record: logging.LogRecord) -> bool:
-    # A dataset that is about to be prepared has no dataset_info.json yet: nothing to say.
-    return "has no dataset_info.json" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def quiet_tfds():
-    """TFDS prints ("Downloading and preparing dataset ...") and draws progress bars while it
-    prepares a dataset: both go to the log (the run's log file in a training run) instead."""
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core.utils import tqdm_utils
-
-    shown = getattr(tqdm_utils, "_active", True)
-    out = io.StringIO()
-    absl = logging.getLogger("absl")
-    absl.addFilter(_no_missing_dataset_info)
-    tfds.display_progress_bar(False)
-    try:
-        with contextlib.redirect_stdout(out):
-            yield
-    finally:
-        tfds.display_progress_bar(shown)
-        absl.removeFilter(_no_missing_dataset_info)
-        for line in out.getvalue().splitlines():
-            if line.strip():
-                logging.getLogger("llama_jax.data").info("tfds: %s", line.strip())
-
-
-def prepare_tfds(builder: Any, *, manual_dir: str | None = None) -> None:
-    """Runs `download_and_prepare` writing ArrayRecord, without touching GCS (needs TF)."""
-    import tensorflow_datasets as tfds
-
-    config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
-    with quiet_tfds():
-        builder.download_and_prepare(download_config=config, file_format="array_record")
-
-
 def open_source(
     data_path: str | DataPath,
     *,
@@ -560,7 +503,7 @@ def open_source(
     manual_dir: str | None = None,
     download: bool = True,
     text_field: str = "text",
-    txt_mode: str = "file",
+    text_unit: str = "document",
 ) -> Source:
     """Opens the source a `data_path` names (cheap checks only; no document is read).
 
@@ -571,13 +514,16 @@ def open_source(
       manual_dir: a directory holding manually downloaded archives (TFDS `manual_dir`).
       download: prepare a TFDS dataset that is not prepared yet.
       text_field: the JSON field, parquet column or TFDS feature holding the text.
-      txt_mode: "file" (one document per .txt file), "blank_lines" (split on blank lines) or
-        "lines" (one document per non-empty line).
+      text_unit: "document" (one document per .txt file), "paragraph" (split on blank lines)
+        or "line" (one document per non-empty line).
     """
     dp = parse_data_path(data_path) if isinstance(data_path, str) else data_path
     if dp.scheme == "files":
-        return FilesSource(dp.path, split=split, text_field=text_field, txt_mode=txt_mode)
+        return FilesSource(dp.path, split=split, text_field=text_field, text_unit=text_unit)
+    if dp.scheme == "chatterbot":
+        raise ValueError(f"data_path={dp} is a chat corpus: set data_format=chat")
     if dp.scheme == "shakespeare":
+        # deferred: the builder module imports tensorflow_datasets, seconds at startup
         from llama_jax.data import shakespeare
 
         builder = shakespeare.prepare(data_dir=data_dir, manual_dir=manual_dir, download=download)
@@ -594,7 +540,7 @@ __all__ = [
     "Source",
     "SourceStats",
     "SUPPORTED_SUFFIXES",
-    "TXT_MODES",
+    "TEXT_UNITS",
     "TfdsSource",
     "decode_utf8",
     "open_source",

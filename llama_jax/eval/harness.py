@@ -39,10 +39,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "llama_jax.eval.harness needs lm-evaluation-harness: pip install llama_jax[eval]"
     ) from e
 
-from llama_jax import sharding
-from llama_jax.eval.scoring import rolling_windows
-from llama_jax.sampling import Generation, SamplingParams
-from llama_jax.tokenizer.chat import END_OF_TURN
+from llama_jax.inference.loaded import LoadedModel
+from llama_jax.inference.sampler import Generation, SamplingParams
+from llama_jax.inference.scoring import rolling_windows
+from llama_jax.model import sharding
 
 log = logging.getLogger("llama_jax.eval")
 
@@ -100,7 +100,7 @@ def generation_stop_ids(model_path: str | None, tokenizer: Any) -> tuple[int, ..
 
 @register_model("llama_jax")
 class LlamaJaxLM(TemplateLM):
-    """lm-eval model over a `Llama3` (see the module docstring for model_args)."""
+    """lm-eval model over a `LoadedModel` (see the module docstring for model_args)."""
 
     def __init__(
         self,
@@ -118,8 +118,6 @@ class LlamaJaxLM(TemplateLM):
         **unused: Any,
     ):
         super().__init__()
-        from llama_jax.api import Llama3
-
         if model is None:
             if not pretrained:
                 raise ValueError("model_args needs pretrained=PATH (a model directory)")
@@ -129,7 +127,7 @@ class LlamaJaxLM(TemplateLM):
                 mesh = sharding.make_mesh(shape, devices)
             else:
                 mesh = sharding.make_mesh((1, 1, 1), devices[:1])
-            model = Llama3.from_pretrained(pretrained, dtype=dtype, mesh=mesh)
+            model = LoadedModel.from_pretrained(pretrained, dtype=dtype, mesh=mesh)
         self.llama = model
         self.tokenizer_obj = model.tokenizer
         rows = 64
@@ -304,15 +302,19 @@ class LlamaJaxLM(TemplateLM):
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        """The Llama 3 chat rendering, as text. Without a generation prompt (a task's
-        `gen_prefix`), the final assistant message stays open, as the hf backend's
-        `continue_final_message=True` leaves it: no `<|eot_id|>` after it."""
+        """The dialog in the model's chat format (`Tokenizer.encode_dialog`: its own template,
+        else the built-in Llama 3 format), as text. Without a generation prompt (a task's
+        `gen_prefix`), the final message stays open, as the hf backend's
+        `continue_final_message=True` leaves it: no end of turn after it."""
         tok = self.tokenizer_obj
-        ids = tok.encode_dialog(chat_history, add_generation_prompt)
-        eot = tok.special_tokens[END_OF_TURN]
-        if not add_generation_prompt and chat_history and ids and ids[-1] == eot:
-            ids = ids[:-1]
+        ids = tok.encode_dialog(
+            chat_history,
+            add_generation_prompt,
+            continue_final_message=not add_generation_prompt and bool(chat_history),
+        )
         return tok.decode(ids)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return "llama3" if chat_template else None
+        if not chat_template:
+            return None
+        return self.tokenizer_obj.chat_template or "llama3"

@@ -19,7 +19,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from llama_jax.config import ModelConfig, get_config
+from llama_jax.data.sources import TEXT_UNITS
+from llama_jax.model.config import ModelConfig, get_config
 
 # The flags users of the original `llama3` tool know, mapped to config keys.
 LEGACY_FLAGS = {
@@ -31,6 +32,20 @@ LEGACY_FLAGS = {
     "learning_rate": "learning_rate",
     "num_epochs": "num_epochs",
 }
+
+
+def add_config_keys(c: ml_collections.ConfigDict) -> None:
+    """The fine-tuning keys of the experiment schema (see base_config)."""
+    c.data_format = "text"  # text (pretraining documents) | chat (data/chat.py rows)
+    c.train_on = "assistant"  # chat: assistant | last | all
+    c.truncation = "right"  # chat: right | drop, for dialogs longer than seq_len
+    c.chat_template = ""  # chat: a jinja2 template file instead of the tokenizer's own
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0: full fine-tune (or pretraining); > 0: train adapters only
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = "all"  # "all" or a comma list of wq,wk,wv,wo,w_gate,w_up,w_down
+    c.base_dtype = ""  # LoRA: dtype the frozen base is kept in ("" = model.param_dtype)
 
 
 def model_config_dict(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -114,12 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.progress = True
     # test hooks (fault injection): make step k's loss NaN; stop after k steps.
-    c.debug_nan_step = -1
     c.debug_stop_after = -1
 
-    # fine-tuning (llama_jax.finetune): data format, chat masking, LoRA
-    from llama_jax.finetune import add_config_keys
-
+    # fine-tuning (llama_jax.training.finetune): data format, chat masking, LoRA
     add_config_keys(c)
     return c
 
@@ -214,9 +226,8 @@ def check_ranges(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"--{key}={c[key]!r}: must be > 0")
     if not 0.0 <= c.valid_fraction < 1.0:
         raise ValueError(f"--config.valid_fraction={c.valid_fraction!r}: must be in [0, 1)")
-    units = ("document", "paragraph", "line")
-    if c.text_unit not in units:
-        raise ValueError(f"--config.text_unit={c.text_unit!r}; valid: {', '.join(units)}")
+    if c.text_unit not in TEXT_UNITS:
+        raise ValueError(f"--config.text_unit={c.text_unit!r}; valid: {', '.join(TEXT_UNITS)}")
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:

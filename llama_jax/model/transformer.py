@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.attention import (  # noqa: F401  (cudnn_attention, xla_attention re-exported)
+from llama_jax.model.attention import (  # noqa: F401  (cudnn_attention, xla_attention re-exported)
     attend,
     attention_mask,
     cached_attention,
     cudnn_attention,
     xla_attention,
 )
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 
 Array = jax.Array
 Cache = Any  # {"k": [L, B, K, S, H], "v": ...} when scanned; tuple of per-layer dicts otherwise

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from llama_jax.model import einsum_dense
+from llama_jax.model.transformer import einsum_dense
 
 Array = jax.Array
 
@@ -45,16 +45,6 @@ _WHERE = {
     "w_gate": ("mlp", 1),
     "w_up": ("mlp", 1),
     "w_down": ("mlp", 1),
-}
-# Logical axes of each target weight (per layer), as model.py declares them.
-_AXES = {
-    "wq": ("embed", "heads", "head_dim"),
-    "wk": ("embed", "kv_heads", "head_dim"),
-    "wv": ("embed", "kv_heads", "head_dim"),
-    "wo": ("heads", "head_dim", "embed"),
-    "w_gate": ("embed", "mlp"),
-    "w_up": ("embed", "mlp"),
-    "w_down": ("mlp", "embed"),
 }
 
 
@@ -180,7 +170,9 @@ def init_adapters(
     float32 whatever the base dtype; B is zero, so the adapted model starts equal to the base.
 
     Returns:
-      The adapter tree, boxed with logical axes (nn.LogicallyPartitioned); unbox to use.
+      The adapter tree, boxed (nn.LogicallyPartitioned): A takes the logical axes of its
+      weight's inputs and B those of its outputs, read from the boxed `params` (the model
+      declares each axis once); unboxed `params` give unsharded (None) axes. Unbox to use.
     """
     out: dict[str, Any] = {}
     for key in _layer_keys(params):
@@ -200,7 +192,8 @@ def init_adapters(
             a = jax.random.uniform(sub, a_shape, jnp.float32, -bound, bound)
             b = jnp.zeros(b_shape, jnp.float32)
             layer_axes = ("layers",) if lead else ()
-            axes = _AXES[t]
+            names = getattr(w, "names", None) or (None,) * len(w_shape)
+            axes = tuple(names)[len(lead) :]
             out.setdefault(key, {}).setdefault(module, {})[t] = {
                 "a": nn.LogicallyPartitioned(a, (*layer_axes, *axes[:n_in], None)),
                 "b": nn.LogicallyPartitioned(b, (*layer_axes, None, *axes[n_in:])),

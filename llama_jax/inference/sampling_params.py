@@ -1,7 +1,7 @@
 """Sampling parameters and the per-row draw, plus the bucket sizes the sampler compiles for.
 
-SamplingParams   temperature / top-k / top-p / min-p, validated; traced as scalars so new
-                 values never recompile.
+SamplingParams   temperature / top-k / top-p / min-p (traced as scalars so new values never
+                 recompile), and max_new_tokens / seed / stop / truncate for `Llama3`; validated.
 sample_tokens    greedy, or a seeded draw from the filtered distribution, for [B, V].
 _step_keys       row r's key at step s: fold_in(fold_in(key(seed), r), s).
 bucket, batch_bucket   cache / batch lengths rounded to powers of two.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,11 @@ MIN_BUCKET = 16  # shortest prompt / cache bucket: tiny prompts share one compil
 # ----------------------------------------------------------------------------- parameters
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen from the logits.
+    """How text is generated: the token choice, and (for `Llama3` calls) how much and when to stop.
+
+    One object, so `Llama3.generate`, `generate_ids`, `stream` and `chat` take the same
+    settings (keywords given to those methods replace fields of it). The jitted engine reads the
+    token-choice fields only, as traced scalars, so new values never recompile.
 
     Attributes:
       temperature: 0 is greedy (argmax); > 0 divides the logits before sampling.
@@ -34,12 +39,21 @@ class SamplingParams:
         measured after top-k (1: no limit).
       min_p: keep tokens whose probability is at least min_p times the most likely one's (0: no
         limit). Filters apply in the order top-k, top-p, min-p, as in Hugging Face.
+      max_new_tokens: at most this many new tokens per prompt.
+      seed: PRNG seed; the same seed and settings give the same tokens.
+      stop: strings that end a prompt's text (not included); a str or a sequence of them.
+      truncate: drop the oldest prompt tokens that would not fit the model's context, instead
+        of raising.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    truncate: bool = False
 
     def __post_init__(self):
         t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
@@ -47,14 +61,36 @@ class SamplingParams:
         def number(v):
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
+        def integer(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
         if not number(t) or t < 0:
             raise ValueError(f"temperature={t!r}; valid: a finite number >= 0 (0 is greedy)")
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        if not integer(k) or k < 0:
             raise ValueError(f"top_k={k!r}; valid: an int >= 0 (0 keeps every token)")
         if not number(p) or not 0 < p <= 1:
             raise ValueError(f"top_p={p!r}; valid: a number in (0, 1] (1 keeps every token)")
         if not number(m) or not 0 <= m < 1:
             raise ValueError(f"min_p={m!r}; valid: a number in [0, 1) (0 keeps every token)")
+        if not integer(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r}; valid: an int in [0, 2**32)")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strs, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"truncate={self.truncate!r}; valid: True or False")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with `changes` applied; ValueError naming an unknown field and the valid ones."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown sampling setting(s) {', '.join(unknown)}; valid: {', '.join(fields)}"
+            )
+        return dataclasses.replace(self, **changes)
 
     @property
     def greedy(self) -> bool:

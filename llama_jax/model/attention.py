@@ -1,9 +1,9 @@
 """Causal grouped-query attention kernels: plain XLA, cuDNN flash (GPU), Pallas splash (TPU).
 
-Einsum letters as in model.py: B batch, T query length, S key length, N query heads,
+Einsum letters as in transformer.py: B batch, T query length, S key length, N query heads,
 K key/value heads, G = N // K query heads per key/value head, H head dim.
 
-`attend` is what the transformer calls; the kernel is `ModelConfig.attention_impl`:
+`attend` is what the transformer (transformer.py) calls; the kernel is `ModelConfig.attention_impl`:
 
   xla     portable; a boolean [B, T, S] mask (causal and same-segment), float32 softmax.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`; bfloat16/float16 only, head
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from llama_jax.sharding import LOGICAL_RULES
+from llama_jax.model.sharding import LOGICAL_RULES
 
 Array = jax.Array
 

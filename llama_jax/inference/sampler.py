@@ -33,9 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.config import ModelConfig
-from llama_jax.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
+from llama_jax.inference.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
     TIED_HEAD,
     _to_model_layout,
     decode_compiler_options,
@@ -44,15 +42,7 @@ from llama_jax.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
     quantize_decode_params,
     tied_head,
 )
-from llama_jax.model import (
-    Transformer,
-    cache_logical_axes,
-    einsum_dense,
-    init_cache,
-    init_params,
-)
-from llama_jax.quantize import as_qweights, check_quantize, int8_dense
-from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
+from llama_jax.inference.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
     MIN_BUCKET,
     SamplingParams,
     _step_keys,
@@ -60,6 +50,16 @@ from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X 
     bucket,
     length_bucket,
     sample_tokens,
+)
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.quantize import as_qweights, check_quantize, int8_dense
+from llama_jax.model.transformer import (
+    Transformer,
+    cache_logical_axes,
+    einsum_dense,
+    init_cache,
+    init_params,
 )
 
 Array = jax.Array
@@ -154,7 +154,6 @@ class Sampler:
             donate_argnames="state",
             compiler_options=run_options or None,
         )
-        self._score_jit = jax.jit(self._score_fn)
 
     # ------------------------------------------------------------------ contexts
     @contextlib.contextmanager
@@ -281,14 +280,6 @@ class Sampler:
 
         return jax.lax.while_loop(cond, body, state)
 
-    def _score_fn(self, params, tokens, lengths):
-        self.trace_counts["score"] += 1
-        logits, _ = self._apply(params, tokens, None, None)  # [B, T, V] float32
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        mask = jnp.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
-        return jnp.sum(jnp.where(mask, target, 0.0), axis=-1)
-
     # ------------------------------------------------------------------ low-level API
     def _put(self, x: np.ndarray) -> Array:
         """A [B, ...] host array placed with its rows over the mesh's batch axes."""
@@ -360,48 +351,6 @@ class Sampler:
         gen = Generation(self, prompts, max_new_tokens, sampling, seed, stop_ids, truncate)
         gen.advance(max_new_tokens)
         return gen.tokens
-
-    def score(
-        self, prompts: Sequence[Sequence[int]], max_batch_bytes: int = 1 << 29
-    ) -> list[float]:
-        """Sum of log p(token_i | tokens_<i) over i >= 1 of each sequence (its first token is
-        the context, e.g. BOS).
-
-        Args:
-          prompts: token id lists, each of 1..max_seq_len tokens.
-          max_batch_bytes: rows per forward pass are limited so the float32 logits of a batch
-            stay under this size.
-
-        Returns:
-          One float per sequence.
-        """
-        seqs = check_prompts(prompts, self.config, max_new_tokens=0)
-        v, limit = self.config.vocab_size, self.config.max_seq_len
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together
-        result = [0.0] * len(seqs)
-        i = 0
-        while i < len(order):
-            # Grow the batch while its logits fit the budget (lengths only grow: sorted).
-            chunk, t = [order[i]], length_bucket(len(seqs[order[i]]), limit)
-            while i + len(chunk) < len(order):
-                t_next = length_bucket(len(seqs[order[i + len(chunk)]]), limit)
-                if (len(chunk) + 1) * t_next * v * 4 > max_batch_bytes:
-                    break
-                chunk.append(order[i + len(chunk)])
-                t = t_next
-            b = batch_bucket(len(chunk), self.batch_multiple)
-            tokens = np.zeros((b, t), np.int32)
-            lengths = np.ones((b,), np.int32)
-            for r, j in enumerate(chunk):
-                tokens[r, : len(seqs[j])] = seqs[j]
-                lengths[r] = len(seqs[j])
-            with self._context():
-                out = self._score_jit(self.params, self._put(tokens), self._put(lengths))
-            out = sharding.to_host(out)
-            for r, j in enumerate(chunk):
-                result[j] = float(out[r])
-            i += len(chunk)
-        return result
 
 
 def _is_stop(tokens: Array, stop_ids: Array) -> Array:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from llama_jax.sampling import Generation, Sampler, SamplingParams
+from llama_jax.inference.sampler import Generation, Sampler, SamplingParams
 
 Array = jax.Array
 
@@ -150,6 +150,21 @@ def stream_text(
         yield rest
 
 
+def check_dialog_fits(ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """Raises one line when a rendered dialog and its reply cannot fit the model's context.
+
+    A dialog is never truncated from the front (that would cut the system prompt and the
+    template's opening), so the error says what to shorten instead.
+    """
+    if len(ids) + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"the dialog renders to {len(ids)} tokens in the chat format; with max_new_tokens="
+            f"{max_new_tokens} that is more than the model's context (max_seq_len={max_seq_len})"
+            ": lower max_new_tokens (--max_new_tokens), or drop early turns (/reset in llama3 "
+            "chat; truncate=True in Llama3.chat keeps the last tokens)"
+        )
+
+
 def run_chat(
     model: Any,
     lines: Iterable[str],
@@ -164,7 +179,7 @@ def run_chat(
     the end of `lines`.
 
     Args:
-      model: a `Llama3` (its tokenizer must have the Llama 3 chat tokens).
+      model: a `Llama3` (dialogs in its chat format: `Tokenizer.encode_dialog`).
       lines: user input, one turn per line (e.g. sys.stdin).
       write: where output goes (e.g. sys.stdout.write); flushed by the caller's stream.
       system: an optional system prompt.
@@ -176,6 +191,8 @@ def run_chat(
     """
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    sp = kwargs.get("sampling") or SamplingParams()
+    max_new = kwargs.get("max_new_tokens", sp.max_new_tokens)
     flush = getattr(write, "__self__", None)
     write(prompt)
     for line in lines:
@@ -191,6 +208,8 @@ def run_chat(
             reply = []
             try:
                 ids = model.tokenizer.encode_dialog(messages)
+                if not kwargs.get("truncate", getattr(sp, "truncate", False)):
+                    check_dialog_fits(ids, max_new, model.config.max_seq_len)
                 for piece in model.stream(ids, **kwargs):
                     reply.append(piece)
                     write(piece)

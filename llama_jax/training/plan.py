@@ -3,7 +3,7 @@
 No weights and no data: the train state, the frozen base (LoRA) and a batch are abstract
 (`jax.ShapeDtypeStruct` with their `NamedSharding`s) on the compile-only devices libtpu
 describes for a topology (`jax.experimental.topologies`), over the experiment's own mesh. The
-steps are the trainer's (`train.jit_steps`: optimizer, schedule, remat, chunked loss, gradient
+steps are the trainer's (`trainer.jit_steps`: optimizer, schedule, remat, chunked loss, gradient
 accumulation, LoRA), so what compiles here is what `llama3 train` runs on that slice.
 
 The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / bytes
@@ -37,8 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llama_jax import experiment, finetune, sharding, train
-from llama_jax.config import ModelConfig
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.training import experiment, finetune
+from llama_jax.training import trainer as train
 
 GiB = 1024**3
 
