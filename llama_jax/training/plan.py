@@ -158,7 +158,7 @@ def build_steps(c: ml_collections.ConfigDict, devices: list) -> Steps:
     train.check_step_config(c, model_cfg, mesh)
     lora_cfg = finetune.lora_config(c)
     # The schedule's length shapes no array: an epoch-based config compiles the same step.
-    tx, schedule = train.make_optimizer(c, c.num_steps if c.num_steps > 0 else 1000)
+    tx, schedule = train.make_tx(c, c.num_steps if c.num_steps > 0 else 1000)
     init = functools.partial(train.init_state, model_cfg, tx, c.seed, lora_cfg)
     abstract = jax.eval_shape(init)
     state_shardings = sharding.logical_to_sharding(abstract, mesh, sharding.LOGICAL_RULES)
