@@ -65,6 +65,12 @@ from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X 
 Array = jax.Array
 
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
+# Decode steps per iteration of the generation loop, by platform (see `Sampler`): on a GPU every
+# while-loop iteration pays a fixed cost (its predicate copied to the host, the body's kernels
+# launched one by one) that a fixed-trip inner scan of k steps pays once per k tokens; on CPU
+# an iteration costs next to nothing (bench/RESULTS.md, "decode_chunk").
+DECODE_CHUNK = {"cpu": 1, "gpu": 8, "tpu": 8}
+DEFAULT_DECODE_CHUNK = 8  # other platforms
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -75,6 +81,7 @@ class Sampler:
       config: the decode config (unrolled layers unless `unroll=False`).
       params: the decode params (see `prepare_decode_params`), sharded over `mesh`.
       layout: "standard" or "matvec".
+      decode_chunk: decode steps per iteration of the generation loop.
       trace_counts: how often each jitted function was traced (= compiled); for tests.
     """
 
@@ -89,6 +96,7 @@ class Sampler:
         dtype: str | None = None,
         quantize: str | None = None,
         vocab_limit: int | None = None,
+        decode_chunk: int | None = None,
     ):
         """Prepares the decode params from `params` (left untouched) and the jitted functions.
 
@@ -102,7 +110,19 @@ class Sampler:
           vocab_limit: ids >= this (a model vocabulary larger than its tokenizer's, e.g. a
             tokenizer trained smaller than asked) get probability 0, so nothing is sampled that
             the tokenizer cannot decode; None: every id of the model.
+          decode_chunk: decode steps per iteration of the on-device generation loop (a
+            fixed-trip `lax.scan` inside the `while_loop`); tokens do not depend on it, only
+            the loop's fixed cost per token and the steps wasted past the end (< k per
+            `Generation.advance`). None: DECODE_CHUNK for the mesh's platform.
         """
+        platform = mesh.devices.flat[0].platform
+        if decode_chunk is None:
+            decode_chunk = DECODE_CHUNK.get(platform, DEFAULT_DECODE_CHUNK)
+        if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, (int, np.integer)) or (
+            not 1 <= decode_chunk <= 256
+        ):
+            raise ValueError(f"decode_chunk={decode_chunk!r}; valid: an int in [1, 256]")
+        self.decode_chunk = int(decode_chunk)
         self.mesh = mesh
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < config.vocab_size else None
         self.quantize = check_quantize(quantize)
@@ -251,11 +271,17 @@ class Sampler:
     ):
         self.trace_counts["run"] += 1
         state = dict(state, done=state["done"] | stop_rows)
+        chunk = self.decode_chunk
 
         def cond(s):
             return (s["count"] < until) & ~jnp.all(s["done"])
 
-        def body(s):
+        def step(s):
+            # A step past the budget, or after every row has stopped, changes nothing but the
+            # cache, where it writes what the next real step writes again (same token, same
+            # position): so k steps per iteration give the tokens of k = 1, only the last
+            # iteration's leftover steps are wasted.
+            live = cond(s)
             logits, cache = self._apply(
                 params, s["tokens"][:, None], s["positions"][:, None], s["cache"]
             )
@@ -268,16 +294,27 @@ class Sampler:
                 needs_sort=needs_sort,
             )
             tok = jnp.where(s["done"], 0, tok)
-            out = jax.lax.dynamic_update_slice(s["out"], tok[:, None], (0, s["count"]))
+            # count < out's width whenever live (count < until <= max_new_tokens < cache_len).
+            col = jnp.minimum(s["count"], s["out"].shape[1] - 1)
+            kept = jax.lax.dynamic_slice_in_dim(s["out"], col, 1, axis=1)[:, 0]
+            out = jax.lax.dynamic_update_slice(
+                s["out"], jnp.where(live, tok, kept)[:, None], (0, col)
+            )
             return {
                 "cache": cache,
-                "tokens": tok,
+                "tokens": jnp.where(live, tok, s["tokens"]),
                 # A finished row stays put: its position never runs past the cache.
-                "positions": jnp.where(s["done"], s["positions"], s["positions"] + 1),
-                "done": s["done"] | _is_stop(tok, stop_ids),
+                "positions": jnp.where(live & ~s["done"], s["positions"] + 1, s["positions"]),
+                "done": jnp.where(live, s["done"] | _is_stop(tok, stop_ids), s["done"]),
                 "out": out,
-                "count": s["count"] + 1,
+                "count": s["count"] + live.astype(jnp.int32),
             }
+
+        def body(s):
+            if chunk == 1:
+                return step(s)
+            # A fixed trip count: no per-token loop predicate goes back to the host.
+            return jax.lax.scan(lambda c, _: (step(c), None), s, None, length=chunk)[0]
 
         return jax.lax.while_loop(cond, body, state)
 
