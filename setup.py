@@ -37,6 +37,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",  # the suite runs on every core (pyproject addopts)
             "ruff>=0.6",
+            "import-linter>=2.1",  # lint-imports: the layer contracts in pyproject.toml
             "torch==2.13.0",
             "transformers>=4.45",
             "peft>=0.13",

@@ -58,7 +58,7 @@ def attention_check(tiny: bool, gpu: bool) -> tuple[str, float, float, bool]:
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model import attention_mask, cudnn_attention, xla_attention
+    from llama_jax.model.transformer import attention_mask, cudnn_attention, xla_attention
 
     b, t, n, k, h = (2, 64, 4, 2, 32) if tiny else (4, 2048, 32, 8, 64)
     ks = jax.random.split(jax.random.key(0), 4)
@@ -128,9 +128,10 @@ def train_mfu(tiny: bool, steps: int, gpu: bool, remat: str) -> tuple[float, flo
     import flax.linen as nn
     import jax
 
-    from llama_jax import experiment, sharding
-    from llama_jax import train as T
-    from llama_jax.config import get_config
+    from llama_jax.model import sharding
+    from llama_jax.model.config import get_config
+    from llama_jax.training import experiment
+    from llama_jax.training import trainer as T
 
     if tiny:
         mc, batch, seq = get_config("tiny", dtype="bfloat16"), 2, 64
@@ -142,7 +143,7 @@ def train_mfu(tiny: bool, steps: int, gpu: bool, remat: str) -> tuple[float, flo
     c = experiment.base_config()
     c.batch_size, c.seq_len = batch, seq
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    tx, sched = T.make_optimizer(c, 1000)
+    tx, sched = T.make_tx(c, 1000)
     boxed = jax.eval_shape(functools.partial(T.init_state, mc, tx, 0))
     shardings = sharding.logical_to_sharding(boxed, mesh)
     bsh = sharding.batch_sharding(mesh)
@@ -183,9 +184,10 @@ def decode_bandwidth(tiny: bool, quantize: str | None, tokens: int) -> tuple[flo
     import flax.linen as nn
     import jax
 
-    from llama_jax import sampling, sharding
-    from llama_jax.config import get_config
-    from llama_jax.model import init_params
+    from llama_jax.inference import sampler as sampling
+    from llama_jax.model import sharding
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
 
     mc = get_config("tiny" if tiny else "llama3.2-1b", dtype="bfloat16")
     prompt_len, cache_len = (8, 64) if tiny else (128, 1024)
@@ -223,7 +225,7 @@ def main() -> int:
     args = p.parse_args()
     import jax
 
-    from llama_jax.config import REMAT_POLICIES
+    from llama_jax.model.config import REMAT_POLICIES
 
     if args.remat not in REMAT_POLICIES:
         print(f"error: --remat {args.remat!r}; valid: {', '.join(REMAT_POLICIES)}")

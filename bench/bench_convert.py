@@ -24,8 +24,8 @@ import time
 import numpy as np
 from shapes import SMALL_50M  # noqa: E402  (bench/)
 
-from llama_jax.config import get_config
-from llama_jax.convert import params_to_tensors, write_safetensors
+from llama_jax.formats import params_to_tensors, write_safetensors
+from llama_jax.model.config import get_config
 
 SMALL = dict(SMALL_50M, max_seq_len=1024)
 
@@ -112,12 +112,12 @@ def convert_bench(workdir):
         here = os.path.dirname(os.path.abspath(__file__))
         timed_child(
             f"import ml_dtypes, sys; sys.path.insert(0, {here!r}); import bench_convert as b; "
-            "from llama_jax.config import get_config; "
+            "from llama_jax.model.config import get_config; "
             "c = get_config('llama3.2-1b', param_dtype='bfloat16', dtype='bfloat16'); "
             f"b.write_hf(c, b.random_params(c, ml_dtypes.bfloat16), {hf_dir!r})"
         )
     size = dir_bytes(hf_dir)
-    base_s, base_rss = timed_child("import llama_jax.convert, jax; jax.devices()")
+    base_s, base_rss = timed_child("import llama_jax.formats, jax; jax.devices()")
     print(
         f"Llama-3.2-1B shape, bfloat16 checkpoint: {size / 1e9:.2f} GB "
         f"(baseline process RSS {base_rss / 1e9:.2f} GB: python + jax imported)"
@@ -127,7 +127,7 @@ def convert_bench(workdir):
         ("HF -> llama_jax", hf_dir, ours, "llama_jax"),
         ("llama_jax -> HF", ours, back, "hf"),
     ):
-        code = f"from llama_jax.convert import convert; convert({src!r}, {dst!r}, {fmt!r})"
+        code = f"from llama_jax.formats import convert; convert({src!r}, {dst!r}, {fmt!r})"
         seconds, peak = timed_child(code)
         rows.append((name, seconds, peak))
         print(
@@ -144,7 +144,7 @@ def forward_bench(fields, batch, seq, reps=3):
     import transformers
 
     from llama_jax import Llama3
-    from llama_jax.config import ModelConfig
+    from llama_jax.model.config import ModelConfig
 
     config = ModelConfig(**fields)
     params = random_params(config, np.float32)

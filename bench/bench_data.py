@@ -135,8 +135,8 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
     import flax.linen as nn
     import numpy as np
 
-    from llama_jax import experiment, sharding
-    from llama_jax import train as trainer
+    from llama_jax.model import sharding
+    from llama_jax.training import experiment, trainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = experiment.load_config(os.path.join(root, "experiments", "shakespeare_tiny.py"))
@@ -144,7 +144,7 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
     c.seq_len, c.batch_size = ARGS.seq_len, ARGS.batch
     cfg = experiment.model_config(c)
     mesh = sharding.make_mesh(tuple(mesh.devices.shape), list(mesh.devices.flat))
-    tx, schedule = trainer.make_optimizer(c, 1000)
+    tx, schedule = trainer.make_tx(c, 1000)
     abstract = jax.eval_shape(functools.partial(trainer.init_state, cfg, tx, 0))
     shardings = sharding.logical_to_sharding(abstract, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):

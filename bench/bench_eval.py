@@ -37,7 +37,7 @@ import torch
 import transformers
 from shapes import SMALL_50M  # noqa: E402  (bench/)
 
-from llama_jax.config import get_config
+from llama_jax.model.config import get_config
 
 # (preset, overrides, default dtype)
 SIZES = {

@@ -51,7 +51,7 @@ JOBS = ("jax_lora", "jax_full", "peft_lora")
 
 
 def model_config(args):
-    from llama_jax.config import get_config
+    from llama_jax.model.config import get_config
 
     preset, fields = SIZES[args.size]
     fields = dict(fields, max_seq_len=max(args.seq, 256), dtype=args.base_dtype)
@@ -71,9 +71,10 @@ def run_jax(args, lora_on: bool) -> dict:
     import ml_collections
     import numpy as np
 
-    from llama_jax import lora, train
-    from llama_jax.experiment import base_config
-    from llama_jax.model import init_params
+    from llama_jax.model import lora
+    from llama_jax.model.transformer import init_params
+    from llama_jax.training import trainer as train
+    from llama_jax.training.experiment import base_config
 
     cfg = model_config(args)
     c = base_config()
@@ -81,7 +82,7 @@ def run_jax(args, lora_on: bool) -> dict:
     c.lora.rank = args.rank if lora_on else 0
     c.lora.alpha = 2.0 * args.rank
     c = ml_collections.ConfigDict(c)
-    tx, schedule = train.make_optimizer(c, c.num_steps)
+    tx, schedule = train.make_tx(c, c.num_steps)
     lcfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank) if lora_on else None
     dt = jnp.dtype(args.base_dtype)
     make_state = lambda: nn.unbox(train.init_state(cfg, tx, 0, lcfg))  # noqa: E731

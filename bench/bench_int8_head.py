@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from bench_eval import make_model_dir  # noqa: E402  (bench/)
 
-from llama_jax import Llama3, sampling
+from llama_jax import Llama3
+from llama_jax.inference import sampler as sampling
 
 
 def step_time(s: sampling.Sampler, n: int = 10) -> float:

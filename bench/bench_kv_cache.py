@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import attention_mask, cached_attention, xla_attention
+from llama_jax.model.transformer import attention_mask, cached_attention, xla_attention
 
 
 def step_bskh(ck, cv, q, k, v, pos):

@@ -33,16 +33,17 @@ def step_memory(
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import experiment, sharding
-    from llama_jax import train as T
-    from llama_jax.config import get_config
+    from llama_jax.model import sharding
+    from llama_jax.model.config import get_config
+    from llama_jax.training import experiment
+    from llama_jax.training import trainer as T
 
     mc = get_config(preset, dtype=dtype, remat_policy=policy, **overrides)
     mc = dataclasses.replace(mc, max_seq_len=max(mc.max_seq_len, seq))
     c = experiment.base_config()
     c.batch_size, c.seq_len, c.loss_chunk_tokens = batch, seq, chunk
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    tx, sched = T.make_optimizer(c, 1000)
+    tx, sched = T.make_tx(c, 1000)
     import flax.linen as nn
 
     abstract = jax.eval_shape(lambda: nn.unbox(T.init_state(mc, tx, 0)))
@@ -88,7 +89,7 @@ def main() -> None:
     )
     p.add_argument("--override", default="", help="ModelConfig fields, e.g. n_layers=2")
     args = p.parse_args()
-    from llama_jax.config import REMAT_POLICIES
+    from llama_jax.model.config import REMAT_POLICIES
 
     overrides = {}
     for item in filter(None, args.override.split(",")):

@@ -36,10 +36,11 @@ import torch
 import transformers
 from shapes import SMALL_50M  # noqa: E402  (bench/)
 
-from llama_jax import convert, sharding
-from llama_jax.config import ModelConfig, get_config
-from llama_jax.model import init_params
-from llama_jax.sampling import Sampler
+from llama_jax import formats
+from llama_jax.inference.sampler import Sampler
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig, get_config
+from llama_jax.model.transformer import init_params
 
 SMALL = ModelConfig(**SMALL_50M, max_seq_len=2048)
 
@@ -72,7 +73,7 @@ def hf_model(config: ModelConfig, params: dict) -> transformers.LlamaForCausalLM
     with torch.device("meta"):  # no random init: the weights come from `params`
         model = transformers.LlamaForCausalLM(hf_cfg)
     state = {}
-    for name, a in convert.params_to_tensors(params, config):
+    for name, a in formats.params_to_tensors(params, config):
         a = np.ascontiguousarray(a)
         t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.itemsize == 2 \
             else torch.from_numpy(a)  # fmt: skip

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_sampling import SMALL, hf_model, random_params  # noqa: E402
 
 from llama_jax import Llama3  # noqa: E402
-from llama_jax.config import get_config  # noqa: E402
+from llama_jax.model.config import get_config  # noqa: E402
 from llama_jax.serve.app import ServeApp  # noqa: E402
 from llama_jax.serve.engine import Engine  # noqa: E402
 from llama_jax.serve.server import ServerThread  # noqa: E402

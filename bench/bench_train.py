@@ -33,7 +33,7 @@ MODELS = {
 
 
 def demo_model():
-    from llama_jax import experiment
+    from llama_jax.training import experiment
 
     c = experiment.load_config(
         os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_tiny.py")
@@ -64,9 +64,10 @@ def jax_step_time(
     import flax.linen as nn
     import jax
 
-    from llama_jax import experiment, sharding
-    from llama_jax import train as T
-    from llama_jax.config import ModelConfig
+    from llama_jax.model import sharding
+    from llama_jax.model.config import ModelConfig
+    from llama_jax.training import experiment
+    from llama_jax.training import trainer as T
 
     c = experiment.base_config()
     mc = ModelConfig(**{**fields, "max_seq_len": max(fields.get("max_seq_len", seq), seq)})
@@ -74,7 +75,7 @@ def jax_step_time(
     if chunk_tokens is not None:
         c.loss_chunk_tokens = chunk_tokens
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    tx, sched = T.make_optimizer(c, 1000)
+    tx, sched = T.make_tx(c, 1000)
     abstract = jax.eval_shape(functools.partial(T.init_state, mc, tx, 0))
     shardings = sharding.logical_to_sharding(abstract, mesh)
     bsh = sharding.batch_sharding(mesh)

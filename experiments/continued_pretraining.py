@@ -15,7 +15,7 @@ Variants: `runlocal` continues a tiny model directory on the Shakespeare corpus 
 (give --config.init_from=DIR of a model with the tiny architecture).
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

@@ -11,7 +11,7 @@ batch 512 sequences (4M tokens per step), 1T tokens = 250k steps. Expected: MaxT
 45% MFU for this model on TPU v6e; plan on 35-45% (~3,500-4,500 tokens/s per H100).
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

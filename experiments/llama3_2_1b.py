@@ -12,7 +12,7 @@ budget for 1.24B parameters is ~25B tokens, so raise num_steps for a fully train
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).
 """
 
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

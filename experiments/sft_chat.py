@@ -24,8 +24,8 @@ Variants:
                   batch 8, 30 steps.
 """
 
-from llama_jax.experiment import model_config_dict
-from llama_jax.finetune import default_config
+from llama_jax.training.experiment import model_config_dict
+from llama_jax.training.finetune import default_config
 
 VARIANTS = ("lora", "full", "8b_lora", "runlocal")
 

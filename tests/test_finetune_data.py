@@ -13,11 +13,11 @@ import tensorflow_datasets as tfds
 import torch
 from hf_reference import make_hf_model
 
-from llama_jax import convert
+from llama_jax import formats
 from llama_jax.data import chat
-from llama_jax.model import Transformer
+from llama_jax.model.transformer import Transformer
 from llama_jax.tokenizer import load_tokenizer
-from llama_jax.train import loss_terms
+from llama_jax.training.trainer import loss_terms
 
 DIALOGS = [
     [
@@ -63,7 +63,7 @@ def hf_model(tmp_path_factory):
         max_pos=256,
         layout=5,
     )
-    config, params = convert.load_hf(path)
+    config, params = formats.load_hf(path)
     return model, config, params
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from test_train import WORDS, assert_trees_equal, corpus, final_state, losses, tiny_config
 
-from llama_jax import checkpoint, cli, experiment
-from llama_jax import train as trainer
+from llama_jax import cli
 from llama_jax.data import make_eval_iterator, make_train_iterator
+from llama_jax.formats import checkpoint
+from llama_jax.training import experiment, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,8 +325,8 @@ def test_disk_full_names_the_cause(corpus, tmp_path):
 
 def test_prompt_over_the_context_names_truncate(tmp_path, capsys):
     from llama_jax import Llama3
-    from llama_jax.config import get_config
-    from llama_jax.model import init_params
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
 
     cfg = get_config("tiny", vocab_size=400, max_seq_len=32)
     from llama_jax.tokenizer.train import train_tokenizer
@@ -414,7 +415,7 @@ def test_killed_token_cache_build_leaves_nothing_behind(tmp_path):
 def test_default_experiment_warms_up_over_5_percent_of_its_steps():
     c = experiment.default_config()
     c.learning_rate = 1e-3
-    _, schedule = trainer.make_optimizer(c, 200)  # 5% of 200: 10 warmup steps
+    _, schedule = trainer.make_tx(c, 200)  # 5% of 200: 10 warmup steps
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)
 
@@ -426,8 +427,8 @@ def test_sampling_never_draws_ids_the_tokenizer_cannot_decode(tmp_path):
     import flax.linen as nn
 
     from llama_jax import Llama3
-    from llama_jax.config import get_config
-    from llama_jax.model import init_params
+    from llama_jax.model.config import get_config
+    from llama_jax.model.transformer import init_params
     from llama_jax.tokenizer.train import train_tokenizer
 
     (tmp_path / "c.txt").write_text(_prose(50))

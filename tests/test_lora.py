@@ -11,9 +11,11 @@ import torch
 import transformers
 from hf_reference import hf_logits, make_hf_model
 
-from llama_jax import convert, lora, peft_format
-from llama_jax.config import get_config
-from llama_jax.model import Transformer, init_params
+from llama_jax import formats
+from llama_jax.formats import peft as peft_format
+from llama_jax.model import lora
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, init_params
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 6.0  # scale 1.5
@@ -47,7 +49,7 @@ TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 24))
 
 
 def _ours(base_dir: str, adapter_dir: str):
-    config, params = convert.load_hf(base_dir)
+    config, params = formats.load_hf(base_dir)
     cfg, adapters = peft_format.load_peft(adapter_dir, config)
     return config, params, cfg, adapters
 
@@ -132,9 +134,9 @@ def _lora_grads(model_overrides, accum=1):
     import jax.numpy as jnp
     import ml_collections
 
-    from llama_jax import train
-    from llama_jax.experiment import base_config
-    from llama_jax.model import unstack_layers
+    from llama_jax.model.transformer import unstack_layers
+    from llama_jax.training import trainer as train
+    from llama_jax.training.experiment import base_config
 
     cfg = dataclasses.replace(TINY, **model_overrides)
     c = base_config()
@@ -142,7 +144,7 @@ def _lora_grads(model_overrides, accum=1):
     c.learning_rate, c.warmup_steps, c.num_steps = 1e-2, 0, 4
     c = ml_collections.ConfigDict(c)
     lcfg = lora.LoraConfig(rank=2, alpha=4.0)
-    tx, schedule = train.make_optimizer(c, 4)
+    tx, schedule = train.make_tx(c, 4)
     # The same base and adapters in every layout: made stacked, unstacked when asked.
     base = nn.unbox(init_params(TINY, jax.random.key(0)))
     adapters = nn.unbox(lora.init_adapters(base, lcfg, jax.random.key(1)))

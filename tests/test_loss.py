@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from llama_jax import loss as loss_lib
-from llama_jax import sharding
-from llama_jax import train as trainer
-from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer, init_params
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import Transformer, init_params
+from llama_jax.training import loss as loss_lib
+from llama_jax.training import trainer
 
 B, T, D, V = 3, 12, 16, 61
 
@@ -137,3 +137,30 @@ def test_chunked_loss_in_bfloat16_is_close_to_float32():
     np.testing.assert_allclose(float(bf16[0]), float(f32[0]), rtol=1e-2)
     g = jax.grad(lambda p: trainer.loss_terms(p, batch, Transformer(cfg), 0.0, 8)[0])(params)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
+
+
+def test_eval_step_chunks_the_loss_like_training():
+    """Validation at a large vocabulary must not build the [B, T, V] float32 logits: the
+    compiled eval step's temporaries with the run's loss_chunk_tokens stay far below the logits'
+    size, which the unchunked step does allocate (the compiler's own numbers)."""
+    cfg = ModelConfig(
+        vocab_size=32768, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=256
+    )
+    b, t = 2, 256
+    logits_bytes = b * t * cfg.vocab_size * 4  # 64 MiB
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    params = nn.unbox(params)
+    batch = {
+        k: jax.ShapeDtypeStruct((b, t), jnp.int32)
+        for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    }
+
+    def temp_bytes(chunk: int) -> int:
+        step = trainer.make_eval_step(cfg, None, chunk)
+        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            compiled = jax.jit(step).lower(params, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full, chunked = temp_bytes(0), temp_bytes(128)
+    assert full >= logits_bytes
+    assert chunked < logits_bytes / 8

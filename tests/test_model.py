@@ -13,9 +13,10 @@ import pytest
 import torch
 from hf_reference import hf_logits, make_hf_model
 
-from llama_jax import Llama3, convert, sharding
-from llama_jax.config import PUBLISHED_SIZES, ModelConfig, get_config
-from llama_jax.model import (
+from llama_jax import Llama3, formats
+from llama_jax.model import sharding
+from llama_jax.model.config import PUBLISHED_SIZES, ModelConfig, get_config
+from llama_jax.model.transformer import (
     Transformer,
     init_cache,
     init_params,
@@ -143,8 +144,8 @@ def test_hf_round_trip_is_bit_identical(tmp_path, dtype):
 
     assert main(["convert", "--input", str(hf_dir), "--output", str(ours)]) == 0
     assert main(["convert", "--input", str(ours), "--output", str(back), "--format", "hf"]) == 0
-    a = convert.SafetensorsFile(str(hf_dir / "model.safetensors"))
-    b = convert.SafetensorsFile(str(back / "model.safetensors"))
+    a = formats.SafetensorsFile(str(hf_dir / "model.safetensors"))
+    b = formats.SafetensorsFile(str(back / "model.safetensors"))
     assert sorted(a.keys()) == sorted(b.keys())
     for name in a.keys():  # noqa: SIM118 - SafetensorsFile is not a dict
         x, y = a.get(name), b.get(name)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from llama_jax import convert, optim
-from llama_jax.config import get_config
-from llama_jax.model import init_params
+from llama_jax import formats
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import init_params
+from llama_jax.training import optim
 
 # ----------------------------------------------------------------------------- schedules
 # lr 1e-3, 100 steps, 10 warmup steps, min_lr_ratio 0.1 (end value 1e-4), WSD decay over the
@@ -109,7 +110,7 @@ def test_adamw_steps_match_torch_with_norms_excluded_from_decay():
         p = jax.tree.map(lambda a, u: a + u, p, updates)
 
     # torch, on the same tensors by Hugging Face name.
-    names = dict(convert.params_to_tensors(params, config))
+    names = dict(formats.params_to_tensors(params, config))
     tp = {n: torch.tensor(np.array(w), requires_grad=True) for n, w in names.items()}
     decay = [t for n, t in tp.items() if "norm" not in n]
     no_decay = [t for n, t in tp.items() if "norm" in n]
@@ -122,7 +123,7 @@ def test_adamw_steps_match_torch_with_norms_excluded_from_decay():
     )
     norms = []
     for i, g in enumerate(grads):
-        for n, w in convert.params_to_tensors(g, config):
+        for n, w in formats.params_to_tensors(g, config):
             tp[n].grad = torch.tensor(np.array(w))
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)))
         for group in opt.param_groups:
@@ -130,7 +131,7 @@ def test_adamw_steps_match_torch_with_norms_excluded_from_decay():
         opt.step()
     assert min(norms) > 1.5  # clipping was active on every step
 
-    got = dict(convert.params_to_tensors(jax.tree.map(np.asarray, p), config))
+    got = dict(formats.params_to_tensors(jax.tree.map(np.asarray, p), config))
     for n, t in tp.items():
         np.testing.assert_allclose(got[n], t.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=n)
     # And the norms moved without decay: a norm scale changed by Adam alone, not shrunk by

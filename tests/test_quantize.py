@@ -12,11 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from llama_jax import quantize as Q
-from llama_jax import sampling, sharding
 from llama_jax.api import Llama3
-from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer, init_params
+from llama_jax.inference import sampler as sampling
+from llama_jax.model import quantize as Q
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import Transformer, init_params
 
 VOCAB = 64
 

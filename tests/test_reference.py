@@ -11,11 +11,11 @@ import transformers
 from hf_reference import hf_logits, make_hf_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llama_jax import Llama3, convert
-from llama_jax import train as trainer
-from llama_jax.config import get_config
-from llama_jax.experiment import base_config
-from llama_jax.model import Transformer, rope_inv_freq
+from llama_jax import Llama3, formats
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, rope_inv_freq
+from llama_jax.training import trainer
+from llama_jax.training.experiment import base_config
 
 # ----------------------------------------------------------------------------- RoPE
 # Published rope settings (Meta's reference `apply_scaling` / the Hub's config.json files).
@@ -148,7 +148,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
         if z_loss:
             assert float(total) - float(nll) > 1.0
         want = {name: p.grad.numpy() for name, p in hf.named_parameters()}
-        got = dict(convert.params_to_tensors(jax.tree.map(np.asarray, grads), config))
+        got = dict(formats.params_to_tensors(jax.tree.map(np.asarray, grads), config))
         assert sorted(got) == sorted(want)
         for name in want:
             scale = np.abs(want[name]).max()
@@ -166,7 +166,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
     # The trainer's step reports the same loss and gradient norm (before clipping).
     c = base_config()
     c.z_loss, c.grad_accum_steps, c.debug_nan_step = 0.1, 1, -1
-    tx, schedule = trainer.make_optimizer(c, 10)
+    tx, schedule = trainer.make_tx(c, 10)
     step = jax.jit(trainer.make_train_step(config, tx, schedule, c))
     state = {
         "params": params,

@@ -17,11 +17,14 @@ import pytest
 import torch
 from hf_reference import make_hf_model
 
-from llama_jax import Llama3, decode_layout, sampling, sharding
-from llama_jax.config import get_config
-from llama_jax.model import Transformer, init_params
-from llama_jax.sampling import SamplingParams, sample_tokens
-from llama_jax.text_stream import TextStream
+from llama_jax import Llama3
+from llama_jax.inference import decode_layout
+from llama_jax.inference import sampler as sampling
+from llama_jax.inference.sampler import SamplingParams, sample_tokens
+from llama_jax.inference.text_stream import TextStream
+from llama_jax.model import sharding
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import Transformer, init_params
 from llama_jax.tokenizer import load_tokenizer
 
 

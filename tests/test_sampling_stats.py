@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from llama_jax import sampling
-from llama_jax.sampling import SamplingParams, sample_tokens
+from llama_jax.inference import sampler as sampling
+from llama_jax.inference.sampler import SamplingParams, sample_tokens
 
 # Distinct logits (no ties, so every filter's allowed set is unambiguous) spanning a range
 # where each allowed token is expected at least ~50 times in N draws.

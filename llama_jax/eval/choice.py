@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llama_jax.eval.requests import Metric, encode_pair, mean_stderr
-from llama_jax.eval.scoring import Scorer
+from llama_jax.inference.scoring import Scorer
 
 
 @dataclasses.dataclass(frozen=True)

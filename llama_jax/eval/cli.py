@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 
+from llama_jax.eval import runner
+from llama_jax.eval import tasks as builtin
+from llama_jax.formats import is_run_dir
+from llama_jax.inference.loaded import LoadedModel
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
@@ -31,14 +36,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cache_dir", default=None, help="where task archives are kept")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    from llama_jax.eval import tasks as builtin
 
     if args.list:
         print(builtin.describe())
         return 0
     if not args.model_path or not args.tasks:
         p.error("--model_path and --tasks are required (or --list)")
-    from llama_jax.eval import runner
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -54,9 +57,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
         # before loading the model
         runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
-        from llama_jax.api import Llama3
-
-        model = Llama3.from_pretrained(args.model_path, dtype=args.dtype)
+        model = LoadedModel.from_pretrained(args.model_path, dtype=args.dtype)
         metrics, truncated = runner.evaluate(
             model,
             names,
@@ -89,8 +90,6 @@ def main(argv: list[str]) -> int:
     if args.output:
         runner.write_json(args.output, metrics, config)
         print(f"wrote {args.output}")
-    from llama_jax.convert import is_run_dir
-
     if is_run_dir(args.model_path):
         step = runner.log_to_run_dir(args.model_path, metrics)
         print(f"logged to {args.model_path}/metrics.jsonl and TensorBoard at step {step}")

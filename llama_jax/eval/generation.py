@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from llama_jax.eval.requests import Metric, mean_stderr
-from llama_jax.sampling import SamplingParams
-from llama_jax.text_stream import generate_text
+from llama_jax.inference.sampler import SamplingParams
+from llama_jax.inference.text_stream import generate_text
 
 
 def generate_until(

@@ -39,9 +39,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "llama_jax.eval.harness needs lm-evaluation-harness: pip install llama_jax[eval]"
     ) from e
 
-from llama_jax import sharding
-from llama_jax.eval.scoring import rolling_windows
-from llama_jax.sampling import Generation, SamplingParams
+from llama_jax.inference.loaded import LoadedModel
+from llama_jax.inference.sampler import Generation, SamplingParams
+from llama_jax.inference.scoring import rolling_windows
+from llama_jax.model import sharding
 from llama_jax.tokenizer.chat import END_OF_TURN
 
 log = logging.getLogger("llama_jax.eval")
@@ -100,7 +101,7 @@ def generation_stop_ids(model_path: str | None, tokenizer: Any) -> tuple[int, ..
 
 @register_model("llama_jax")
 class LlamaJaxLM(TemplateLM):
-    """lm-eval model over a `Llama3` (see the module docstring for model_args)."""
+    """lm-eval model over a `LoadedModel` (see the module docstring for model_args)."""
 
     def __init__(
         self,
@@ -118,8 +119,6 @@ class LlamaJaxLM(TemplateLM):
         **unused: Any,
     ):
         super().__init__()
-        from llama_jax.api import Llama3
-
         if model is None:
             if not pretrained:
                 raise ValueError("model_args needs pretrained=PATH (a model directory)")
@@ -129,7 +128,7 @@ class LlamaJaxLM(TemplateLM):
                 mesh = sharding.make_mesh(shape, devices)
             else:
                 mesh = sharding.make_mesh((1, 1, 1), devices[:1])
-            model = Llama3.from_pretrained(pretrained, dtype=dtype, mesh=mesh)
+            model = LoadedModel.from_pretrained(pretrained, dtype=dtype, mesh=mesh)
         self.llama = model
         self.tokenizer_obj = model.tokenizer
         rows = 64

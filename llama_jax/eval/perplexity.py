@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from llama_jax.eval.requests import Metric
-from llama_jax.eval.scoring import Scorer, rolling_windows
+from llama_jax.inference.scoring import Scorer, rolling_windows
 
 
 def count_words(doc: str) -> int:

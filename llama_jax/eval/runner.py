@@ -15,9 +15,12 @@ import difflib
 import json
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import yaml
 
 from llama_jax.eval import tasks as builtin
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice
@@ -25,6 +28,10 @@ from llama_jax.eval.fewshot import choose_examples, fewshot_prompt
 from llama_jax.eval.generation import generate_until, qa_metrics, translation_metrics
 from llama_jax.eval.perplexity import evaluate_perplexity
 from llama_jax.eval.requests import Metric
+from llama_jax.formats.checkpoint import committed_steps
+from llama_jax.inference.sampler import Sampler
+from llama_jax.inference.scoring import Scorer
+from llama_jax.training.metrics import MetricsWriter
 
 LM_EVAL_EXTRA = "pip install llama_jax[eval]"
 
@@ -89,8 +96,6 @@ class Evaluator:
     @property
     def scorer(self) -> Any:
         if self._scorer is None:
-            from llama_jax.eval.scoring import Scorer
-
             self._scorer = Scorer(
                 self.config, self.params, self.mesh, max_batch_size=self.batch_size
             )
@@ -99,8 +104,6 @@ class Evaluator:
     @property
     def sampler(self) -> Any:
         if self._sampler is None:
-            from llama_jax.sampling import Sampler
-
             self._sampler = Sampler(self.config, self.params, self.mesh)
         return self._sampler
 
@@ -290,8 +293,6 @@ def _files_without_task(include_path: str | None) -> list[str]:
     missing `task:` key), which lm-eval skips without a word."""
     if not include_path:
         return []
-    import yaml
-
     out = []
     for root, _, files in os.walk(include_path):
         for f in sorted(files):
@@ -307,15 +308,11 @@ def _files_without_task(include_path: str | None) -> list[str]:
     return out
 
 
-try:
-    import yaml as _yaml
+class _AnyTagLoader(yaml.SafeLoader):
+    """Safe YAML that reads lm-eval's `!function` tags as plain values."""
 
-    class _AnyTagLoader(_yaml.SafeLoader):
-        """Safe YAML that reads lm-eval's `!function` tags as plain values."""
 
-    _AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-except ImportError:  # pragma: no cover - PyYAML comes with lm-eval
-    pass
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def run_lm_eval(
@@ -333,6 +330,7 @@ def run_lm_eval(
     lm-eval's own output. `chat` renders prompts in the Llama 3 chat format, few-shot examples
     as turns (lm-eval's apply_chat_template + fewshot_as_multiturn); `seed` picks the
     few-shot examples (lm-eval's fewshot_random_seed); other keywords go to simple_evaluate."""
+    # deferred: lm-eval is an extra (and the harness module needs it)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -386,8 +384,6 @@ def run_lm_eval(
 def _quiet_git_hash():
     """lm-eval records `git describe` of the working directory and lets git print "fatal: not
     a git repository" outside one; the same value, without that line on the terminal."""
-    import subprocess
-
     import lm_eval.evaluator as evaluator
 
     original = evaluator.get_git_commit_hash
@@ -449,9 +445,6 @@ def to_lm_eval_json(metrics: Sequence[Metric], config: dict[str, Any]) -> dict[s
 def log_to_run_dir(run_dir: str, metrics: Sequence[Metric], step: int | None = None) -> int:
     """Appends `eval/<task>/<metric>` to metrics.jsonl and TensorBoard at `step` (default:
     the newest committed checkpoint); returns the step."""
-    from llama_jax.checkpoint import committed_steps
-    from llama_jax.metrics import MetricsWriter
-
     if step is None:
         steps = committed_steps(os.path.join(run_dir, "checkpoints"))
         step = steps[-1] if steps else 0
@@ -515,9 +508,14 @@ class TrainerEval:
     change); generation tasks make a fresh `Sampler` for the new params.
     """
 
+    @staticmethod
+    def check_names(names: str | Sequence[str]) -> list[str]:
+        """The task names of `eval_tasks`; ValueError naming the valid ones if one is unknown."""
+        return task_names(names)
+
     def __init__(
         self,
-        names: Sequence[str],
+        names: str | Sequence[str],
         config: Any,
         mesh: Any,
         tokenizer: Any,
@@ -525,7 +523,7 @@ class TrainerEval:
         batch_size: int = 16,
         cache: str | None = None,
     ):
-        self.names, self.limit, self.cache = list(names), limit or None, cache
+        self.names, self.limit, self.cache = task_names(names), limit or None, cache
         self._ev = Evaluator(config, None, mesh, tokenizer, batch_size=batch_size)
 
     def __call__(self, params: Any) -> dict[str, float]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.sampling import Sampler, bucket
+from llama_jax.inference.sampler import Sampler, bucket
 from llama_jax.serve.requests import (
     TOP_LOGPROBS,
     EngineClosed,

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference.sampler import SamplingParams
 
 MAX_REQUEST_BYTES = 1 << 21  # 2 MiB of JSON
 MAX_STOP = 16  # stop strings per request

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llama_jax.sampling import SamplingParams
+from llama_jax.inference.sampler import SamplingParams
 
 log = logging.getLogger("llama_jax.serve.engine")
 

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from starlette.responses import Response
 
+from llama_jax.inference.text_stream import TextStream
 from llama_jax.serve.protocol import ServeError, bad
 from llama_jax.serve.requests import (
     EngineClosed,
@@ -28,7 +29,6 @@ from llama_jax.serve.requests import (
     Request,
     Token,
 )
-from llama_jax.text_stream import TextStream
 
 
 # ----------------------------------------------------------------------------- choices

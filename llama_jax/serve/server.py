@@ -10,6 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
+from llama_jax.inference.loaded import LoadedModel
 from llama_jax.serve.app import ServeApp
 from llama_jax.serve.engine import Engine
 
@@ -67,8 +70,6 @@ def check_port(host: str, port: int) -> None:
 def _persistent_compile_cache() -> str:
     """Keeps XLA's compiled code on disk ($JAX_COMPILATION_CACHE_DIR, else
     ~/.cache/llama_jax/xla), so a restart loads the warm-up's shapes instead of compiling."""
-    import jax
-
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "llama_jax", "xla"
     )
@@ -91,12 +92,10 @@ def serve(
     """Loads `model_path`, compiles every shape, and serves until interrupted."""
     import uvicorn
 
-    from llama_jax.api import Llama3
-
     check_port(host, port)  # before minutes of loading and compiling
     cache_dir = _persistent_compile_cache()
 
-    model = Llama3.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
+    model = LoadedModel.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
     tokenizer = model.tokenizer
     engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
     name = model_name or os.path.basename(os.path.normpath(model_path))

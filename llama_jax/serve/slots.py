@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import sharding
-from llama_jax.model import cache_logical_axes
-from llama_jax.sampling import Sampler, bucket, sample_tokens
+from llama_jax.inference.sampler import Sampler, bucket, sample_tokens
+from llama_jax.model import sharding
+from llama_jax.model.transformer import cache_logical_axes
 from llama_jax.serve.requests import STOP_SLOTS, TOP_LOGPROBS, PromptLogprobs
 
 IDLE, TOKEN, LAST, STOP = 0, 1, 2, 3  # per-row status of a step

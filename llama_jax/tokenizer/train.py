@@ -14,6 +14,9 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from llama_jax.tokenizer.chat import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -95,8 +98,6 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
 def _sentences(files: list[Path], show_progress: bool) -> Iterator[str]:
     """Non-empty lines of the files, cut to MAX_LINE_CHARS, with a progress bar over bytes."""
-    from tqdm import tqdm
-
     total = sum(f.stat().st_size for f in files)
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="reading text", disable=not show_progress
@@ -135,8 +136,6 @@ def _seeded_sample(files: list[Path], size: int, seed: int, show_progress: bool)
     if count <= size:
         yield from _sentences(files, show_progress)
         return
-    import numpy as np
-
     chosen = np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
     k = 0
     for i, sentence in enumerate(_sentences(files, show_progress)):

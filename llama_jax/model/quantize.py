@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import einsum_dense
+from llama_jax.model.transformer import einsum_dense
 
 Array = jax.Array
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from llama_jax.model import einsum_dense
+from llama_jax.model.transformer import einsum_dense
 
 Array = jax.Array
 

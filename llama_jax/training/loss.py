@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 
 Array = jax.Array
 

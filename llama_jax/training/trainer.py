@@ -33,13 +33,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from llama_jax import checkpoint, experiment, finetune, lora, metrics, optim, sharding
-from llama_jax import loss as loss_lib
-from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer, init_params
-from llama_jax.train_data import TXT_MODES, data_splits, get_tokenizer, make_data  # noqa: F401
+from llama_jax.formats import checkpoint, finetune_run
+from llama_jax.formats.load import load_any
+from llama_jax.model import lora, sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import Transformer, init_params
+from llama_jax.training import experiment, finetune, metrics, optim
+from llama_jax.training import loss as loss_lib
+from llama_jax.training.data import TXT_MODES, data_splits, get_tokenizer, make_data  # noqa: F401
 
-log = logging.getLogger("llama_jax.train")
+log = logging.getLogger("llama_jax.training.trainer")
 
 NAN_POLICIES = ("abort", "skip")
 
@@ -92,7 +95,9 @@ def make_run_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 # ============================================================================ 2. checks
-def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+def check_config(
+    c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, task_eval: Any = None
+) -> None:
     """Everything a user can get wrong, before any expensive work."""
     sharding.check_model_fits_mesh(model_cfg, mesh)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
@@ -105,9 +110,12 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
     if c.get("eval_tasks"):
-        from llama_jax.eval.runner import task_names
-
-        task_names(c.eval_tasks)  # ValueError naming the valid built-in tasks
+        if task_eval is None:
+            raise ValueError(
+                f"eval_tasks={c.eval_tasks!r} needs a task evaluator: run the experiment with "
+                "`llama3 train` (or pass task_eval=llama_jax.eval.runner.TrainerEval to train)"
+            )
+        task_eval.check_names(c.eval_tasks)  # ValueError naming the valid built-in tasks
     if c.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={c.nan_policy!r}; valid: {NAN_POLICIES}")
     if c.schedule not in optim.SCHEDULES:
@@ -130,7 +138,10 @@ def check_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> 
 
 
 # ============================================================================ 5. state + step
-def make_optimizer(c: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_tx(
+    c: ml_collections.ConfigDict, num_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The experiment's optimizer (optim.make_optimizer) and its learning-rate schedule."""
     # warmup_steps = -1: 5% of the steps (the default experiment's, whose length is in epochs)
     warmup = c.warmup_steps if c.warmup_steps >= 0 else max(1, round(0.05 * num_steps))
     schedule = optim.make_schedule(
@@ -275,45 +286,60 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_eval_step(model_cfg: ModelConfig, lora_cfg=None):
+def make_eval_step(model_cfg: ModelConfig, lora_cfg=None, chunk_tokens: int = 0):
+    """eval_step(params, batch, base=None) -> (summed NLL, token count) of one batch.
+
+    `chunk_tokens` is the training step's `loss_chunk_tokens`: validation computes the loss in
+    the same chunks, so it never builds the [B, T, V] float32 logits training avoids (at a 128k
+    vocabulary, the largest buffer of the run).
+    """
     model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
 
     def eval_step(params, batch, base=None):
         full = params if lora_cfg is None else lora.combine(base, params, lora_cfg)
-        nll, _, n = loss_terms(full, batch, model, 0.0)
+        nll, _, n = loss_terms(full, batch, model, 0.0, chunk_tokens)
         return nll, n
 
     return eval_step
 
 
 # ============================================================================ the trainer
-def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Runs the experiment `c`; returns the final metrics (validation loss among them)."""
+def train(c: ml_collections.ConfigDict, task_eval: Any = None) -> dict[str, Any]:
+    """Runs the experiment `c`; returns the final metrics (validation loss among them).
+
+    Args:
+      c: the experiment config (training/experiment.py's schema).
+      task_eval: what evaluates `c.eval_tasks` on the live params: a class with a static
+        `check_names(names)` (raises on unknown tasks, before anything is written) and a
+        constructor `(names, model_cfg, mesh, tokenizer, limit=...)` returning a callable
+        `params -> {metric: value}`. `llama3 train` passes `eval.runner.TrainerEval`; the
+        trainer itself knows nothing of evaluation (a lower layer than eval).
+    """
     metrics.setup_logging()
     c = ml_collections.ConfigDict(c)
     experiment.check_ranges(c)
     # SIGTERM from here on saves and exits 0, the same before the loop as in it.
     stop = _StopSignal()
     try:
-        return _train(c, stop)
+        return _train(c, stop, task_eval)
     finally:
         stop.restore()
 
 
-def _train(c: ml_collections.ConfigDict, stop: _StopSignal) -> dict[str, Any]:
+def _train(c: ml_collections.ConfigDict, stop: _StopSignal, task_eval: Any) -> dict[str, Any]:
     init_distributed(c)
     mesh = make_run_mesh(c)
     model_cfg = experiment.model_config(c)
-    check_config(c, model_cfg, mesh)
+    check_config(c, model_cfg, mesh, task_eval)
     is_main = jax.process_index() == 0
     rules = sharding.LOGICAL_RULES
     os.makedirs(c.run_dir, exist_ok=True)  # every check has passed: the first write
     name = "train.log" if is_main else f"train.{jax.process_index()}.log"
     with metrics.log_to_file(os.path.join(c.run_dir, name)):
-        return _run(c, stop, mesh, model_cfg, is_main, rules)
+        return _run(c, stop, mesh, model_cfg, is_main, rules, task_eval)
 
 
-def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[str, Any]:
+def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval) -> dict[str, Any]:
     lora_cfg = finetune.lora_config(c)  # None: every param is trained
 
     # ------------------------------------------------------------------ 3-4. tokenizer, data
@@ -332,12 +358,12 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
         base_params, record = _read_base(c.init_from, model_cfg)
         finetune.check_resume(c.run_dir, record)
         if is_main:
-            finetune.write_record(c.run_dir, record, lora_cfg)
+            finetune_run.write_record(c.run_dir, record, lora_cfg)
     if is_main:
         _write_run_files(c, model_cfg, tokenizer)
 
     # ------------------------------------------------------------------ 5. state and step
-    tx, schedule = make_optimizer(c, num_steps)
+    tx, schedule = make_tx(c, num_steps)
     abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed, lora_cfg))
     state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -355,7 +381,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model_cfg, lora_cfg),
+        make_eval_step(model_cfg, lora_cfg, c.get("loss_chunk_tokens", 0)),
         in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
         out_shardings=sharding.replicated(mesh),
     )
@@ -427,10 +453,8 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
 
     builtin_eval = None
     if c.get("eval_tasks"):
-        from llama_jax.eval.runner import TrainerEval, task_names
-
-        builtin_eval = TrainerEval(
-            task_names(c.eval_tasks), model_cfg, mesh, tokenizer, limit=c.get("eval_limit", 0)
+        builtin_eval = task_eval(
+            c.eval_tasks, model_cfg, mesh, tokenizer, limit=c.get("eval_limit", 0)
         )
 
     def run_eval(at_step: int) -> dict[str, float]:
@@ -547,13 +571,11 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules) -> dict[st
 # ============================================================================ helpers
 def _read_base(path: str, model_cfg: ModelConfig) -> tuple[Any, dict]:
     """(numpy params, finetune record) of the init_from model, checked against model_cfg."""
-    from llama_jax.convert import load_any
-
     src_cfg, params = load_any(path)
     diff = src_cfg.architecture_diff(model_cfg)
     if diff:
         raise ValueError(f"init_from={path} is a different architecture (there, here): {diff}")
-    return params, finetune.base_record(path, src_cfg, params)
+    return params, finetune_run.base_record(path, src_cfg, params)
 
 
 def _place_init_params(params: Any, model_cfg: ModelConfig, state_shardings) -> Any:

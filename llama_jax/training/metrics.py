@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 
 def measure_peak_flops(seconds: float = 1.0, n: int = 2048) -> float:
@@ -79,8 +80,6 @@ class MetricsWriter:
 def progress_bar(c, start: int, total: int):
     if not c.progress:
         return None
-    from tqdm import tqdm
-
     return tqdm(
         total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
@@ -91,7 +90,7 @@ class ConsoleHandler(logging.Handler):
     lands inside the progress bar's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name == "llama_jax.train"
+        return record.levelno >= logging.WARNING or record.name == "llama_jax.training.trainer"
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -33,9 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.config import ModelConfig
-from llama_jax.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
+from llama_jax.inference.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
     TIED_HEAD,
     _to_model_layout,
     decode_compiler_options,
@@ -44,15 +42,7 @@ from llama_jax.decode_layout import (  # noqa: F401  (TIED_HEAD re-exported)
     quantize_decode_params,
     tied_head,
 )
-from llama_jax.model import (
-    Transformer,
-    cache_logical_axes,
-    einsum_dense,
-    init_cache,
-    init_params,
-)
-from llama_jax.quantize import as_qweights, check_quantize, int8_dense
-from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
+from llama_jax.inference.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
     MIN_BUCKET,
     SamplingParams,
     _step_keys,
@@ -60,6 +50,16 @@ from llama_jax.sampling_params import (  # noqa: F401  (re-exported: sampling.X 
     bucket,
     length_bucket,
     sample_tokens,
+)
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.quantize import as_qweights, check_quantize, int8_dense
+from llama_jax.model.transformer import (
+    Transformer,
+    cache_logical_axes,
+    einsum_dense,
+    init_cache,
+    init_params,
 )
 
 Array = jax.Array

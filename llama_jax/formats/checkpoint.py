@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-log = logging.getLogger("llama_jax.checkpoint")
+from llama_jax.model.config import ModelConfig
+
+log = logging.getLogger("llama_jax.formats.checkpoint")
 
 PARAMS_DIR = "params"
 
@@ -383,8 +385,6 @@ def check_run_dir(run_dir: str, model_cfg) -> None:
     """The run directory must be writable and, if it holds a model or checkpoints already, of
     the same model: its checkpoints' own stored config is what is read, so a missing or
     edited config.json cannot hide another model. Writes nothing."""
-    from llama_jax.config import ModelConfig
-
     parent = os.path.abspath(run_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 
 Array = jax.Array
 Cache = Any  # {"k": [L, B, K, S, H], "v": ...} when scanned; tuple of per-layer dicts otherwise

@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.config import DTYPES, ModelConfig
-from llama_jax.model import (
+from llama_jax.model import sharding
+from llama_jax.model.config import DTYPES, ModelConfig
+from llama_jax.model.quantize import PROJECTIONS, QWeight, quantize_params, quantize_weight
+from llama_jax.model.transformer import (
     init_params,
     unstack_layers,
 )
-from llama_jax.quantize import PROJECTIONS, QWeight, quantize_params, quantize_weight
 
 Array = jax.Array
 

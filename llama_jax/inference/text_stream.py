@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from llama_jax.sampling import Generation, Sampler, SamplingParams
+from llama_jax.inference.sampler import Generation, Sampler, SamplingParams
 
 Array = jax.Array
 

@@ -10,27 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import jax
 import ml_collections
 
-from llama_jax.config import ModelConfig
+from llama_jax.data import make_eval_iterator, make_train_iterator, open_source, parse_data_path
+from llama_jax.model.config import ModelConfig
+from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer.train import train_tokenizer
 
-log = logging.getLogger("llama_jax.train")
+log = logging.getLogger("llama_jax.training.trainer")
 
 
 # ============================================================================ 3. tokenizer
 def get_tokenizer(c: ml_collections.ConfigDict):
     """Loads tokenizer_path, or trains a SentencePiece model on the training split once."""
-    from llama_jax.tokenizer import load_tokenizer
-
     if c.tokenizer_path:
         return load_tokenizer(c.tokenizer_path)
     tok_dir = os.path.join(c.run_dir, "tokenizer")
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
         return load_tokenizer(tok_dir)
-    from llama_jax.data import open_source
-
     corpus = os.path.join(c.run_dir, "tokenizer_corpus.txt")
     if jax.process_index() == 0:
         train_split, _ = data_splits(c)
@@ -66,10 +66,6 @@ def get_tokenizer(c: ml_collections.ConfigDict):
 def _train_tokenizer(corpus: str, vocab_size: int, out_dir: str, seed: int) -> None:
     """SentencePiece on the corpus, quietly; a corpus too small for vocab_size gets the
     largest vocabulary SentencePiece says it supports (logged)."""
-    import re
-
-    from llama_jax.tokenizer.train import train_tokenizer
-
     try:
         train_tokenizer(corpus, vocab_size, out_dir, seed=seed, show_progress=False)
     except ValueError as e:
@@ -106,8 +102,6 @@ def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
     local data_path with no validation given holds out its last `valid_fraction` of documents
     (of tokens, when it is a single document); 0 means no validation.
     """
-    from llama_jax.data import parse_data_path
-
     local = lambda p: parse_data_path(p).scheme == "files"
     if c.valid_data_path:
         return c.train_split, ("train" if local(c.valid_data_path) else c.valid_split)
@@ -139,8 +133,6 @@ def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelCon
             truncation=c.truncation,
         )
         return train_it, eval_it
-    from llama_jax.data import make_eval_iterator, make_train_iterator
-
     train_split, valid_split = data_splits(c)
     if valid_split and not c.valid_data_path and valid_split != c.valid_split:
         log.info(

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from llama_jax.config import ModelConfig, get_config
+from llama_jax.model.config import ModelConfig, get_config
 
 # The flags users of the original `llama3` tool know, mapped to config keys.
 LEGACY_FLAGS = {
@@ -31,6 +31,19 @@ LEGACY_FLAGS = {
     "learning_rate": "learning_rate",
     "num_epochs": "num_epochs",
 }
+
+
+def add_config_keys(c: ml_collections.ConfigDict) -> None:
+    """The fine-tuning keys of the experiment schema (see base_config)."""
+    c.data_format = "text"  # text (pretraining documents) | chat (data/chat.py rows)
+    c.train_on = "assistant"  # chat: assistant | last | all
+    c.truncation = "right"  # chat: right | drop, for dialogs longer than seq_len
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0: full fine-tune (or pretraining); > 0: train adapters only
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = "all"  # "all" or a comma list of wq,wk,wv,wo,w_gate,w_up,w_down
+    c.base_dtype = ""  # LoRA: dtype the frozen base is kept in ("" = model.param_dtype)
 
 
 def model_config_dict(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -117,9 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug_nan_step = -1
     c.debug_stop_after = -1
 
-    # fine-tuning (llama_jax.finetune): data format, chat masking, LoRA
-    from llama_jax.finetune import add_config_keys
-
+    # fine-tuning (llama_jax.training.finetune): data format, chat masking, LoRA
     add_config_keys(c)
     return c
 

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import sharding
-from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer, init_cache
-from llama_jax.sampling import batch_bucket, length_bucket
+from llama_jax.inference.sampler import batch_bucket, length_bucket
+from llama_jax.model import sharding
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import Transformer, init_cache
 
 MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
 MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
@@ -166,7 +166,7 @@ class Scorer:
         _, cache = self._model.apply(
             {"params": params}, prefix, positions, cache=cache, logits_at=jnp.zeros((p, 1), int)
         )
-        # Scanned caches are [L, B, S, K, H], per-layer ones [B, S, K, H].
+        # Scanned caches are [L, B, K, S, H], per-layer ones [B, K, S, H] (model.init_cache).
         cache = jax.tree.map(lambda c: jnp.take(c, owner, axis=c.ndim - 4), cache)
         spos = start[:, None] + jnp.arange(ts)[None, :]
         # Slots from a context's padding are overwritten by the suffix before it attends.

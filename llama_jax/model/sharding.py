@@ -17,9 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -129,8 +130,6 @@ def to_host(a: jax.Array) -> np.ndarray:
     process gets it all, so every process can take the same next step)."""
     if a.is_fully_addressable:
         return np.asarray(a)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 

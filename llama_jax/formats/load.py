@@ -1,0 +1,135 @@
+"""One entry point for every model format: `load_any` tells a path's format from what it holds."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from llama_jax.formats import finetune_run, peft
+from llama_jax.formats.checkpoint import PARAMS_DIR, LazyParams
+from llama_jax.formats.directory import (
+    copy_tokenizer,
+    is_llama_jax_dir,
+    is_run_dir,
+    load_llama_jax,
+    save_llama_jax,
+)
+from llama_jax.formats.hf import (
+    HF_EXTRA_FILES,
+    is_hf_dir,
+    load_hf,
+    read_hf_config,
+    save_hf,
+    with_param_dtype,
+)
+from llama_jax.formats.meta import is_meta_dir, load_meta
+from llama_jax.model import lora as lora_lib
+from llama_jax.model.config import ModelConfig
+
+
+def load_any(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
+    """(config, numpy params) from a llama_jax, Hugging Face or Meta directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    if finetune_run.is_lora_run(path):  # its checkpoints hold adapters: merge them into the base
+        return load_lora_run(path, dtype)
+    if is_llama_jax_dir(path) or is_run_dir(path):
+        config, params = load_llama_jax(path)
+        if dtype is not None:
+            params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+        return config, params
+    if is_hf_dir(path):
+        return load_hf(path, dtype)
+    if is_meta_dir(path):
+        return load_meta(path, dtype)
+    raise ValueError(
+        f"{path} is not a model directory: expected a llama_jax directory (config.json with "
+        "format llama_jax.ModelConfig + params/), a training run directory with a committed "
+        "checkpoint, a Hugging Face directory (config.json + "
+        "model.safetensors[.index.json]) or a Meta directory (params.json + consolidated.*.pth)"
+    )
+
+
+def convert(input_dir: str, output_dir: str, fmt: str = "llama_jax", dtype: str | None = None):
+    """`llama3 convert`: any supported directory -> llama_jax or Hugging Face format, or a LoRA
+    run's adapters alone in PEFT's format ("peft")."""
+    if fmt not in ("llama_jax", "hf", "peft"):
+        raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft'")
+    if fmt == "peft":
+        return finetune_run.export_peft(input_dir, output_dir)
+    np_dtype = None
+    if dtype is not None:
+        valid = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+        if dtype not in valid:
+            raise ValueError(f"--dtype {dtype!r}; valid: {sorted(valid)}")
+        np_dtype = valid[dtype]
+    if fmt == "hf" and np_dtype is None and is_llama_jax_dir(input_dir):
+        # Stream leaf by leaf out of the orbax checkpoint.
+        with open(os.path.join(input_dir, "config.json")) as f:
+            config = ModelConfig.from_dict(json.load(f))
+        save_hf(LazyParams(os.path.join(input_dir, PARAMS_DIR)), config, output_dir)
+        copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+        return config
+    config, params = load_any(input_dir, np_dtype)
+    config = with_param_dtype(config, params)
+    if fmt == "llama_jax":
+        save_llama_jax(params, config, output_dir, tokenizer_src=input_dir)
+    else:
+        save_hf(params, config, output_dir)
+        copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+    return config
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of anything `Llama3.from_pretrained` reads, without reading weights."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from={path!r} does not exist")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_from={path!r} is not a model directory")
+    if is_llama_jax_dir(path) or is_run_dir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return ModelConfig.from_dict(json.load(f))
+    if is_hf_dir(path):
+        return read_hf_config(path)
+    if is_meta_dir(path):
+        with open(os.path.join(path, "params.json")) as f:
+            return ModelConfig.from_meta(json.load(f))
+    load_any(path)  # raises the error that lists the accepted layouts
+    raise AssertionError("unreachable")
+
+
+def load_lora_run(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
+    """(config, merged numpy params) of a LoRA run: its recorded base + its newest adapters."""
+    record = finetune_run.read_record(path)
+    base_path = record["base"]["path"]
+    if os.path.realpath(base_path) == os.path.realpath(path):
+        raise ValueError(f"{path}/{finetune_run.FINETUNE_FILE} names the run itself as its base")
+    if not os.path.isdir(base_path):
+        raise FileNotFoundError(
+            f"{path} is a LoRA run of the base {base_path}, which no longer exists; load the "
+            f"base with Llama3.from_pretrained(BASE, adapter={path!r})"
+        )
+    config, params = load_any(base_path)
+    return config, finetune_run.merge_run(path, record, config, params, dtype)
+
+
+def apply_adapter(config: ModelConfig, params: Any, adapter: str) -> dict:
+    """Base params with a PEFT adapter directory or a llama_jax LoRA run merged in."""
+    if not os.path.isdir(adapter):
+        raise FileNotFoundError(f"adapter={adapter!r} is not a directory")
+    if peft.is_peft_dir(adapter):
+        lora, adapters = peft.load_peft(adapter, config)
+        return lora_lib.merge(params, adapters, lora.scale)
+    if finetune_run.is_lora_run(adapter):
+        return finetune_run.merge_run(
+            adapter, finetune_run.read_record(adapter), config, params, None
+        )
+    raise ValueError(
+        f"adapter={adapter!r} is neither a PEFT LoRA directory (adapter_config.json + "
+        "adapter_model.safetensors) nor a llama_jax LoRA run (finetune.json with lora)"
+    )

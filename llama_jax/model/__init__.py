@@ -1,0 +1,8 @@
+"""The model: architecture config and presets, the transformer, sharding rules, LoRA, int8.
+
+config       ModelConfig (frozen, hashable), presets, HF / Meta config readers, FLOP counts
+transformer  the Llama 3 transformer, read top to bottom like the paper
+sharding     the one logical-axis -> mesh-axis rules table, meshes, sharded init
+lora         LoRA adapters in the params tree and the projection hook
+quantize     int8 weight-only quantisation and its projection hook
+"""
