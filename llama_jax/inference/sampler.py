@@ -7,8 +7,9 @@ Bottom up:
                          16-bit weights, projections as matrix-vector-friendly chunks.
   Sampler                owns the decode params and the jitted functions: `prefill`,
                          `decode_step` (donates the cache), and the generation loop: `_start`
-                         (prefill + first token) and `_run` (a `lax.while_loop` over decode
-                         steps that exits once every row has stopped). Batch and cache lengths
+                         (prefill + first token) and `_run` (a `lax.while_loop` that exits
+                         once every row has stopped; each iteration makes `decode_chunk`
+                         steps in a fixed-trip `lax.scan`). Batch and cache lengths
                          are bucketed to powers of two, prompts to 2^k or 3 * 2^(k-1), so new
                          prompt lengths reuse compiled code and a generation never compiles
                          per token.
@@ -81,7 +82,8 @@ class Sampler:
       config: the decode config (unrolled layers unless `unroll=False`).
       params: the decode params (see `prepare_decode_params`), sharded over `mesh`.
       layout: "standard" or "matvec".
-      decode_chunk: decode steps per iteration of the generation loop.
+      decode_chunk: decode steps per iteration of the generation loop (may be changed between
+        calls: each value compiles its own loop).
       trace_counts: how often each jitted function was traced (= compiled); for tests.
     """
 
@@ -118,8 +120,10 @@ class Sampler:
         platform = mesh.devices.flat[0].platform
         if decode_chunk is None:
             decode_chunk = DECODE_CHUNK.get(platform, DEFAULT_DECODE_CHUNK)
-        if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, (int, np.integer)) or (
-            not 1 <= decode_chunk <= 256
+        if (
+            isinstance(decode_chunk, bool)
+            or not isinstance(decode_chunk, (int, np.integer))
+            or (not 1 <= decode_chunk <= 256)
         ):
             raise ValueError(f"decode_chunk={decode_chunk!r}; valid: an int in [1, 256]")
         self.decode_chunk = int(decode_chunk)
@@ -170,7 +174,7 @@ class Sampler:
             run_options["xla_disable_hlo_passes"] = "while-loop-invariant-code-motion"
         self._run_jit = jax.jit(
             self._run_fn,
-            static_argnames=("greedy", "needs_sort"),
+            static_argnames=("greedy", "needs_sort", "chunk"),
             donate_argnames="state",
             compiler_options=run_options or None,
         )
@@ -267,11 +271,22 @@ class Sampler:
         }
 
     def _run_fn(
-        self, params, state, until, stop_rows, rows, seed, sp, stop_ids, *, greedy, needs_sort
+        self,
+        params,
+        state,
+        until,
+        stop_rows,
+        rows,
+        seed,
+        sp,
+        stop_ids,
+        *,
+        greedy,
+        needs_sort,
+        chunk,
     ):
         self.trace_counts["run"] += 1
         state = dict(state, done=state["done"] | stop_rows)
-        chunk = self.decode_chunk
 
         def cond(s):
             return (s["count"] < until) & ~jnp.all(s["done"])
@@ -591,6 +606,10 @@ class Generation:
     def advance(self, n_steps: int) -> list[list[int]]:
         """Runs up to n_steps decode steps on device (fewer once every row has stopped).
 
+        The device loop runs whole iterations of `decode_chunk` steps; steps past n_steps
+        change nothing (so any n_steps gives the same tokens), but cost time: pass multiples
+        of `decode_chunk` where it matters.
+
         Returns:
           The new tokens of each prompt since the previous call.
         """
@@ -606,6 +625,7 @@ class Generation:
                     s._put(self._stop_rows.copy()),
                     *self._args,
                     **self._static,
+                    chunk=s.decode_chunk,
                 )
             self._count = int(self._state["count"])
             self._collect()
