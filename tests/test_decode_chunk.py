@@ -27,7 +27,7 @@ PROMPTS = [np.random.RandomState(0).randint(3, 256, n).tolist() for n in (4, 9, 
 @pytest.fixture(scope="module")
 def sampler():
     config = get_config("tiny", n_heads=4, n_kv_heads=2, max_seq_len=64)
-    params = nn.unbox(init_params(config, jax.random.key(0)))
+    params = jax.jit(lambda k: nn.unbox(init_params(config, k)))(jax.random.key(0))
     return Llama3(config=config, params=params, dtype="float32").sampler(decode_chunk=1)
 
 
