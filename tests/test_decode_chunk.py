@@ -122,3 +122,49 @@ def test_compiled_loop_makes_k_steps_per_iteration(sampler):
     mem = compiled.memory_analysis()
     assert mem.temp_size_in_bytes < cache_bytes, (mem.temp_size_in_bytes, cache_bytes)
     assert mem.alias_size_in_bytes >= cache_bytes, (mem.alias_size_in_bytes, cache_bytes)
+
+
+def test_serve_engine_with_chunks_equals_offline_generation(sampler):
+    """The engine at decode_chunk 3: each request (own budget, own stop ids, greedy or
+    sampled, logprobs on one) gets the tokens and end reason of offline generation."""
+    import threading
+
+    from llama_jax.serve.engine import Engine, Finished, Request, Token
+
+    full = _run(sampler, 1, BUDGET)
+    sp = SamplingParams(temperature=1.0)
+    # (prompt, budget, sampling, stop ids): stops met at different steps of different chunks.
+    jobs = [
+        (PROMPTS[0], 13, SamplingParams(), frozenset({full[0][4]})),
+        (PROMPTS[1], 7, SamplingParams(), frozenset({full[1][1]})),
+        (PROMPTS[2], 10, sp, frozenset()),
+        (PROMPTS[3], 5, SamplingParams(), frozenset()),
+    ]
+    engine = Engine(sampler, max_batch=4, max_seq_len=32, decode_chunk=3)
+    got, ends = [[] for _ in jobs], [None] * len(jobs)
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(e):
+            if isinstance(e, Token):
+                got[i].append(e.id)
+            elif isinstance(e, Finished):
+                ends[i] = e.reason
+                done.release()
+
+        return on_event
+
+    engine.start()
+    try:
+        for i, (p, m, s, stops) in enumerate(jobs):
+            lp = 2 if i == 0 else None
+            engine.submit(Request(p, m, s, seed=9, stop_ids=stops, logprobs=lp), listener(i))
+        for _ in jobs:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.close()
+    for i, (p, m, s, stops) in enumerate(jobs):
+        want = sampler.generate_ids([p], m, s, seed=9, stop_ids=stops)[0]
+        assert got[i] == want, i
+        assert ends[i] == ("length" if len(want) == m else "stop"), i
+    assert ends[0] == ends[1] == "stop"  # mid-chunk stops were met
