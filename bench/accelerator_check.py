@@ -21,8 +21,10 @@ One run on one chip (GPU or TPU; `--tiny` on a CPU in seconds) prints one table:
      8B-shaped row (same widths as Llama 3.1 8B, fewer layers) for the 8B per-layer cost.
      FLOPs/token = 6 x matmul params + 12 x L x T x N x H (ModelConfig.flops_per_token; causal
      attention not halved).
-Rows are run in that order under a time budget (--minutes, compile included): what does not
-fit is printed as skipped. Never asserts on time.
+Sections run under a time budget (--minutes, compile included), most important first (batch-1
+decode, the tiny floor, the first training point and the 8B row, then the larger batches, the
+rest of the sweep, the peers): what does not fit is printed as skipped. Never asserts on time.
+Each section is a function that adds rows (`Table.run`): a new check is one more function.
 
     python bench/accelerator_check.py            # full sizes on the default backend
     python bench/accelerator_check.py --tiny     # seconds on a CPU; what the test runs
@@ -470,22 +472,22 @@ def main() -> int:
 
     t.run("chip rates", chip_rates)
 
-    # 3. decode through generate_ids
-    base = {}
+    # 3-4. decode and training, in the order that matters most if time runs out: batch-1
+    # decode and the tiny floor, the first training point and the 8B-shaped row, then the
+    # larger decode batches and the rest of the sweep.
+    base, samplers = {}, {}
 
-    def decode(quantize, layout):
-        s = make_sampler(tiny, quantize, layout)
+    def decode(quantize, layout, bs):
+        if (quantize, layout) not in samplers:
+            samplers[quantize, layout] = make_sampler(tiny, quantize, layout)
+        s = samplers[quantize, layout]
         wb = weight_bytes(s)
         name = f"{quantize or 'bf16'} {s.layout} k={s.decode_chunk}"
-        if quantize:
+        if quantize and bs == batches[:1]:
             copies = dequantised_copies(s)
-            t.add(
-                f"decode {name}: dequantised weight copies",
-                str(copies),
-                "weight-sized float buffers per step",
-                "0 = int8 read in place",
-            )
-        for b in batches:
+            t.add(f"decode {name}: dequantised weight copies", str(copies),
+                  "weight-sized float buffers per step", "0 = int8 read in place")  # fmt: skip
+        for b in bs:
             if not t.time_left(f"decode {name} batch {b}"):
                 return
             ms, ttft = decode_rate(s, b, tokens, prompt_len)
@@ -496,10 +498,9 @@ def main() -> int:
                   f"bound {bound:.3f} ms ({wb / 1e9:.2f} GB weights)",
                   f"{bound / ms:.0%} of HBM bound; {base[b] / ms:.2f}x bf16")  # fmt: skip
 
-    t.run("decode bf16", decode, None, "auto")
-    t.run("decode int8", decode, "int8", "auto")
-    if not tiny:
-        t.run("decode int8 matvec", decode, "int8", "matvec")
+    variants = [(None, "auto"), ("int8", "auto")] + ([] if tiny else [("int8", "matvec")])
+    for q, layout in variants:
+        t.run(f"decode {q or 'bf16'} {layout}", decode, q, layout, batches[:1])
 
     def floor():
         s = make_sampler(True, None, chunk=1)
@@ -512,7 +513,6 @@ def main() -> int:
 
     t.run("decode tiny floor", floor)
 
-    # 4. training MFU sweep (best first is not known: run in order, mark the best)
     train_rows = []
 
     def train(mc, b, seq, chunk, label):
@@ -527,25 +527,28 @@ def main() -> int:
             f"MFU {fl / peak:.1%} of measured{nom}",
         )
         t.add(*row)
-        train_rows.append((fl, row))
+        if label == "1B-shape":
+            train_rows.append((fl, row))
 
-    for b, seq, remat, chunk in sweep:
-        t.run(
-            f"train 1B {b}x{seq} {remat}",
-            train,
-            train_config(tiny, gpu, remat),
-            b,
-            seq,
-            chunk,
-            "1B-shape",
-        )
-    if train_rows:
-        best = max(train_rows)[1]
-        t.add("train best: " + best[0].removeprefix("train "), *best[1:])
+    def train_point(point):
+        b, seq, remat, chunk = point
+        mc = train_config(tiny, gpu, remat)
+        t.run(f"train 1B {b}x{seq} {remat}", train, mc, b, seq, chunk, "1B-shape")
+
+    train_point(sweep[0])
     b, seq, remat, chunk = sweep[0]
     label = f"8B-shape {1 if tiny else EIGHT_B_LAYERS} layers"
     mc8 = train_config(tiny, gpu, remat, eight_b=True)
     t.run("train 8B-shaped", train, mc8, max(1, b // 2), seq, chunk, label)
+    for q, layout in variants:
+        if batches[1:]:
+            t.run(f"decode {q or 'bf16'} {layout}", decode, q, layout, batches[1:])
+    samplers.clear()  # the decode weights leave the device before the larger training points
+    for point in sweep[1:]:
+        train_point(point)
+    if train_rows:
+        best = max(train_rows)[1]
+        t.add("train best: " + best[0].removeprefix("train "), *best[1:])
 
     # 5. peers
     def hf(compiled):
