@@ -140,9 +140,9 @@ class LoadedModel:
         prefill / decode functions.
 
         Args:
-          **options: `layout`, `unroll`, `dtype`, `quantize` of `Sampler` (default:
-            chosen for the platform, see `decode_layout.prepare_decode_params`; quantize as
-            given to `Llama3`).
+          **options: `layout`, `unroll`, `dtype`, `quantize`, `decode_chunk` of `Sampler`
+            (default: chosen for the platform, see `decode_layout.prepare_decode_params` and
+            `sampler.DECODE_CHUNK`; quantize as given to `Llama3`).
         """
         options = {"quantize": self.quantize, "vocab_limit": self._decodable_vocab(), **options}
         cached = getattr(self, "_sampler_cache", None)

@@ -99,8 +99,11 @@ def generate_text(
     """Continues token prompts and returns the new text of each, ended before a stop string.
 
     Without stop strings the whole generation is one device loop; with them, the host looks
-    at the text every `chunk` steps and stops the rows that produced one.
+    at the text every `chunk` steps (rounded up to a multiple of the sampler's decode_chunk,
+    the steps one loop iteration makes) and stops the rows that produced one.
     """
+    k = sampler.decode_chunk
+    chunk = -(-chunk // k) * k
     gen = Generation(sampler, prompts, max_new_tokens, sampling, seed, stop_ids, truncate)
     streams = [TextStream(tokenizer, stop) for _ in gen.tokens]
     pieces: list[list[str]] = [[] for _ in gen.tokens]
@@ -128,9 +131,12 @@ def stream_text(
     stop_ids: Iterable[int] = (),
     truncate: bool = False,
 ) -> Iterator[str]:
-    """Yields the continuation of one token prompt as text pieces, one decode step at a time.
+    """Yields the continuation of one token prompt as text pieces, one loop iteration at a time.
 
-    The pieces concatenate to `generate_text`'s result for the same arguments.
+    Each device call runs one iteration of the generation loop: `sampler.decode_chunk` steps
+    (one on CPU; several on a GPU, where that amortises the loop's fixed cost per iteration,
+    and a few ms of delivery latency goes unnoticed by a reader). The tokens do not depend on
+    it, so the pieces concatenate to `generate_text`'s result for the same arguments.
     """
     gen = Generation(sampler, [prompt], max_new_tokens, sampling, seed, stop_ids, truncate)
     stream = TextStream(tokenizer, stop)
@@ -144,7 +150,7 @@ def stream_text(
                 return
         if gen.done:
             break
-        new = gen.advance(1)[0]
+        new = gen.advance(sampler.decode_chunk)[0]
     rest = stream.finish()
     if rest:
         yield rest
