@@ -20,6 +20,8 @@ import pickle
 import sys
 import traceback
 
+import jax
+
 from llama_jax import __version__
 from llama_jax.api import Llama3
 from llama_jax.eval.cli import main as eval_main
@@ -28,7 +30,7 @@ from llama_jax.formats import convert, finetune_run
 from llama_jax.formats.checkpoint import CheckpointError
 from llama_jax.inference.text_stream import run_chat
 from llama_jax.tokenizer import cli_main
-from llama_jax.training import experiment, finetune
+from llama_jax.training import experiment, finetune, plan
 from llama_jax.training.trainer import NonFiniteLossError, train
 
 
@@ -113,12 +115,15 @@ def _finetune(argv: list[str]) -> int:
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    _chat_template_flag(p)
     args, rest = p.parse_known_args(argv)
     rest = _shortcuts_given(args) + rest
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
+    if args.chat_template is not None:
+        config.chat_template = args.chat_template
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -160,8 +165,41 @@ def _shortcuts_given(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 plan",
+        description="Compile an experiment's train and eval steps for a TPU topology on this "
+        "host (no TPU, weights or data needed): per-chip memory vs HBM, FLOPs, roofline, MFU "
+        "bound, collectives. Exit 0 fits, 2 does not fit, 1 error. Overrides: --config.KEY=VALUE.",
+    )
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args, rest = p.parse_known_args(argv)
+    if not os.environ.get("JAX_PLATFORMS"):
+        # The host compiles for the TPU devices libtpu describes; JAX itself runs on the CPU
+        # (no search for a TPU to run on, even on a TPU VM).
+        jax.config.update("jax_platforms", "cpu")
+    plan.parse_topology(args.topology)  # a bad name fails before the config is loaded
+    config = experiment.load_config(args.config)
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return plan.run(config, args.topology, args.json)
+
+
 def _tokenizer(argv: list[str]) -> int:
     return cli_main(argv)
+
+
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template (or tokenizer_config.json) used instead of the model's own "
+        "(default: the model's template, else the built-in Llama 3 format)",
+    )
 
 
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -223,9 +261,14 @@ def _chat(argv: list[str]) -> int:
         "(--truncate: the new turn too loses its oldest tokens if it alone does not fit).",
     )
     p.add_argument("--system", default=None, help="system prompt")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     model = Llama3.from_pretrained(
-        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+        args.model_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     prompt = "> " if sys.stdin.isatty() else ""
     errors: list[str] = []
@@ -271,6 +314,7 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
     from llama_jax.serve.server import serve  # deferred: starlette / uvicorn are an extra
@@ -286,6 +330,7 @@ def _serve(argv: list[str]) -> int:
         args.dtype,
         mesh_shape,
         args.model_name,
+        args.chat_template,
     )
     return 0
 
@@ -319,9 +364,10 @@ COMMANDS = {
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
-    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
+    "plan": (_plan, "compile an experiment for a TPU topology: memory, FLOPs, MFU bound"),
 }
 
 

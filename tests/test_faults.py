@@ -505,7 +505,7 @@ def test_chat_keeps_the_system_prompt_drops_old_turns_and_fails_nonzero(
     argv = ["chat", "--model_path", str(trained_run["run"]), "--max_new_tokens", "4"]
     assert cli.main(argv) == 1
     (line,) = _error_lines(capsys.readouterr().err)
-    assert "1 turn(s) failed" in line and "--truncate" in line, line
+    assert "1 turn(s) failed" in line and "truncate" in line, line
     monkeypatch.setattr("sys.stdin", io.StringIO(turn * 10 + "\n"))
     assert cli.main([*argv, "--truncate"]) == 0  # before: --truncate was ignored by chat
 

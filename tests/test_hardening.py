@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from poison import poisoned_batch
 from test_train import WORDS, assert_trees_equal, corpus, final_state, losses, tiny_config
 
 from llama_jax import cli
@@ -151,15 +152,13 @@ def test_num_epochs_flag_wins_over_the_files_num_steps():
 def test_nan_abort_saves_nothing_at_or_after_the_bad_step(corpus, tmp_path):
     run = tmp_path / "run"
     # Step 3 -> 4 is poisoned; a checkpoint is due after every step.
-    c = tiny_config(
-        corpus, run, num_steps=8, checkpoint_every=1, debug_nan_step=3, nan_policy="abort"
-    )
+    c = tiny_config(corpus, run, num_steps=8, checkpoint_every=1, nan_policy="abort")
     message = "step from 3 to 4 gave a non-finite.*the newest checkpoint, step 3, is intact"
-    with pytest.raises(trainer.NonFiniteLossError, match=message):
+    with poisoned_batch(at=3), pytest.raises(trainer.NonFiniteLossError, match=message):
         trainer.train(c)
     assert checkpoint.committed_steps(str(run / "checkpoints"))[-1] == 3
     # A rerun resumes from step 3 and stops at the same step again, saving nothing new.
-    with pytest.raises(trainer.NonFiniteLossError, match=message):
+    with poisoned_batch(at=3), pytest.raises(trainer.NonFiniteLossError, match=message):
         trainer.train(c)
     assert checkpoint.committed_steps(str(run / "checkpoints"))[-1] == 3
 

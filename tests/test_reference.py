@@ -167,7 +167,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
     # must be normalised by the batch's count, not averaged. SGD with learning rate 1 exposes
     # the applied gradient exactly (new = old - grad); Adam and clipping would hide a scale.
     c = base_config()
-    c.z_loss, c.debug_nan_step = 0.1, -1
+    c.z_loss = 0.1
     sgd = optax.sgd(1.0)
     for accum in (1, 2):
         c.grad_accum_steps = accum

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from poison import poisoned_batch
 
 from llama_jax.formats import checkpoint
 from llama_jax.model import sharding
@@ -209,10 +210,11 @@ def test_run_directory_loads_as_a_model(corpus, tmp_path):
 # ----------------------------------------------------------------------------- NaN
 def test_nan_abort_keeps_the_last_checkpoint_finite(corpus, tmp_path):
     run = tmp_path / "run"
-    c = tiny_config(
-        corpus, run, num_steps=8, checkpoint_every=2, debug_nan_step=4, nan_policy="abort"
-    )
-    with pytest.raises(trainer.NonFiniteLossError, match="step from 4 to 5 gave a non-finite"):
+    c = tiny_config(corpus, run, num_steps=8, checkpoint_every=2, nan_policy="abort")
+    with (
+        poisoned_batch(at=4),
+        pytest.raises(trainer.NonFiniteLossError, match="step from 4 to 5 gave a non-finite"),
+    ):
         trainer.train(c)
     step, state = final_state(str(run))
     assert step == 4
@@ -222,18 +224,12 @@ def test_nan_abort_keeps_the_last_checkpoint_finite(corpus, tmp_path):
 
 def test_nan_skip_leaves_the_state_unchanged(corpus, tmp_path):
     before = tmp_path / "before"
-    # The same program (fault injection compiled in, aimed past the end) without the NaN.
-    trainer.train(
-        tiny_config(
-            corpus, before, num_steps=8, debug_stop_after=3, debug_nan_step=100, nan_policy="skip"
-        )
-    )
+    trainer.train(tiny_config(corpus, before, num_steps=8, debug_stop_after=3, nan_policy="skip"))
     after = tmp_path / "after"
-    trainer.train(
-        tiny_config(
-            corpus, after, num_steps=8, debug_stop_after=4, debug_nan_step=3, nan_policy="skip"
+    with poisoned_batch(at=3):
+        trainer.train(
+            tiny_config(corpus, after, num_steps=8, debug_stop_after=4, nan_policy="skip")
         )
-    )
     s3, a = final_state(str(before))
     s4, b = final_state(str(after))
     assert (s3, s4) == (3, 4)

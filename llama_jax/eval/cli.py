@@ -30,8 +30,14 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--chat",
         action="store_true",
-        help="instruct models: prompts in the Llama 3 chat format, few-shot examples as turns "
+        help="instruct models: prompts in the model's chat format, few-shot examples as turns "
         "(lm-eval tasks: apply_chat_template + fewshot_as_multiturn)",
+    )
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="with --chat: a jinja2 chat template used instead of the model's own",
     )
     p.add_argument("--cache_dir", default=None, help="where task archives are kept")
     p.add_argument("--no_progress", action="store_true")
@@ -57,7 +63,9 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
         # before loading the model
         runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
-        model = LoadedModel.from_pretrained(args.model_path, dtype=args.dtype)
+        model = LoadedModel.from_pretrained(
+            args.model_path, dtype=args.dtype, chat_template=args.chat_template
+        )
         metrics, truncated = runner.evaluate(
             model,
             names,

@@ -389,7 +389,7 @@ def run_lm_eval(
     **lm_eval_kwargs: Any,
 ) -> tuple[list[Metric], dict]:
     """lm-eval tasks on a `Llama3` through the llama_jax backend; returns our metrics and
-    lm-eval's own output. `chat` renders prompts in the Llama 3 chat format, few-shot examples
+    lm-eval's own output. `chat` renders prompts in the model's chat format, few-shot examples
     as turns (lm-eval's apply_chat_template + fewshot_as_multiturn); `seed` picks the
     few-shot examples (lm-eval's fewshot_random_seed); other keywords go to simple_evaluate."""
     # deferred: lm-eval is an extra (and the harness module needs it)

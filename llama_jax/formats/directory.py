@@ -17,6 +17,9 @@ from llama_jax.formats.checkpoint import (
 )
 from llama_jax.model.config import ModelConfig
 
+# Beside the tokenizer file: the chat template and the tokens / eos ids it uses.
+CHAT_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
@@ -60,7 +63,7 @@ def save_llama_jax(params: dict, config: ModelConfig, path: str, tokenizer_src: 
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config.to_json())
         if tokenizer_src:
-            copy_tokenizer(tokenizer_src, tmp)
+            copy_tokenizer(tokenizer_src, tmp, CHAT_FILES)  # the chat template travels too
         save_params(os.path.join(tmp, PARAMS_DIR), params)
         if os.path.isdir(path):
             os.rmdir(path)

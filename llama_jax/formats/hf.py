@@ -25,7 +25,12 @@ from llama_jax.atomic import write_atomic
 from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from llama_jax.model.config import ModelConfig
 
-HF_EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_EXTRA_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 # ----------------------------------------------------------------------------- the name map

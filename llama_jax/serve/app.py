@@ -3,7 +3,7 @@
   GET  /health                liveness, slots in use, queue length (no API key needed)
   GET  /v1/models             the one served model
   POST /v1/completions        text or token-id prompts (one or a list); echo, logprobs, n, stream
-  POST /v1/chat/completions   the Llama 3 chat format; stream as server-sent events
+  POST /v1/chat/completions   the model's chat format (Tokenizer.encode_dialog); stream as SSE
 
 Starlette rather than FastAPI: the request bodies are validated here by hand, so that every
 error is OpenAI's JSON error shape with a message naming the field and what is valid

@@ -103,14 +103,18 @@ def serve(
     dtype: str | None = "auto",
     mesh_shape: Sequence[int] | None = None,
     model_name: str | None = None,
+    chat_template: str | None = None,
 ) -> None:
-    """Loads `model_path`, compiles every shape, and serves until interrupted."""
+    """Loads `model_path`, compiles every shape, and serves until interrupted (dialogs in
+    `chat_template`, a file, when given; else the model's own template)."""
     import uvicorn
 
     check_port(host, port)  # before minutes of loading and compiling
     cache_dir = _persistent_compile_cache()
 
-    model = LoadedModel.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
+    model = LoadedModel.from_pretrained(
+        model_path, dtype=dtype, mesh_shape=mesh_shape, chat_template=chat_template
+    )
     tokenizer = model.tokenizer
     engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
     name = model_name or os.path.basename(os.path.normpath(model_path))

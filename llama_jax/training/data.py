@@ -29,7 +29,12 @@ log = logging.getLogger("llama_jax.training.trainer")
 def get_tokenizer(c: ml_collections.ConfigDict):
     """Loads tokenizer_path, or trains a SentencePiece model on the training split once."""
     if c.tokenizer_path:
-        return load_tokenizer(c.tokenizer_path)
+        tok = load_tokenizer(c.tokenizer_path)
+        if c.get("chat_template"):
+            from llama_jax.tokenizer.chat_template import read_template_file
+
+            tok.use_chat_settings(read_template_file(c.chat_template))
+        return tok
     tok_dir = os.path.join(c.run_dir, "tokenizer")
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
         return load_tokenizer(tok_dir)

@@ -39,6 +39,7 @@ def add_config_keys(c: ml_collections.ConfigDict) -> None:
     c.data_format = "text"  # text (pretraining documents) | chat (data/chat.py rows)
     c.train_on = "assistant"  # chat: assistant | last | all
     c.truncation = "right"  # chat: right | drop, for dialogs longer than seq_len
+    c.chat_template = ""  # chat: a jinja2 template file instead of the tokenizer's own
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0: full fine-tune (or pretraining); > 0: train adapters only
     c.lora.alpha = 16.0
@@ -128,7 +129,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.progress = True
     # test hooks (fault injection): make step k's loss NaN; stop after k steps.
-    c.debug_nan_step = -1
     c.debug_stop_after = -1
 
     # fine-tuning (llama_jax.training.finetune): data format, chat masking, LoRA

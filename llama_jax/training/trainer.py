@@ -98,10 +98,8 @@ def make_run_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 # ============================================================================ 2. checks
-def check_config(
-    c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, task_eval: Any = None
-) -> None:
-    """Everything a user can get wrong, before any expensive work."""
+def check_step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+    """The checks of the step's shapes against the mesh (no files read; plan.py uses them)."""
     sharding.check_model_fits_mesh(model_cfg, mesh)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
         raise ValueError(
@@ -112,6 +110,13 @@ def check_config(
         raise ValueError(
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
+
+
+def check_config(
+    c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, task_eval: Any = None
+) -> None:
+    """Everything a user can get wrong, before any expensive work."""
+    check_step_config(c, model_cfg, mesh)
     if c.get("eval_tasks"):
         if task_eval is None:
             raise ValueError(
@@ -216,7 +221,6 @@ def make_train_step(
     LoRA (the state's params are then the adapters) and unused (may be omitted) otherwise."""
     model = Transformer(model_cfg, dense=lora.lora_dense) if lora_cfg else Transformer(model_cfg)
     accum = c.grad_accum_steps
-    nan_step = c.debug_nan_step
 
     def micro_grads(params, mb, base, rng):
         def f(p):
@@ -250,10 +254,6 @@ def make_train_step(
         denom = jnp.maximum(ntok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
-        if nan_step >= 0:  # fault injection for tests
-            poison = jnp.where(state["step"] == nan_step, jnp.nan, 1.0)
-            loss = loss * poison
-            grads = jax.tree.map(lambda g: g * poison, grads)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -302,6 +302,29 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg=None, chunk_tokens: int = 0)
         return nll, n
 
     return eval_step
+
+
+def jit_steps(
+    model_cfg: ModelConfig, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
+):
+    """(train_step, eval_step) jitted with their shardings; the train state is donated.
+
+    train_step(state, batch, base) -> (state, metrics); eval_step(params, batch, base) ->
+    (summed nll, tokens). `base_sharding` is {} without LoRA. plan.py compiles these same two.
+    """
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
+        in_shardings=(state_shardings, batch_sharding, base_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, lora_cfg, c.get("loss_chunk_tokens", 0)),
+        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return train_step, eval_step
 
 
 # ============================================================================ the trainer
@@ -367,7 +390,6 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
     tx, schedule = make_tx(c, num_steps)
     abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed, lora_cfg))
     state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh)
     # The frozen base under LoRA: an argument of every step, never donated or checkpointed.
     base, base_sharding = {}, {}
     if lora_cfg is not None:
@@ -375,16 +397,8 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
         dt = jnp.dtype(c.base_dtype or model_cfg.param_dtype)
         base = jax.device_put(jax.tree.map(lambda a: np.asarray(a, dt), base_params), base_sharding)
         base_params = None
-    train_step = jax.jit(
-        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
-        in_shardings=(state_shardings, batch_sharding, base_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(
-        make_eval_step(model_cfg, lora_cfg, c.get("loss_chunk_tokens", 0)),
-        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
-        out_shardings=sharding.replicated(mesh),
+    train_step, eval_step = jit_steps(
+        model_cfg, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
     )
 
     # ------------------------------------------------------------------ 6. resume or init
