@@ -2,7 +2,8 @@
 or the new one, never a partial one, and no temporary file is left behind.
 
 Every file a command produces goes through `write_atomic` (a tokenizer model, an export's
-JSON files, eval results, a run's metadata). The bottom layer (pyproject.toml): any package may use it, and it imports nothing of llama_jax.
+JSON files, eval results, a run's metadata). The bottom layer of the import contracts
+(pyproject.toml): any package may use it, and it imports nothing of llama_jax.
 """
 
 from __future__ import annotations
