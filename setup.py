@@ -51,6 +51,9 @@ setup(
         "meta": ["torch==2.13.0"],
         # `llama3 eval` through lm-evaluation-harness; BLEU / chrF of the built-in tasks.
         "eval": ["lm-eval>=0.4.13", "sacrebleu>=2.4"],
+        # `llama3 plan`: compile for a TPU topology from any host. jax's own extra pins the
+        # libtpu built for that jax (jax 0.10.2 -> libtpu 0.0.42.*); on a TPU VM it is the runtime.
+        "tpu": ["jax[tpu]>=0.10"],
         # `llama3 serve`: the OpenAI-compatible HTTP server.
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },

@@ -19,6 +19,7 @@ jobs share the CPUs): compare within one run.
   python bench/bench_sampling.py              # both models (~10 minutes on 2 CPUs)
   python bench/bench_sampling.py --only small --batches 1
   python bench/bench_sampling.py --tiny        # a smoke run at toy sizes
+  python bench/bench_sampling.py --only chunks --chunks 1,4,8   # decode_chunk, tiny + 50M
 """
 
 from __future__ import annotations
@@ -206,9 +207,34 @@ def bench_model(name, config, prompt_len, n_new, repeats, variants, batches, bw_
     gc.collect()
 
 
+def bench_chunks(chunks, n_new, repeats, batches):
+    """Decode ms/step by decode_chunk (steps per loop iteration), tiny and 50M float32 models,
+    the chunk settings interleaved within each repeat (the machine's noise hits them alike)."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    tiny = dataclasses.replace(SMALL, vocab_size=512, dim=64, n_layers=2, mlp_dim=128)
+    for name, config in (("tiny", tiny), ("50M", SMALL)):
+        params = random_params(config)
+        sampler = Sampler(config, params, mesh)
+        for b in batches:
+            prompts = np.random.default_rng(1).integers(3, config.vocab_size, (b, 64)).tolist()
+            times = {k: [] for k in chunks}
+            for _ in range(repeats + 1):  # the first round compiles
+                for k in chunks:
+                    sampler.decode_chunk = k
+                    times[k].append(measure(ours_fn(sampler, prompts), n_new, 1)[1])
+            base = np.median(times[chunks[0]][1:])
+            for k in chunks:
+                step = np.median(times[k][1:])
+                report(name, f"llama_jax decode_chunk={k}", b, 0.0, step)
+                print(f"         x{base / step:.2f} vs decode_chunk={chunks[0]}", flush=True)
+        del sampler, params
+        gc.collect()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["small", "1b"], default=None)
+    p.add_argument("--only", choices=["small", "1b", "chunks"], default=None)
+    p.add_argument("--chunks", default="1,8", help="decode_chunk values (--only chunks)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new_tokens", type=int, default=32, help="new tokens timed, every row")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -223,6 +249,9 @@ def main():
     if args.tiny:
         small = dataclasses.replace(SMALL, vocab_size=512, dim=64, n_layers=2, mlp_dim=128)
         big = dataclasses.replace(small, tie_embeddings=True)
+    if args.only == "chunks":
+        chunks = tuple(int(k) for k in args.chunks.split(","))
+        bench_chunks(chunks, args.new_tokens, args.repeats, batches)
     if args.only in (None, "small"):
         bench_model(
             "50M", small, 64, args.new_tokens, args.repeats,

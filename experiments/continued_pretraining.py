@@ -9,6 +9,10 @@ The tokenizer comes from the converted model directory and the architecture (pre
 llama3.2-1b) is checked against it before training; training starts from its weights with a
 fresh optimizer, a short warmup and a lower peak learning rate (3e-5) so the model keeps what
 it knew. Hardware: 8 GPUs (fsdp=8); 5k steps of 64 x 4096 tokens.
+TPU: a v5e-8 with `--config.model.attention_impl=splash`; `llama3 plan --config
+experiments/continued_pretraining.py --topology v5e-8 --config.model.attention_impl=splash`
+checks it fits before a slice is paid for (not run here yet: 8 rows of 4096 per chip is the
+same per-chip token count as llama3_2_1b.py's 32 x 2048, which needs grad_accum on v5e).
 Local corpora have a single split: 2% of the documents are held out for validation.
 
 Variants: `runlocal` continues a tiny model directory on the Shakespeare corpus on CPU

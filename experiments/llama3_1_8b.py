@@ -9,6 +9,12 @@ Hardware: TPU v5p-128 (64 chips; mesh fsdp=64) or 8 nodes x 8 H100 (fsdp=64, ten
 (~16 bytes/param = 128 GB sharded over 64 chips), full remat per layer, sequence 8192, global
 batch 512 sequences (4M tokens per step), 1T tokens = 250k steps. Expected: MaxText reports
 45% MFU for this model on TPU v6e; plan on 35-45% (~3,500-4,500 tokens/s per H100).
+
+TPU plan (`llama3 plan --config experiments/llama3_1_8b.py --topology v5p-64
+--config.mesh_shape="(1,-1,1)"`, libtpu 0.0.42): on a v5p-64 (32 chips, fsdp=32) it does NOT
+fit: 16 rows of 8192 per chip need 127.31 GiB of temporaries against 95.74 GiB (exit 2; 20 min
+to compile on a loaded 2-core host). The target is the v5p-128 (64 chips, 8 rows per chip);
+bench/RESULTS.md ("llama3 plan") has the numbers measured so far.
 """
 
 from llama_jax.training.experiment import base_config, model_config_dict

@@ -9,6 +9,12 @@ step), 20k steps (~10B tokens), cuDNN flash attention on GPU (`--config.model.at
 splash` on TPU). Expected: about 25-30k tokens/s per H100 at 40% MFU; the Chinchilla-optimal
 budget for 1.24B parameters is ~25B tokens, so raise num_steps for a fully trained model.
 
+TPU plan (`llama3 plan --config experiments/llama3_2_1b.py --topology v5e-8
+--config.model.attention_impl=splash`, libtpu 0.0.42, this file as it stands): does NOT fit a
+v5e-8: 32 rows of 2048 per chip need 56.12 GiB of temporaries against 15.75 GiB of HBM (exit 2;
+compiled in 63 s). Use --config.grad_accum_steps=8 (4 rows per chip per microbatch) on v5e;
+bench/RESULTS.md ("llama3 plan") has the other topologies.
+
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).
 """
 

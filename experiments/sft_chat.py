@@ -19,6 +19,9 @@ Variants:
   full            the same, every weight trained (lora.rank = 0), lr 1e-5; 8 GPUs with fsdp.
   8b_lora         Llama 3.1 8B Instruct, LoRA r=16 on a (1, 8, 1) fsdp mesh, base in bfloat16,
                   remat; 8 x 80 GB GPUs or a v5p-16. Not measured here.
+  TPU plan: `llama3 plan --config experiments/sft_chat.py --topology v5e-8
+                  --config.model.attention_impl=splash` compiles the LoRA step (adapters
+                  trained, bf16 base an argument); not run here yet.
   runlocal        a CPU smoke test in minutes: LoRA r=8 on any small base (e.g. the
                   Shakespeare demo model, or `llama3 convert` of a tiny HF model), seq 128,
                   batch 8, 30 steps.

@@ -201,13 +201,17 @@ class Llama3(LoadedModel):
         Args:
           messages: [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...].
           sampling, **changes: as in `generate`; the reply ends at the end of the turn (a stop
-            id of the tokenizer).
+            id of the tokenizer: <|eot_id|>, <|im_end|>, ...), which is not part of it. The
+            dialog is rendered by `tokenizer.encode_dialog` (the model's chat template, else the
+            built-in Llama 3 format).
 
         Returns:
           The reply text.
         """
         sp = self._sampling(sampling, changes)
         ids = self.tokenizer.encode_dialog(messages)
+        if not sp.truncate:
+            text_stream.check_dialog_fits(ids, sp.max_new_tokens, self.config.max_seq_len)
         return text_stream.generate_text(
             self.sampler(),
             self.tokenizer,
@@ -233,7 +237,13 @@ class Llama3(LoadedModel):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("no texts given: pass a string or a non-empty list of strings")
-        return self.sampler().score(self._encode_prompts(texts))
+        seqs = self._encode_prompts(texts)
+        scored = [i for i, ids in enumerate(seqs) if len(ids) > 1]
+        results = self.scorer().loglikelihood([(seqs[i][:1], seqs[i][1:]) for i in scored])
+        out = [0.0] * len(seqs)  # an empty text (BOS alone) has nothing to score
+        for i, r in zip(scored, results):
+            out[i] = r.logprob
+        return out
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, path: str, format: str = "llama_jax", gguf_type: str = "f16") -> None:

@@ -1,18 +1,28 @@
 """The `llama3` command: argument parsing only; each subcommand calls into the library.
 
 A mistake of the user's (a bad flag value, a missing file, a refused checkpoint, a full disk)
-ends in one line `error: ...` and exit code 1; `--verbose` (anywhere on the line) or
-`LLAMA_JAX_DEBUG=1` adds the traceback.
+ends in one line `error: ...` and exit code 1; `--debug` or `--verbose` (anywhere on the line)
+or `LLAMA_JAX_DEBUG=1` adds the traceback and orbax's own error logs.
+
+Run as the `llama3` process (`main()` without arguments), a failing command exits at once even
+when a library left non-daemon threads behind (orbax's checkpoint threads wait forever for a
+save that failed), so a job scheduler sees the exit status within seconds, not at walltime.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
 import os
 import pickle
 import sys
 import traceback
 
+import jax
+
+from llama_jax import __version__
 from llama_jax.api import Llama3
 from llama_jax.eval.cli import main as eval_main
 from llama_jax.eval.runner import TrainerEval
@@ -20,7 +30,7 @@ from llama_jax.formats import convert, finetune_run
 from llama_jax.formats.checkpoint import CheckpointError
 from llama_jax.inference.text_stream import run_chat
 from llama_jax.tokenizer import cli_main
-from llama_jax.training import experiment, finetune
+from llama_jax.training import experiment, finetune, plan
 from llama_jax.training.trainer import NonFiniteLossError, train
 
 
@@ -77,10 +87,10 @@ def _convert(argv: list[str]) -> int:
 def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 train",
-        description="Train from an experiment config. Overrides: --config.KEY=VALUE, and "
-        "--data_path --valid_data_path --model_path (run dir) --num_gpus --batch_size "
-        "--learning_rate --num_epochs.",
+        description="Train from an experiment config; any key is set with --config.KEY=VALUE "
+        "(--print_config lists them), the common ones also by the shortcuts below.",
     )
+    _shortcut_flags(p)
     p.add_argument(
         "--config",
         default=None,
@@ -90,7 +100,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     args, rest = p.parse_known_args(argv)
     config = experiment.load_config(args.config) if args.config else experiment.default_config()
-    unknown = experiment.parse_overrides(config, rest)
+    unknown = experiment.parse_overrides(config, _shortcuts_given(args) + rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
     if args.print_config:
@@ -111,19 +121,23 @@ def _train(argv: list[str]) -> int:
 def _finetune(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 finetune",
-        description="Fine-tune a base model (full, or LoRA with --lora_rank > 0). Overrides: "
-        "--config.KEY=VALUE, and --data_path --valid_data_path --model_path (run dir) "
-        "--num_gpus --batch_size --learning_rate --num_epochs.",
+        description="Fine-tune a base model (full, or LoRA with --lora_rank > 0); any key is "
+        "set with --config.KEY=VALUE, the common ones also by the shortcuts below.",
     )
+    _shortcut_flags(p)
     p.add_argument("--init_from", required=True, help="base model directory (any format)")
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    _chat_template_flag(p)
     args, rest = p.parse_known_args(argv)
+    rest = _shortcuts_given(args) + rest
     config = experiment.load_config(args.config) if args.config else finetune.default_config()
     config.init_from = args.init_from
     if args.lora_rank is not None:
         config.lora.rank = args.lora_rank
+    if args.chat_template is not None:
+        config.chat_template = args.chat_template
     unknown = experiment.parse_overrides(config, rest)
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)}")
@@ -138,8 +152,68 @@ def _finetune(argv: list[str]) -> int:
     return 0
 
 
+def _shortcut_flags(p: argparse.ArgumentParser) -> None:
+    """The experiment keys with a flag of their own (as the README uses them), in --help."""
+    what = {
+        "data_path": "training data: text files, a directory or glob, 'shakespeare', tfds:NAME",
+        "valid_data_path": "validation data (default: hold out the last 5%%)",
+        "model_path": "the run directory (checkpoints, metrics, the model)",
+        "num_gpus": "devices to use (default: all)",
+        "batch_size": "sequences per step (global)",
+        "learning_rate": "peak learning rate",
+        "num_epochs": "epochs over the data (replaces the config's num_steps)",
+    }
+    for flag, key in experiment.LEGACY_FLAGS.items():
+        p.add_argument(
+            f"--{flag}",
+            default=argparse.SUPPRESS,
+            metavar=flag.split("_")[-1].upper(),
+            help=f"{what.get(flag, '')} (= --config.{key})",
+        )
+
+
+def _shortcuts_given(args: argparse.Namespace) -> list[str]:
+    """The shortcut flags given, as overrides (the experiment checks their types)."""
+    return [
+        f"--{flag}={getattr(args, flag)}" for flag in experiment.LEGACY_FLAGS if hasattr(args, flag)
+    ]
+
+
+def _plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="llama3 plan",
+        description="Compile an experiment's train and eval steps for a TPU topology on this "
+        "host (no TPU, weights or data needed): per-chip memory vs HBM, FLOPs, roofline, MFU "
+        "bound, collectives. Exit 0 fits, 2 does not fit, 1 error. Overrides: --config.KEY=VALUE.",
+    )
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
+    p.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args, rest = p.parse_known_args(argv)
+    if not os.environ.get("JAX_PLATFORMS"):
+        # The host compiles for the TPU devices libtpu describes; JAX itself runs on the CPU
+        # (no search for a TPU to run on, even on a TPU VM).
+        jax.config.update("jax_platforms", "cpu")
+    plan.parse_topology(args.topology)  # a bad name fails before the config is loaded
+    config = experiment.load_config(args.config)
+    unknown = experiment.parse_overrides(config, rest)
+    if unknown:
+        p.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return plan.run(config, args.topology, args.json)
+
+
 def _tokenizer(argv: list[str]) -> int:
     return cli_main(argv)
+
+
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a jinja2 chat template (or tokenizer_config.json) used instead of the model's own "
+        "(default: the model's template, else the built-in Llama 3 format)",
+    )
 
 
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -195,16 +269,32 @@ def _generate(argv: list[str]) -> int:
 
 def _chat(argv: list[str]) -> int:
     p = _sampling_parser(
-        "llama3 chat", "Chat on stdin (one line per turn; /reset forgets, /exit quits)."
+        "llama3 chat",
+        "Chat on stdin (one line per turn; /reset forgets, /exit quits). The system prompt is "
+        "kept; the oldest whole turns are dropped when the conversation outgrows the context "
+        "(--truncate: the new turn too loses its oldest tokens if it alone does not fit).",
     )
     p.add_argument("--system", default=None, help="system prompt")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     model = Llama3.from_pretrained(
-        args.model_path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter
+        args.model_path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     prompt = "> " if sys.stdin.isatty() else ""
-    kwargs = _sampling_kwargs(args, truncate=False)
-    run_chat(model, sys.stdin, sys.stdout.write, args.system, prompt, **kwargs)
+    errors: list[str] = []
+    run_chat(
+        model, sys.stdin, sys.stdout.write, args.system, prompt, errors, **_sampling_kwargs(args)
+    )
+    if errors:
+        print(
+            f"error: {len(errors)} turn(s) failed; the first: {_one_line(ValueError(errors[0]))}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -238,6 +328,7 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,1,-1)")
     p.add_argument("--model_name", default=None, help="served model id (default: the dir name)")
+    _chat_template_flag(p)
     args = p.parse_args(argv)
     mesh_shape = _serve_check(args)
     from llama_jax.serve.server import serve  # deferred: starlette / uvicorn are an extra
@@ -253,6 +344,7 @@ def _serve(argv: list[str]) -> int:
         args.dtype,
         mesh_shape,
         args.model_name,
+        args.chat_template,
     )
     return 0
 
@@ -286,9 +378,10 @@ COMMANDS = {
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
-    "chat": (_chat, "interactive chat in the Llama 3 chat format"),
+    "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
+    "plan": (_plan, "compile an experiment for a TPU topology: memory, FLOPs, MFU bound"),
 }
 
 
@@ -302,6 +395,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         NotADirectoryError,
         IsADirectoryError,
         PermissionError,
+        OSError,  # a full disk, a read-only file system: named with its path, see _one_line
         ImportError,
         pickle.UnpicklingError,
         CheckpointError,
@@ -310,18 +404,73 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(e: BaseException) -> str:
+    if type(e) is OSError and e.strerror:  # the bare OSError of a write: what, where, what to do
+        where = f" writing {e.filename}" if e.filename else ""
+        todo = {
+            errno.ENOSPC: "free some space (or write elsewhere) and rerun",
+            errno.EDQUOT: "free some space (or write elsewhere) and rerun",
+            errno.EROFS: "write to a writable file system",
+        }.get(e.errno, "check the path and rerun")
+        return f"{e.strerror}{where}; {todo}"
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     text = " ".join(str(text).split()) or type(e).__name__
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+DEBUG_FLAGS = ("--debug", "--verbose")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in argv or os.environ.get("LLAMA_JAX_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--verbose"]
+    """The `llama3` command. With `argv` (tests, scripts) it returns the exit code; without
+    (the console script) it also makes sure a failing process really exits."""
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        code = _main(sys.argv[1:])
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # a bug: the traceback, then the same prompt exit
+        traceback.print_exc()
+        code = 1
+    if code:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Exits with `code` now, without the interpreter's shutdown: a non-daemon thread (orbax's,
+    waiting on a failed save) would keep it alive forever, and daemon threads of a failed read
+    print tracebacks of their closed event loops while it tears down."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: list[str]) -> int:
+    debug = any(a in DEBUG_FLAGS for a in argv) or os.environ.get("LLAMA_JAX_DEBUG", "") not in (
+        "",
+        "0",
+    )
+    argv = [a for a in argv if a not in DEBUG_FLAGS]
+    if argv and argv[0] == "--version":
+        print(f"llama3 (llama_jax) {__version__}")
+        return 0
+    if not debug:
+        # orbax logs every failed background write as an error with its traceback (hundreds
+        # of lines for one full disk); the CLI's one line names the failure instead.
+        # asyncio reports the same failed writes again when their tasks are collected.
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: llama3 <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print(
+            "usage: llama3 <command> [options]   (--version; --debug: tracebacks)\n\n"
+            "commands:\n" + "\n".join(lines)
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nllama3: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
@@ -330,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return fn(argv[1:])
     except _user_errors() as e:
-        if verbose:
+        if debug:
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -11,10 +11,11 @@ Rows, in the formats people already have:
   - ``{"instruction": ..., "input": ..., "output": ...}`` (Alpaca) -> user
     ``instruction + "\\n\\n" + input`` (just the instruction when input is empty), assistant.
 
-Each dialog is rendered ONCE with the tokenizer's Llama 3 chat format
-(`tokenizer.chat.render_dialog`); the loss mask comes from the token spans of that single
-encoding, so no id ever changes at a prompt/answer seam. `train_on`:
-  - ``assistant``: the content and `<|eot_id|>` of every assistant turn;
+Each dialog is rendered ONCE with the tokenizer's chat format (the model's own chat template,
+or the built-in Llama 3 format: `Tokenizer.encode_dialog_masked`); the loss mask comes from that
+single encoding, so no id ever changes at a prompt/answer seam. `train_on`:
+  - ``assistant``: the content and end-of-turn token (`<|eot_id|>`, `<|im_end|>`, ...) of
+    every assistant turn;
   - ``last``: those of the last assistant turn only;
   - ``all``: every token.
 A token is a training target when its mask is 1: position i of a row predicts token i + 1 with
@@ -46,7 +47,6 @@ from llama_jax.data import chatterbot, loader
 from llama_jax.data.packing import permutation
 from llama_jax.data.sources import parse_data_path
 from llama_jax.data.tfds import tfds_builder
-from llama_jax.tokenizer.chat import render_dialog
 
 log = logging.getLogger("llama_jax.data.chat")
 
@@ -191,24 +191,16 @@ def read_dialogs(
 def render(
     tokenizer: Any, messages: list[dict[str, str]], train_on: str
 ) -> tuple[list[int], list[int]]:
-    """(ids, mask): the single Llama 3 chat encoding of a dialog and which ids are targets.
+    """(ids, mask): the single chat encoding of a dialog (the model's template, or the built-in
+    Llama 3 format) and which ids are targets (`Tokenizer.encode_dialog_masked`).
 
     Raises:
-      ValueError for an unknown `train_on`.
+      ValueError for an unknown `train_on`, or a template no mask can be cut from.
     """
 
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; valid: {', '.join(TRAIN_ON)}")
-    ids, spans = render_dialog(tokenizer, messages)
-    if train_on == "all":
-        return ids, [1] * len(ids)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    chosen = set(assistant[-1:] if train_on == "last" else assistant)
-    mask = [0] * len(ids)
-    for start, stop, i, part in spans:
-        if i in chosen and part in ("content", "eot"):
-            mask[start:stop] = [1] * (stop - start)
-    return ids, mask
+    return tokenizer.encode_dialog_masked(messages, train_on)
 
 
 @dataclasses.dataclass

@@ -30,8 +30,14 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--chat",
         action="store_true",
-        help="instruct models: prompts in the Llama 3 chat format, few-shot examples as turns "
+        help="instruct models: prompts in the model's chat format, few-shot examples as turns "
         "(lm-eval tasks: apply_chat_template + fewshot_as_multiturn)",
+    )
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="with --chat: a jinja2 chat template used instead of the model's own",
     )
     p.add_argument("--cache_dir", default=None, help="where task archives are kept")
     p.add_argument("--no_progress", action="store_true")
@@ -57,7 +63,9 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
         # before loading the model
         runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
-        model = LoadedModel.from_pretrained(args.model_path, dtype=args.dtype)
+        model = LoadedModel.from_pretrained(
+            args.model_path, dtype=args.dtype, chat_template=args.chat_template
+        )
         metrics, truncated = runner.evaluate(
             model,
             names,
@@ -71,7 +79,7 @@ def main(argv: list[str]) -> int:
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(runner.format_table(metrics))
     for task, n in truncated.items():
@@ -87,10 +95,35 @@ def main(argv: list[str]) -> int:
         "chat": args.chat,
         "truncated": truncated,
     }
+    # The results are on screen; what follows writes them. A failure here is one line, and the
+    # other write is still attempted.
+    code = 0
     if args.output:
-        runner.write_json(args.output, metrics, config)
-        print(f"wrote {args.output}")
+        try:
+            runner.write_json(args.output, metrics, config)
+            print(f"wrote {args.output}")
+        except OSError as e:
+            code = _write_failed(f"cannot write --output {args.output}", e)
     if is_run_dir(args.model_path):
-        step = runner.log_to_run_dir(args.model_path, metrics)
-        print(f"logged to {args.model_path}/metrics.jsonl and TensorBoard at step {step}")
-    return 0
+        if args.limit is not None:  # a part of each task is not the run's evaluation
+            print(
+                f"not logged to {args.model_path}/metrics.jsonl: --limit={args.limit} evaluates "
+                "part of each task (run without --limit to log a full evaluation)"
+            )
+        else:
+            try:
+                step = runner.log_to_run_dir(args.model_path, metrics)
+                print(f"logged to {args.model_path}/metrics.jsonl and TensorBoard at step {step}")
+            except OSError as e:
+                code = _write_failed(f"cannot log to {args.model_path}/metrics.jsonl", e)
+    return code
+
+
+def _write_failed(what: str, e: OSError) -> int:
+    why = e.strerror or str(e)
+    print(
+        f"error: {what} ({why}); the results above are complete: rerun with --output "
+        "on a writable path to keep them",
+        file=sys.stderr,
+    )
+    return 1

@@ -1,7 +1,7 @@
 """Few-shot prompts: k solved examples before the question, chosen with a fixed seed.
 
 `fewshot_prompt` renders plain text (examples joined by a blank line, as lm-eval's default
-`fewshot_delimiter`); with `chat=True` it renders the Llama 3 chat format instead (each example
+`fewshot_delimiter`); with `chat=True` it renders the model's chat format instead (each example
 a user turn and an assistant turn, the question a last user turn, then the assistant header),
 for instruct models. The examples are drawn from a separate pool (the task's few-shot split),
 never from the evaluated items, with `random.Random(seed)`, so a run is reproducible.

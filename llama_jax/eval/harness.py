@@ -43,7 +43,6 @@ from llama_jax.inference.loaded import LoadedModel
 from llama_jax.inference.sampler import Generation, SamplingParams
 from llama_jax.inference.scoring import rolling_windows
 from llama_jax.model import sharding
-from llama_jax.tokenizer.chat import END_OF_TURN
 
 log = logging.getLogger("llama_jax.eval")
 
@@ -303,15 +302,19 @@ class LlamaJaxLM(TemplateLM):
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        """The Llama 3 chat rendering, as text. Without a generation prompt (a task's
-        `gen_prefix`), the final assistant message stays open, as the hf backend's
-        `continue_final_message=True` leaves it: no `<|eot_id|>` after it."""
+        """The dialog in the model's chat format (`Tokenizer.encode_dialog`: its own template,
+        else the built-in Llama 3 format), as text. Without a generation prompt (a task's
+        `gen_prefix`), the final message stays open, as the hf backend's
+        `continue_final_message=True` leaves it: no end of turn after it."""
         tok = self.tokenizer_obj
-        ids = tok.encode_dialog(chat_history, add_generation_prompt)
-        eot = tok.special_tokens[END_OF_TURN]
-        if not add_generation_prompt and chat_history and ids and ids[-1] == eot:
-            ids = ids[:-1]
+        ids = tok.encode_dialog(
+            chat_history,
+            add_generation_prompt,
+            continue_final_message=not add_generation_prompt and bool(chat_history),
+        )
         return tok.decode(ids)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return "llama3" if chat_template else None
+        if not chat_template:
+            return None
+        return self.tokenizer_obj.chat_template or "llama3"

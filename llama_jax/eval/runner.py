@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from llama_jax.atomic import write_atomic
 from llama_jax.eval import tasks as builtin
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice
 from llama_jax.eval.fewshot import choose_examples, fewshot_prompt
@@ -32,6 +34,8 @@ from llama_jax.formats.checkpoint import committed_steps
 from llama_jax.inference.sampler import Sampler
 from llama_jax.inference.scoring import Scorer
 from llama_jax.training.metrics import MetricsWriter
+
+log = logging.getLogger("llama_jax.eval")
 
 LM_EVAL_EXTRA = "pip install llama_jax[eval]"
 
@@ -127,11 +131,12 @@ class Evaluator:
             bar.close()
 
     def _run(self, task, data, k, limit, seed, chat, bar) -> list[Metric]:
-        shots = choose_examples(data.fewshot, k, seed) if k else []
         if task.kind == "perplexity":
-            if k or chat:
-                raise ValueError(
-                    f"task {task.name!r} is perplexity: num_fewshot / chat do not apply"
+            if chat:
+                raise ValueError(f"task {task.name!r} is perplexity: --chat does not apply")
+            if k:  # as lm-eval's rolling-loglikelihood tasks: scored zero-shot, said so
+                log.warning(
+                    "task %s is perplexity: scored zero-shot (num_fewshot=%d ignored)", task.name, k
                 )
             docs = data.documents[:limit]
             before = self.scorer.truncated
@@ -140,6 +145,10 @@ class Evaluator:
             )
             self.truncated[task.name] = self.scorer.truncated - before
             return metrics
+        try:
+            shots = choose_examples(data.fewshot, k, seed) if k else []
+        except ValueError as e:
+            raise ValueError(f"task {task.name!r}: {e}") from None
         if task.kind == "choice":
             items = data.items[:limit]
             if chat:
@@ -241,9 +250,35 @@ def _local_index(include_path: str | None) -> dict[str, Any]:
     """lm-eval's index entries of the tasks in `include_path` alone, by name."""
     if not include_path:
         return {}
+    _check_yaml_parses(include_path)
     from lm_eval.tasks import TaskManager
 
     return dict(TaskManager(include_path=include_path, include_defaults=False).task_index)
+
+
+def _check_yaml_parses(include_path: str) -> None:
+    """lm-eval skips a YAML file it cannot parse without a word, so its task would be reported
+    as unknown: name the file and the place instead."""
+    for root, _, files in os.walk(include_path):
+        for f in sorted(files):
+            if not f.endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(root, f)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    yaml.load(fh, Loader=_AnyTagLoader)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"task file {path} is not UTF-8 ({e.reason} at byte {e.start})"
+                ) from None
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ValueError(
+                    f"task file {path} is not valid YAML ({problem}{at}); fix it (lm-eval "
+                    "would skip it and call its task unknown)"
+                ) from None
 
 
 def _local_tasks(include_path: str | None) -> set[str]:
@@ -280,6 +315,33 @@ def check_yaml_task(name: str, entry: Any) -> None:
         for f in (x for v in files for x in (v if isinstance(v, list) else [v])):
             if isinstance(f, str) and not any(c in f for c in "*?[") and not os.path.exists(f):
                 raise ValueError(f"{where}: data file {f} does not exist")
+            if isinstance(f, str) and os.path.isfile(f) and cfg["dataset_path"] == "json":
+                _check_jsonl(f, where)
+
+
+def _check_jsonl(path: str, where: str) -> None:
+    """Names the file and line of a byte that is not UTF-8 or a line that is not JSON (the
+    datasets library reports neither)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1)
+        fh.seek(0)
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: data file {path} line {i}: byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1} is not UTF-8; save the file as UTF-8"
+                ) from None
+            if head == b"[" or not line.strip():  # a JSON array file: one document, not lines
+                continue
+            try:
+                json.loads(line)
+            except ValueError as e:
+                raise ValueError(
+                    f"{where}: data file {path} line {i} is not JSON ({e}); JSON Lines need "
+                    "one object per line"
+                ) from None
 
 
 _NEEDS = (
@@ -327,7 +389,7 @@ def run_lm_eval(
     **lm_eval_kwargs: Any,
 ) -> tuple[list[Metric], dict]:
     """lm-eval tasks on a `Llama3` through the llama_jax backend; returns our metrics and
-    lm-eval's own output. `chat` renders prompts in the Llama 3 chat format, few-shot examples
+    lm-eval's own output. `chat` renders prompts in the model's chat format, few-shot examples
     as turns (lm-eval's apply_chat_template + fewshot_as_multiturn); `seed` picks the
     few-shot examples (lm-eval's fewshot_random_seed); other keywords go to simple_evaluate."""
     # deferred: lm-eval is an extra (and the harness module needs it)
@@ -487,8 +549,7 @@ def evaluate(
 
 
 def write_json(path: str, metrics: Sequence[Metric], config: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(to_lm_eval_json(metrics, config), f, indent=2, ensure_ascii=False)
+    write_atomic(path, json.dumps(to_lm_eval_json(metrics, config), indent=2, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------- trainer

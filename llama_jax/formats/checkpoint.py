@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -235,8 +236,19 @@ def state_fingerprint(state: Any) -> dict[str, Any]:
     return {"format": 1, "finite": bool(finite), "leaves": dict(zip(paths, map(int, sums)))}
 
 
-def verification_problem(state: Any, recorded: dict | None) -> str | None:
-    """Why a restored state cannot be trusted (None: it can)."""
+def data_digest(data_state: Any) -> str:
+    """sha256 of the data-loader state as canonical JSON: the verification record holds it, so
+    an edited data position (resuming from the wrong place in the data) is detected."""
+    text = json.dumps(data_state, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def verification_problem(state: Any, recorded: dict | None, data_state: Any = None) -> str | None:
+    """Why a restored state cannot be trusted (None: it can).
+
+    Only the leaves of `state` are compared, so a params subtree (`{"params": ...}`) verifies
+    against the whole train state's record; `data_state` is compared when given.
+    """
     now = state_fingerprint(state)
     if not now["finite"]:
         return "holds non-finite values"
@@ -252,7 +264,84 @@ def verification_problem(state: Any, recorded: dict | None) -> str | None:
             f"does not match the fingerprint written at save ({len(bad)} arrays differ, "
             f"e.g. {bad[0]})"
         )
+    missing = [p for p in now["leaves"] if p not in recorded["leaves"]]
+    if missing:
+        return f"has arrays its fingerprint does not list (e.g. {missing[0]})"
+    digest = recorded.get("data")
+    if data_state is not None and digest is not None and digest != data_digest(data_state):
+        return "has a data-loader state that does not match the fingerprint written at save"
     return None
+
+
+def expects_verify_record(step_dir: str) -> bool:
+    """Whether the step was saved with a verification record (format 2 says so in orbax's
+    step metadata), so a missing `verify/` item means it was deleted, not never written."""
+    try:
+        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return bool((meta.get("custom_metadata") or {}).get("verify_record"))
+
+
+def read_verify_record(step_dir: str) -> tuple[dict | None, str | None]:
+    """(record, problem): the step's verification record, or why it cannot be trusted. A step
+    without one that never promised one (saved before fingerprints existed) gives (None, None):
+    the caller checks finiteness and warns."""
+    if not os.path.isdir(os.path.join(step_dir, VERIFY_ITEM)):
+        if expects_verify_record(step_dir):
+            return None, "has lost its verification record (verify/ was deleted)"
+        return None, None
+    try:
+        return read_json_item(step_dir, VERIFY_ITEM), None
+    except Exception as e:  # a truncated or edited record: orbax raises anything
+        return None, f"has an unreadable verification record ({type(e).__name__})"
+
+
+def load_verified_params(checkpoints_dir: str, below: int | None = None) -> tuple[int, Any]:
+    """(step, numpy params) of the newest committed training checkpoint that verifies, as
+    resume does: readable, finite, equal to the fingerprint written at save. Newer steps that
+    fail are named in a warning and skipped (never moved: a reader may not own the run).
+
+    Raises:
+      CheckpointError: no committed step (below `below`, if given) verifies (each one's
+        problem is listed).
+    """
+    steps = [s for s in committed_steps(checkpoints_dir) if below is None or s < below]
+    failed: list[tuple[int, str]] = []
+    for step in reversed(steps):
+        step_dir = os.path.join(checkpoints_dir, str(step))
+        recorded, problem = read_verify_record(step_dir)
+        params = None
+        if problem is None:
+            try:
+                params = load_params(os.path.join(step_dir, "state"), subtree="params")
+            except Exception as e:  # truncated, deleted or unparsable files
+                problem = f"is unreadable ({type(e).__name__}: {_first_line(e)})"
+        if problem is None:
+            problem = verification_problem({"params": params}, recorded)
+        if problem is None:
+            if recorded is None:
+                log.warning(
+                    "checkpoint step %d in %s has no verification record (saved before "
+                    "fingerprints): only its finiteness was checked",
+                    step,
+                    checkpoints_dir,
+                )
+            if failed:
+                log.warning(
+                    "checkpoint %s in %s; loading step %d instead",
+                    "; ".join(f"step {s} {p}" for s, p in failed),
+                    checkpoints_dir,
+                    step,
+                )
+            return step, params
+        failed.append((step, problem))
+    listing = "; ".join(f"step {s} {p}" for s, p in failed) or "no committed step"
+    raise CheckpointError(
+        f"no checkpoint in {checkpoints_dir} can be loaded ({listing}); retrain, or restore the "
+        "run directory from a copy"
+    )
 
 
 def is_disk_full(e: BaseException | None) -> bool:
@@ -282,9 +371,17 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot open the checkpoint directory {self.directory} "
+                f"({type(e).__name__}: {_first_line(e)}); make it writable or use another "
+                "--model_path"
+            ) from e
         self._last_saved: int | None = None
         self._in_flight: int | None = None
+        self._failed = False  # a save failed: its orbax threads will never finish
 
     def latest_step(self) -> int | None:
         steps = committed_steps(self.directory)
@@ -293,7 +390,9 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         if step == self._last_saved or step in committed_steps(self.directory):
             return
-        verify = state_fingerprint(state)
+        if self._failed:
+            raise CheckpointError(f"a checkpoint write to {self.directory} failed earlier")
+        verify = {**state_fingerprint(state), "format": 2, "data": data_digest(data_state)}
         if not verify["finite"]:  # the trainer never gets here; a last line of defence
             raise CheckpointError(f"refusing to save step {step}: the state is not finite")
         with self._disk_errors(step):
@@ -305,6 +404,7 @@ class TrainCheckpointer:
                     config=ocp.args.JsonSave(config),
                     verify=ocp.args.JsonSave(verify),
                 ),
+                custom_metadata={"verify_record": 2},
             )
         self._last_saved = self._in_flight = step
 
@@ -338,40 +438,87 @@ class TrainCheckpointer:
 
     def _try_restore(self, step: int, target: Any) -> tuple[str | None, Any]:
         step_dir = os.path.join(self.directory, str(step))
-        has_verify = os.path.isdir(os.path.join(step_dir, VERIFY_ITEM))
+        recorded, problem = read_verify_record(step_dir)
+        if problem is not None:
+            return problem, None
         args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-        if has_verify:
-            args[VERIFY_ITEM] = ocp.args.JsonRestore()
         try:
             with _quiet_orbax_warnings():
                 out = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # truncated, deleted or unparsable files: orbax raises anything
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             return f"is unreadable ({type(e).__name__}: {first})", None
-        problem = verification_problem(out["state"], out[VERIFY_ITEM] if has_verify else None)
+        problem = verification_problem(out["state"], recorded, out["data"])
+        if problem is None and recorded is None:
+            log.warning(
+                "checkpoint step %d has no verification record (saved before fingerprints): "
+                "only its finiteness was checked",
+                step,
+            )
         return problem, (out["state"], out["data"])
 
     def wait(self) -> None:
+        if self._failed:  # orbax's threads of the failed save never finish: do not wait on them
+            return
         with self._disk_errors(self._in_flight):
             self._manager.wait_until_finished()
         self._in_flight = None
 
+    def newest_intact(self, below: int | None = None) -> int | None:
+        """The newest committed step (below `below`) whose params verify: what a rerun
+        resumes from. Read back, because on a full disk orbax can commit a step whose array
+        writes failed (its tasks' errors go unretrieved), so "committed" is not "intact"."""
+        try:
+            return load_verified_params(self.directory, below=below)[0]
+        except CheckpointError:
+            return None
+
     @contextlib.contextmanager
     def _disk_errors(self, step: int | None):
-        """A full disk is named as such, with the checkpoint that is still intact."""
+        """Any failed write becomes one CheckpointError naming the step that failed (an async
+        save's failure surfaces at the next save or wait, so it may be an earlier step than
+        the one being saved), the cause, and the checkpoint a rerun resumes from."""
         try:
             yield
         except Exception as e:
-            if not is_disk_full(e):
-                raise
-            with contextlib.suppress(Exception):
-                self._manager.wait_until_finished()
-            intact = [s for s in committed_steps(self.directory) if s != step]
-            prev = f"step {intact[-1]}" if intact else "none"
+            self._failed = True
+            failed = step
+            if self._in_flight is not None and self._in_flight not in committed_steps(
+                self.directory
+            ):
+                failed = self._in_flight
+            intact = self.newest_intact(below=failed)
+            prev = (
+                f"the newest intact checkpoint is step {intact} and a rerun resumes from it"
+                if intact is not None
+                else "no checkpoint was written; a rerun starts afresh"
+            )
+            if is_disk_full(e):
+                raise CheckpointError(
+                    f"No space left on device while saving step {failed} to {self.directory}; "
+                    f"{prev}; free some space (or move --model_path) and rerun"
+                ) from e
+            cause = _root_cause(e)
             raise CheckpointError(
-                f"No space left on device while saving step {step} to {self.directory}; "
-                f"the previous checkpoint ({prev}) is intact"
+                f"cannot write checkpoint step {failed} to {self.directory} "
+                f"({type(cause).__name__}: {_first_line(cause)}); {prev}; make the directory "
+                "writable (check its permissions and `lsattr -d`) or use another --model_path"
             ) from e
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost OSError in an exception chain (orbax wraps its workers' errors)."""
+    found = e
+    while e is not None:
+        if isinstance(e, OSError):
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _sync(name: str) -> None:

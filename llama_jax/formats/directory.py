@@ -9,8 +9,18 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from llama_jax.formats.checkpoint import PARAMS_DIR, committed_steps, load_params, save_params
+from llama_jax.atomic import write_atomic
+from llama_jax.formats.checkpoint import (
+    PARAMS_DIR,
+    committed_steps,
+    load_params,
+    load_verified_params,
+    save_params,
+)
 from llama_jax.model.config import ModelConfig
+
+# Beside the tokenizer file: the chat template and the tokens / eos ids it uses.
+CHAT_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -31,7 +41,8 @@ def copy_tokenizer(src: str, dst: str, extra: tuple[str, ...] = ()) -> str | Non
     for name in TOKENIZER_FILES + extra:
         p = os.path.join(src, name)
         if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(dst, name))
+            with open(p, "rb") as f:  # atomic: a failed export leaves no partial tokenizer
+                write_atomic(os.path.join(dst, name), f.read())
             if name in TOKENIZER_FILES and found is None:
                 found = name
     return found
@@ -60,7 +71,7 @@ def save_llama_jax(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config.to_json())
         if tokenizer_src:
-            copy_tokenizer(tokenizer_src, tmp)
+            copy_tokenizer(tokenizer_src, tmp, CHAT_FILES)  # the chat template travels too
         if write_tokenizer is not None:  # e.g. a GGUF file's tokenizer as tokenizer.json
             write_tokenizer(tmp)
         save_params(os.path.join(tmp, PARAMS_DIR), params)
@@ -84,12 +95,12 @@ def is_run_dir(path: str) -> bool:
 
 
 def load_llama_jax(path: str) -> tuple[ModelConfig, dict]:
-    """A llama_jax model directory, or a run directory's newest committed checkpoint."""
+    """A llama_jax model directory, or a run directory's newest checkpoint that verifies."""
 
     with open(os.path.join(path, "config.json")) as f:
         config = ModelConfig.from_dict(json.load(f))
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         return config, load_params(os.path.join(path, PARAMS_DIR))
-    step = committed_steps(os.path.join(path, "checkpoints"))[-1]
-    state = os.path.join(path, "checkpoints", str(step), "state")
-    return config, load_params(state, subtree="params")
+    # Verified as resume verifies: a flipped bit falls back to an older step, with a warning.
+    _, params = load_verified_params(os.path.join(path, "checkpoints"))
+    return config, params

@@ -20,8 +20,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.formats import peft
-from llama_jax.formats.checkpoint import committed_steps, load_params
+from llama_jax.formats.checkpoint import committed_steps, load_verified_params
 from llama_jax.model import lora as lora_lib
 from llama_jax.model.config import ModelConfig
 
@@ -59,10 +60,7 @@ def write_record(run_dir: str, base: dict[str, Any], lora: lora_lib.LoraConfig |
         "base": base,
         "lora": None if lora is None else dataclasses.asdict(lora),
     }
-    tmp = os.path.join(run_dir, FINETUNE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, FINETUNE_FILE))
+    write_atomic(os.path.join(run_dir, FINETUNE_FILE), json.dumps(record, indent=2))
 
 
 def read_record(run_dir: str) -> dict[str, Any] | None:
@@ -111,8 +109,7 @@ def run_adapters(run_dir: str) -> Any:
     steps = committed_steps(os.path.join(run_dir, "checkpoints"))
     if not steps:
         raise ValueError(f"{run_dir} has no committed checkpoint yet")
-    state = os.path.join(run_dir, "checkpoints", str(steps[-1]), "state")
-    adapters = load_params(state, subtree="params")
+    step, adapters = load_verified_params(os.path.join(run_dir, "checkpoints"))
     layers = [v for k, v in adapters.items() if k == "layers" or k.startswith("layers_")]
     if len(layers) != len(adapters) or not all(
         isinstance(ab, dict) and set(ab) == {"a", "b"}
@@ -121,7 +118,7 @@ def run_adapters(run_dir: str) -> Any:
         for ab in mod.values()
     ):
         raise ValueError(
-            f"{run_dir}: the checkpoint of step {steps[-1]} holds no LoRA adapters (keys "
+            f"{run_dir}: the checkpoint of step {step} holds no LoRA adapters (keys "
             f"{sorted(adapters)}), though {FINETUNE_FILE} names a LoRA config"
         )
     return adapters

@@ -21,10 +21,16 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from llama_jax.model.config import ModelConfig
 
-HF_EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_EXTRA_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 # ----------------------------------------------------------------------------- the name map
@@ -195,8 +201,7 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
     """
     os.makedirs(path, exist_ok=True)
     hf = config.to_hf()  # torch_dtype: config.param_dtype, the dtype the params are stored in
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+    write_atomic(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
     # Shards of at most max_shard_bytes; one file when it fits.
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
@@ -217,8 +222,8 @@ def save_hf(params: Any, config: ModelConfig, path: str, max_shard_bytes: int = 
         for name, a in shard:
             weight_map[name] = fn
             total += a.nbytes
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_atomic(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2))
 
 
 def with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -> ModelConfig:
@@ -230,3 +235,40 @@ def with_param_dtype(config: ModelConfig, params: dict, compute: bool = False) -
     if compute:
         return dataclasses.replace(config, param_dtype=name, dtype=name)
     return dataclasses.replace(config, param_dtype=name)
+
+
+def write_hf_token_files(path: str, config: ModelConfig, tokenizer: Any) -> None:
+    """The model's own special ids in an exported directory, so transformers uses it as-is:
+    `bos/eos/pad_token_id` in config.json (ModelConfig.to_hf writes Llama 3's 128000/128001),
+    and, unless the source came with its own, `generation_config.json` (every stop id: chat
+    turns end at end-of-turn) and `tokenizer_config.json` (special tokens, context length and
+    the chat template where the tokenizer has one)."""
+    ids = {v: k for k, v in tokenizer.special_tokens.items()}
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    hf["pad_token_id"] = tokenizer.pad_id
+    write_atomic(cfg_path, json.dumps(hf, indent=2))
+    stops = list(tokenizer.stop_ids)
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
+        "pad_token_id": tokenizer.pad_id,
+        "max_length": config.max_seq_len,
+    }
+    if not os.path.isfile(os.path.join(path, "generation_config.json")):
+        write_atomic(os.path.join(path, "generation_config.json"), json.dumps(generation, indent=2))
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        tok_cfg = {
+            "bos_token": ids[tokenizer.bos_id],
+            "eos_token": ids[tokenizer.eos_id],
+            "pad_token": ids.get(tokenizer.pad_id) if tokenizer.pad_id is not None else None,
+            "model_max_length": config.max_seq_len,
+            "add_bos_token": True,
+            "add_eos_token": False,
+        }
+        template = getattr(tokenizer, "chat_template", None)
+        if template:
+            tok_cfg["chat_template"] = template
+        write_atomic(os.path.join(path, "tokenizer_config.json"), json.dumps(tok_cfg, indent=2))

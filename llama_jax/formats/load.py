@@ -28,10 +28,12 @@ from llama_jax.formats.hf import (
     save_hf,
     tensors_to_params,
     with_param_dtype,
+    write_hf_token_files,
 )
 from llama_jax.formats.meta import is_meta_dir, load_meta
 from llama_jax.model import lora as lora_lib
 from llama_jax.model.config import ModelConfig
+from llama_jax.tokenizer import load_tokenizer
 
 
 def load_gguf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
@@ -116,7 +118,7 @@ def convert(
         with open(os.path.join(input_dir, "config.json")) as f:
             config = ModelConfig.from_dict(json.load(f))
         save_hf(LazyParams(os.path.join(input_dir, PARAMS_DIR)), config, output_dir)
-        copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+        _hf_tokenizer_files(input_dir, output_dir, config)
         return config
     config, params = load_any(input_dir, np_dtype)
     config = with_param_dtype(config, params)
@@ -131,11 +133,20 @@ def convert(
         save_llama_jax(params, config, output_dir, src, write_tokenizer)
     else:
         save_hf(params, config, output_dir)
-        if src:
-            copy_tokenizer(src, output_dir, HF_EXTRA_FILES)
+        _hf_tokenizer_files(input_dir, output_dir, config)
         if write_tokenizer is not None:
             write_tokenizer(output_dir)
     return config
+
+
+def _hf_tokenizer_files(input_dir: str, output_dir: str, config: ModelConfig) -> None:
+    """The tokenizer as it came, plus the special ids transformers needs (see hf.py)."""
+    copy_tokenizer(input_dir, output_dir, HF_EXTRA_FILES)
+    try:
+        tokenizer = load_tokenizer(output_dir)
+    except (FileNotFoundError, ValueError):  # no tokenizer in the source: weights alone
+        return
+    write_hf_token_files(output_dir, config, tokenizer)
 
 
 def read_config(path: str) -> ModelConfig:

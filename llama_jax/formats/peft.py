@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.formats.safetensors import SafetensorsFile, write_safetensors
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import _WHERE, TARGETS, LoraConfig
@@ -203,5 +204,4 @@ def save_peft(
         "inference_mode": True,
         "modules_to_save": None,
     }
-    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
+    write_atomic(os.path.join(path, ADAPTER_CONFIG), json.dumps(cfg, indent=2))

@@ -15,6 +15,7 @@ on CPU with 16-bit weights each projection is stored as contiguous [C, M, Kc] ch
   prepare_decode_params  the params laid out for decoding (layers unrolled; projections in the
                          matvec layout where chosen), on the model's mesh.
   decode_compiler_options  XLA options for the jitted decode steps (CPU float32: no YNN dots).
+  float_buffers          the float buffers a compiled step writes (finds dequantised copies).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -250,6 +252,45 @@ def resolve_layout(layout: str, config: ModelConfig, mesh: Mesh, quantized: bool
     cpu = mesh.devices.flat[0].platform == "cpu"
     narrow = quantized or config.dtype in ("bfloat16", "float16")
     return "matvec" if cpu and narrow else "standard"
+
+
+# ----------------------------------------------------------------------------- HLO check
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\(")
+_NOT_A_BUFFER = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+
+def float_buffers(hlo: str, min_elements: int) -> list[str]:
+    """Floating-point buffers of at least `min_elements` that a compiled program writes.
+
+    Only the instructions of unfused computations (the entry, loop bodies, branches) are
+    buffers; what happens inside a fusion stays in registers. A decode step over int8 weights
+    that writes none of a weight's size reads each weight once, as int8 (XLA did not convert it
+    into a bf16/f32 copy first).
+
+    Args:
+      hlo: the optimised HLO text (`jax.jit(f).lower(...).compile().as_text()`).
+      min_elements: the size that counts (e.g. the smallest weight's element count).
+
+    Returns:
+      One "name: dtype[dims] opcode" line per such buffer.
+    """
+    fused = set(re.findall(r"\bfusion\(.*?calls=%?([\w.\-]+)", hlo))
+    fused |= set(re.findall(r"\bto_apply=%?([\w.\-]+)", hlo))
+    out, current = [], None
+    for line in hlo.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head and "=" not in line.split("{")[0]:
+            current = head.group(1)
+            continue
+        op = _HLO_OP.match(line)
+        if op is None or current in fused:
+            continue
+        dtype, dims, opcode = op.groups()
+        size = math.prod(int(d) for d in dims.split(",")) if dims else 1
+        if dtype in ("f32", "bf16", "f16") and size >= min_elements and opcode not in _NOT_A_BUFFER:
+            out.append(f"{current}: {dtype}[{dims}] {opcode}")
+    return out
 
 
 # XLA:CPU hands dots to YNNPACK by default. For the few-row float32 products of a decode step

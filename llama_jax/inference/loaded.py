@@ -50,6 +50,7 @@ class LoadedModel:
         tokenizer: Any | None = None,
         adapter: str | None = None,
         quantize: str | None = None,
+        chat_template: str | None = None,
     ):
         """Loads `model_path`, or wraps an in-memory (config, params) pair.
 
@@ -66,7 +67,15 @@ class LoadedModel:
             (checked to fit the base).
           quantize: "int8" runs generation, scoring and `logits` with int8 projection weights
             and per-channel scales (quantize.py); None (default) uses the weights as loaded.
+          chat_template: a jinja2 chat template file (or a tokenizer_config.json holding one)
+            used instead of the tokenizer's own template (or the built-in Llama 3 format)
+            wherever `tokenizer.encode_dialog` renders a dialog (`--chat_template FILE`).
         """
+        self._chat_template = None
+        if chat_template is not None:  # read and compiled before the weights load
+            from llama_jax.tokenizer.chat_template import read_template_file
+
+            self._chat_template = read_template_file(chat_template)
         self.quantize = check_quantize(quantize)
         if dtype == "auto":
             dtype = None
@@ -101,6 +110,8 @@ class LoadedModel:
             jax.tree.map(lambda a: np.asarray(a).astype(cast), params), self.param_shardings
         )
         self._tokenizer = tokenizer
+        if tokenizer is not None and self._chat_template is not None:
+            tokenizer.use_chat_settings(self._chat_template)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str | None = None, **kwargs: Any) -> LoadedModel:
@@ -121,6 +132,8 @@ class LoadedModel:
             if self.model_path is None:
                 raise ValueError("this model was built in memory: pass tokenizer= to Llama3()")
             self._tokenizer = load_tokenizer(self.model_path)
+            if self._chat_template is not None:
+                self._tokenizer.use_chat_settings(self._chat_template)
         return self._tokenizer
 
     # ------------------------------------------------------------------ sampling
@@ -130,9 +143,9 @@ class LoadedModel:
         prefill / decode functions.
 
         Args:
-          **options: `layout`, `unroll`, `dtype`, `quantize` of `Sampler` (default:
-            chosen for the platform, see `decode_layout.prepare_decode_params`; quantize as
-            given to `Llama3`).
+          **options: `layout`, `unroll`, `dtype`, `quantize`, `decode_chunk` of `Sampler`
+            (default: chosen for the platform, see `decode_layout.prepare_decode_params` and
+            `sampler.DECODE_CHUNK`; quantize as given to `Llama3`).
         """
         options = {"quantize": self.quantize, "vocab_limit": self._decodable_vocab(), **options}
         cached = getattr(self, "_sampler_cache", None)
@@ -152,10 +165,12 @@ class LoadedModel:
         except (ValueError, OSError):
             return None
 
-    def scorer(self, **options: Any) -> Any:
-        """The log-likelihood engine (`eval.scoring.Scorer`) over these params, made on first
-        use and remade when `params` is replaced or `options` (max_batch_size,
-        max_batch_bytes) change."""
+    def scorer(self, **options: Any) -> Scorer:
+        """The log-likelihood engine (`inference.scoring.Scorer`, the one every score goes
+        through) over these params, made on first use and remade when `params` is replaced or
+        `options` (max_batch_size, max_batch_bytes, quantize) change; int8 as given to the
+        model unless `quantize` says otherwise."""
+        options = {"quantize": self.quantize, **options}
         cached = getattr(self, "_scorer_cache", None)
         if cached is None or cached[0] is not self.params or cached[1] != options:
             made = Scorer(self.config, self.params, self.mesh, **options)

@@ -7,8 +7,9 @@ Bottom up:
                          16-bit weights, projections as matrix-vector-friendly chunks.
   Sampler                owns the decode params and the jitted functions: `prefill`,
                          `decode_step` (donates the cache), and the generation loop: `_start`
-                         (prefill + first token) and `_run` (a `lax.while_loop` over decode
-                         steps that exits once every row has stopped). Batch and cache lengths
+                         (prefill + first token) and `_run` (a `lax.while_loop` that exits
+                         once every row has stopped; each iteration makes `decode_chunk`
+                         steps in a fixed-trip `lax.scan`). Batch and cache lengths
                          are bucketed to powers of two, prompts to 2^k or 3 * 2^(k-1), so new
                          prompt lengths reuse compiled code and a generation never compiles
                          per token.
@@ -45,9 +46,11 @@ from llama_jax.inference.decode_layout import (  # noqa: F401  (TIED_HEAD re-exp
 from llama_jax.inference.sampling_params import (  # noqa: F401  (re-exported: sampling.X keeps working)
     MIN_BUCKET,
     SamplingParams,
+    _check_seed,
     _step_keys,
     batch_bucket,
     bucket,
+    check_prompts,
     length_bucket,
     sample_tokens,
 )
@@ -65,6 +68,12 @@ from llama_jax.model.transformer import (
 Array = jax.Array
 
 STOP_ID_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
+# Decode steps per iteration of the generation loop, by platform (see `Sampler`): on a GPU every
+# while-loop iteration pays a fixed cost (its predicate copied to the host, the body's kernels
+# launched one by one) that a fixed-trip inner scan of k steps pays once per k tokens; on CPU
+# an iteration costs next to nothing (bench/RESULTS.md, "decode_chunk").
+DECODE_CHUNK = {"cpu": 1, "gpu": 8, "tpu": 8}
+DEFAULT_DECODE_CHUNK = 8  # other platforms
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -75,6 +84,8 @@ class Sampler:
       config: the decode config (unrolled layers unless `unroll=False`).
       params: the decode params (see `prepare_decode_params`), sharded over `mesh`.
       layout: "standard" or "matvec".
+      decode_chunk: decode steps per iteration of the generation loop (may be changed between
+        calls: each value compiles its own loop).
       trace_counts: how often each jitted function was traced (= compiled); for tests.
     """
 
@@ -89,6 +100,7 @@ class Sampler:
         dtype: str | None = None,
         quantize: str | None = None,
         vocab_limit: int | None = None,
+        decode_chunk: int | None = None,
     ):
         """Prepares the decode params from `params` (left untouched) and the jitted functions.
 
@@ -102,7 +114,21 @@ class Sampler:
           vocab_limit: ids >= this (a model vocabulary larger than its tokenizer's, e.g. a
             tokenizer trained smaller than asked) get probability 0, so nothing is sampled that
             the tokenizer cannot decode; None: every id of the model.
+          decode_chunk: decode steps per iteration of the on-device generation loop (a
+            fixed-trip `lax.scan` inside the `while_loop`); tokens do not depend on it, only
+            the loop's fixed cost per token and the steps wasted past the end (< k per
+            `Generation.advance`). None: DECODE_CHUNK for the mesh's platform.
         """
+        platform = mesh.devices.flat[0].platform
+        if decode_chunk is None:
+            decode_chunk = DECODE_CHUNK.get(platform, DEFAULT_DECODE_CHUNK)
+        if (
+            isinstance(decode_chunk, bool)
+            or not isinstance(decode_chunk, (int, np.integer))
+            or (not 1 <= decode_chunk <= 256)
+        ):
+            raise ValueError(f"decode_chunk={decode_chunk!r}; valid: an int in [1, 256]")
+        self.decode_chunk = int(decode_chunk)
         self.mesh = mesh
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < config.vocab_size else None
         self.quantize = check_quantize(quantize)
@@ -150,11 +176,10 @@ class Sampler:
             run_options["xla_disable_hlo_passes"] = "while-loop-invariant-code-motion"
         self._run_jit = jax.jit(
             self._run_fn,
-            static_argnames=("greedy", "needs_sort"),
+            static_argnames=("greedy", "needs_sort", "chunk"),
             donate_argnames="state",
             compiler_options=run_options or None,
         )
-        self._score_jit = jax.jit(self._score_fn)
 
     # ------------------------------------------------------------------ contexts
     @contextlib.contextmanager
@@ -247,7 +272,19 @@ class Sampler:
         }
 
     def _run_fn(
-        self, params, state, until, stop_rows, rows, seed, sp, stop_ids, *, greedy, needs_sort
+        self,
+        params,
+        state,
+        until,
+        stop_rows,
+        rows,
+        seed,
+        sp,
+        stop_ids,
+        *,
+        greedy,
+        needs_sort,
+        chunk,
     ):
         self.trace_counts["run"] += 1
         state = dict(state, done=state["done"] | stop_rows)
@@ -255,7 +292,12 @@ class Sampler:
         def cond(s):
             return (s["count"] < until) & ~jnp.all(s["done"])
 
-        def body(s):
+        def step(s):
+            # A step past the budget, or after every row has stopped, changes nothing but the
+            # cache, where it writes what the next real step writes again (same token, same
+            # position): so k steps per iteration give the tokens of k = 1, only the last
+            # iteration's leftover steps are wasted.
+            live = cond(s)
             logits, cache = self._apply(
                 params, s["tokens"][:, None], s["positions"][:, None], s["cache"]
             )
@@ -268,26 +310,29 @@ class Sampler:
                 needs_sort=needs_sort,
             )
             tok = jnp.where(s["done"], 0, tok)
-            out = jax.lax.dynamic_update_slice(s["out"], tok[:, None], (0, s["count"]))
+            # count < out's width whenever live (count < until <= max_new_tokens < cache_len).
+            col = jnp.minimum(s["count"], s["out"].shape[1] - 1)
+            kept = jax.lax.dynamic_slice_in_dim(s["out"], col, 1, axis=1)[:, 0]
+            out = jax.lax.dynamic_update_slice(
+                s["out"], jnp.where(live, tok, kept)[:, None], (0, col)
+            )
             return {
                 "cache": cache,
-                "tokens": tok,
+                "tokens": jnp.where(live, tok, s["tokens"]),
                 # A finished row stays put: its position never runs past the cache.
-                "positions": jnp.where(s["done"], s["positions"], s["positions"] + 1),
-                "done": s["done"] | _is_stop(tok, stop_ids),
+                "positions": jnp.where(live & ~s["done"], s["positions"] + 1, s["positions"]),
+                "done": jnp.where(live, s["done"] | _is_stop(tok, stop_ids), s["done"]),
                 "out": out,
-                "count": s["count"] + 1,
+                "count": s["count"] + live.astype(jnp.int32),
             }
 
-        return jax.lax.while_loop(cond, body, state)
+        def body(s):
+            if chunk == 1:
+                return step(s)
+            # A fixed trip count: no per-token loop predicate goes back to the host.
+            return jax.lax.scan(lambda c, _: (step(c), None), s, None, length=chunk)[0]
 
-    def _score_fn(self, params, tokens, lengths):
-        self.trace_counts["score"] += 1
-        logits, _ = self._apply(params, tokens, None, None)  # [B, T, V] float32
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        mask = jnp.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
-        return jnp.sum(jnp.where(mask, target, 0.0), axis=-1)
+        return jax.lax.while_loop(cond, body, state)
 
     # ------------------------------------------------------------------ low-level API
     def _put(self, x: np.ndarray) -> Array:
@@ -361,110 +406,10 @@ class Sampler:
         gen.advance(max_new_tokens)
         return gen.tokens
 
-    def score(
-        self, prompts: Sequence[Sequence[int]], max_batch_bytes: int = 1 << 29
-    ) -> list[float]:
-        """Sum of log p(token_i | tokens_<i) over i >= 1 of each sequence (its first token is
-        the context, e.g. BOS).
-
-        Args:
-          prompts: token id lists, each of 1..max_seq_len tokens.
-          max_batch_bytes: rows per forward pass are limited so the float32 logits of a batch
-            stay under this size.
-
-        Returns:
-          One float per sequence.
-        """
-        seqs = check_prompts(prompts, self.config, max_new_tokens=0)
-        v, limit = self.config.vocab_size, self.config.max_seq_len
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together
-        result = [0.0] * len(seqs)
-        i = 0
-        while i < len(order):
-            # Grow the batch while its logits fit the budget (lengths only grow: sorted).
-            chunk, t = [order[i]], length_bucket(len(seqs[order[i]]), limit)
-            while i + len(chunk) < len(order):
-                t_next = length_bucket(len(seqs[order[i + len(chunk)]]), limit)
-                if (len(chunk) + 1) * t_next * v * 4 > max_batch_bytes:
-                    break
-                chunk.append(order[i + len(chunk)])
-                t = t_next
-            b = batch_bucket(len(chunk), self.batch_multiple)
-            tokens = np.zeros((b, t), np.int32)
-            lengths = np.ones((b,), np.int32)
-            for r, j in enumerate(chunk):
-                tokens[r, : len(seqs[j])] = seqs[j]
-                lengths[r] = len(seqs[j])
-            with self._context():
-                out = self._score_jit(self.params, self._put(tokens), self._put(lengths))
-            out = sharding.to_host(out)
-            for r, j in enumerate(chunk):
-                result[j] = float(out[r])
-            i += len(chunk)
-        return result
-
 
 def _is_stop(tokens: Array, stop_ids: Array) -> Array:
     """bool [B]: tokens [B] is one of stop_ids [n] (padded with -1)."""
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
-
-
-# ----------------------------------------------------------------------------- validation
-def check_prompts(
-    prompts: Sequence[Sequence[int]],
-    config: ModelConfig,
-    max_new_tokens: int,
-    truncate: bool = False,
-) -> list[list[int]]:
-    """Validates token prompts (and max_new_tokens) against the model; returns them as lists.
-
-    Raises:
-      ValueError: naming the bad value and what would be valid.
-    """
-    limit = config.max_seq_len
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}; valid: an int in [1, {limit - 1}]")
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError(f"prompts must be a list of token id lists, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("no prompts given: pass a non-empty list of prompts")
-    if max_new_tokens != 0 and not 1 <= max_new_tokens < limit:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens}; valid: 1 to {limit - 1} (the model's context, "
-            f"max_seq_len={limit}, must also hold the prompt)"
-        )
-    room = limit - max_new_tokens
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)):
-            raise ValueError(f"prompt {i} is a {type(p).__name__}; token prompts are id lists")
-        ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompt {i} is empty; a prompt needs at least one token (e.g. BOS)")
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {config.vocab_size})"
-            )
-        if len(ids) > room:
-            if not truncate:
-                need = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens{need}, more than the model's context "
-                    f"(max_seq_len={limit}); shorten it"
-                    + (", lower max_new_tokens" if max_new_tokens else "")
-                    + f" or truncate it (truncate=True; --truncate in the CLI) to keep its last "
-                    f"{room} tokens"
-                )
-            ids = ids[len(ids) - room :]
-        out.append(ids)
-    return out
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r}; valid: an int in [0, 2**32)")
-    return int(seed)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -554,6 +499,10 @@ class Generation:
     def advance(self, n_steps: int) -> list[list[int]]:
         """Runs up to n_steps decode steps on device (fewer once every row has stopped).
 
+        The device loop runs whole iterations of `decode_chunk` steps; steps past n_steps
+        change nothing (so any n_steps gives the same tokens), but cost time: pass multiples
+        of `decode_chunk` where it matters.
+
         Returns:
           The new tokens of each prompt since the previous call.
         """
@@ -569,6 +518,7 @@ class Generation:
                     s._put(self._stop_rows.copy()),
                     *self._args,
                     **self._static,
+                    chunk=s.decode_chunk,
                 )
             self._count = int(self._state["count"])
             self._collect()

@@ -6,6 +6,7 @@ sample_tokens    greedy, or a seeded draw from the filtered distribution, for [B
 _step_keys       row r's key at step s: fold_in(fold_in(key(seed), r), s).
 bucket, batch_bucket   cache / batch lengths rounded to powers of two.
 length_bucket          prompt / row lengths rounded to 2^k or 3 * 2^(k-1) (a third padding at most).
+check_prompts          token prompts (and max_new_tokens, seed) validated against the model.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.model.config import ModelConfig
 
 Array = jax.Array
 
@@ -190,3 +195,61 @@ def batch_bucket(n: int, multiple: int) -> int:
     batch axes (data * fsdp) so the cache can be split over them."""
     b = 1 << max(0, n - 1).bit_length()
     return -(-b // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- validation
+def check_prompts(
+    prompts: Sequence[Sequence[int]],
+    config: ModelConfig,
+    max_new_tokens: int,
+    truncate: bool = False,
+) -> list[list[int]]:
+    """Validates token prompts (and max_new_tokens) against the model; returns them as lists.
+
+    Raises:
+      ValueError: naming the bad value and what would be valid.
+    """
+    limit = config.max_seq_len
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; valid: an int in [1, {limit - 1}]")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of token id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass a non-empty list of prompts")
+    if max_new_tokens != 0 and not 1 <= max_new_tokens < limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}; valid: 1 to {limit - 1} (the model's context, "
+            f"max_seq_len={limit}, must also hold the prompt)"
+        )
+    room = limit - max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"prompt {i} is a {type(p).__name__}; token prompts are id lists")
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; a prompt needs at least one token (e.g. BOS)")
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {config.vocab_size})"
+            )
+        if len(ids) > room:
+            if not truncate:
+                need = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens{need}, more than the model's context "
+                    f"(max_seq_len={limit}); shorten it"
+                    + (", lower max_new_tokens" if max_new_tokens else "")
+                    + f" or truncate it (truncate=True; --truncate in the CLI) to keep its last "
+                    f"{room} tokens"
+                )
+            ids = ids[len(ids) - room :]
+        out.append(ids)
+    return out
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r}; valid: an int in [0, 2**32)")
+    return int(seed)

@@ -1,8 +1,9 @@
 """Log-likelihood scoring: (context, continuation) token requests, batched and bucketed.
 
-This is the one jitted function every log-likelihood measurement goes through (multiple choice,
-classification, rolling perplexity, the lm-eval backend). It works on params + config + mesh
-(the trainer's live params or a `Llama3`'s), never on a checkpoint.
+This is the one engine every log-likelihood measurement goes through (`Llama3.score`, multiple
+choice, classification, rolling perplexity, the lm-eval backend, the trainer's eval_tasks), in
+float or int8 weights. It works on params + config + mesh (the trainer's live params or a
+`LoadedModel`'s), never on a checkpoint.
 
 How a request is scored (the same rules as lm-eval's `hf` backend):
   - the model sees `(context + continuation)[-(max_seq_len + 1):][:-1]`: a request longer than
@@ -42,6 +43,7 @@ from jax.sharding import Mesh
 from llama_jax.inference.sampler import batch_bucket, length_bucket
 from llama_jax.model import sharding
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.quantize import as_qweights, check_quantize, int8_dense, quantize_params
 from llama_jax.model.transformer import Transformer, init_cache
 
 MIN_TARGETS = 8  # fewest scored positions per row: short requests share one compilation
@@ -116,12 +118,15 @@ class Scorer:
         *,
         max_batch_bytes: int = 1 << 29,
         max_batch_size: int = 64,
+        quantize: str | None = None,
     ):
         """Args:
         config, params, mesh: the model.
         max_batch_bytes: rows per forward pass are limited so the float32 logits of a
           batch stay under this size.
         max_batch_size: at most this many rows per forward pass.
+        quantize: "int8" scores with int8 projection weights (model/quantize.py), quantised
+          once per params object, as generation does; None scores the params as given.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}; valid: an int >= 1")
@@ -131,7 +136,9 @@ class Scorer:
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self.truncated = 0
         self.window = config.max_seq_len  # tokens the model sees per request (at most)
-        self._model = Transformer(config)
+        self.quantize = check_quantize(quantize)
+        self._model = Transformer(config, int8_dense) if self.quantize else Transformer(config)
+        self._quantized: tuple[Any, Any] = (None, None)  # (params, their int8 copy)
         self._jit = jax.jit(self._fn)
         self._shared_jit = jax.jit(self._shared_fn)
 
@@ -140,11 +147,24 @@ class Scorer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             yield
 
+    def _run_params(self) -> Any:
+        """The params the model runs on: `params`, or their int8 copy (made once per object)."""
+        if not self.quantize:
+            return self.params
+        if self._quantized[0] is not self.params:
+            self._quantized = (None, None)  # let the old copy go first
+            with self._context():
+                self._quantized = (self.params, jax.jit(quantize_params)(self.params))
+        return self._quantized[1]
+
+    def _wrap(self, params: Any) -> Any:
+        return as_qweights(params) if self.quantize else params
+
     def _fn(self, params, tokens, pos, tok):
         """tokens [B, T]; pos, tok [B, X] -> (log p(tok at pos) [B, X], argmax == tok [B, X])."""
         self.trace_counts["score"] += 1
         # Only the scored positions go through the [D, V] output projection.
-        logits, _ = self._model.apply({"params": params}, tokens, logits_at=pos)  # [B, X, V]
+        logits, _ = self._model.apply({"params": self._wrap(params)}, tokens, logits_at=pos)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, X]
         picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]  # [B, X]
         return picked - lse, jnp.argmax(logits, axis=-1) == tok
@@ -159,6 +179,7 @@ class Scorer:
           positions (relative to the suffix) and tokens.
         """
         self.trace_counts["score_shared"] += 1
+        params = self._wrap(params)
         p, tp = prefix.shape
         r, ts = suffix.shape
         cache = init_cache(self.config, p, tp + ts)
@@ -283,7 +304,7 @@ class Scorer:
                     pos[k, slot], tok[k, slot] = p, target
             with self._context():
                 logp, hit = self._jit(
-                    self.params, self._put(tokens), self._put(pos), self._put(tok)
+                    self._run_params(), self._put(tokens), self._put(pos), self._put(tok)
                 )
             logp, hit = self._fetch(logp), self._fetch(hit)
             for k, r in enumerate(chunk):
@@ -349,7 +370,7 @@ class Scorer:
                 pos[j, slot], tok[j, slot] = p - first[r], target
         with self._context():
             logp, hit = self._shared_jit(
-                self.params, self._put(prefix), self._put(suffix), self._put(start),
+                self._run_params(), self._put(prefix), self._put(suffix), self._put(start),
                 self._put(owner), self._put(pos), self._put(tok),
             )  # fmt: skip
         logp, hit = self._fetch(logp), self._fetch(hit)

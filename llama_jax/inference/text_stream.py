@@ -99,8 +99,11 @@ def generate_text(
     """Continues token prompts and returns the new text of each, ended before a stop string.
 
     Without stop strings the whole generation is one device loop; with them, the host looks
-    at the text every `chunk` steps and stops the rows that produced one.
+    at the text every `chunk` steps (rounded up to a multiple of the sampler's decode_chunk,
+    the steps one loop iteration makes) and stops the rows that produced one.
     """
+    k = sampler.decode_chunk
+    chunk = -(-chunk // k) * k
     gen = Generation(sampler, prompts, max_new_tokens, sampling, seed, stop_ids, truncate)
     streams = [TextStream(tokenizer, stop) for _ in gen.tokens]
     pieces: list[list[str]] = [[] for _ in gen.tokens]
@@ -128,9 +131,12 @@ def stream_text(
     stop_ids: Iterable[int] = (),
     truncate: bool = False,
 ) -> Iterator[str]:
-    """Yields the continuation of one token prompt as text pieces, one decode step at a time.
+    """Yields the continuation of one token prompt as text pieces, one loop iteration at a time.
 
-    The pieces concatenate to `generate_text`'s result for the same arguments.
+    Each device call runs one iteration of the generation loop: `sampler.decode_chunk` steps
+    (one on CPU; several on a GPU, where that amortises the loop's fixed cost per iteration,
+    and a few ms of delivery latency goes unnoticed by a reader). The tokens do not depend on
+    it, so the pieces concatenate to `generate_text`'s result for the same arguments.
     """
     gen = Generation(sampler, [prompt], max_new_tokens, sampling, seed, stop_ids, truncate)
     stream = TextStream(tokenizer, stop)
@@ -144,10 +150,25 @@ def stream_text(
                 return
         if gen.done:
             break
-        new = gen.advance(1)[0]
+        new = gen.advance(sampler.decode_chunk)[0]
     rest = stream.finish()
     if rest:
         yield rest
+
+
+def check_dialog_fits(ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """Raises one line when a rendered dialog and its reply cannot fit the model's context.
+
+    A dialog is never truncated from the front (that would cut the system prompt and the
+    template's opening), so the error says what to shorten instead.
+    """
+    if len(ids) + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"the dialog renders to {len(ids)} tokens in the chat format; with max_new_tokens="
+            f"{max_new_tokens} that is more than the model's context (max_seq_len={max_seq_len})"
+            ": lower max_new_tokens (--max_new_tokens), or drop early turns (/reset in llama3 "
+            "chat; truncate=True in Llama3.chat keeps the last tokens)"
+        )
 
 
 def run_chat(
@@ -156,19 +177,24 @@ def run_chat(
     write: Callable[[str], Any],
     system: str | None = None,
     prompt: str = "",
+    errors: list[str] | None = None,
     **kwargs: Any,
 ) -> list[Mapping[str, str]]:
     """An interactive chat: each line is a user turn; the reply is streamed to `write`.
 
     `/reset` forgets the conversation (keeping the system prompt), `/exit` ends it, as does
-    the end of `lines`.
+    the end of `lines`. When the conversation and `max_new_tokens` outgrow the model's
+    context, the oldest whole turns (user + reply) are dropped, never the system prompt or
+    the new turn, with a note; if those alone do not fit, the turn fails (or, with
+    `truncate=True`, loses its oldest tokens).
 
     Args:
-      model: a `Llama3` (its tokenizer must have the Llama 3 chat tokens).
+      model: a `Llama3` (dialogs in its chat format: `Tokenizer.encode_dialog`).
       lines: user input, one turn per line (e.g. sys.stdin).
       write: where output goes (e.g. sys.stdout.write); flushed by the caller's stream.
       system: an optional system prompt.
       prompt: written before reading each line (e.g. "> " on a terminal).
+      errors: if given, each failed turn's message is appended (the CLI exits non-zero).
       **kwargs: generation arguments for `model.stream`.
 
     Returns:
@@ -176,6 +202,8 @@ def run_chat(
     """
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    sp = kwargs.get("sampling") or SamplingParams()
+    max_new = kwargs.get("max_new_tokens", sp.max_new_tokens)
     flush = getattr(write, "__self__", None)
     write(prompt)
     for line in lines:
@@ -190,7 +218,13 @@ def run_chat(
             messages.append({"role": "user", "content": text})
             reply = []
             try:
-                ids = model.tokenizer.encode_dialog(messages)
+                budget = model.config.max_seq_len - max_new
+                ids, dropped = fit_dialog(model.tokenizer, messages, budget, len(start))
+                if dropped:
+                    del messages[len(start) : len(start) + dropped]
+                    write(f"[dropped the {dropped // 2} oldest turn(s) to fit the context]\n")
+                if not kwargs.get("truncate", getattr(sp, "truncate", False)):
+                    check_dialog_fits(ids, max_new, model.config.max_seq_len)
                 for piece in model.stream(ids, **kwargs):
                     reply.append(piece)
                     write(piece)
@@ -199,8 +233,24 @@ def run_chat(
             except ValueError as e:
                 messages.pop()
                 write(f"[error: {e}]")
+                if errors is not None:
+                    errors.append(str(e))
             else:
                 messages.append({"role": "assistant", "content": "".join(reply)})
             write("\n")
         write(prompt)
     return messages
+
+
+def fit_dialog(
+    tokenizer: Any, messages: list[Mapping[str, str]], budget: int, keep_head: int = 0
+) -> tuple[list[int], int]:
+    """(ids, n): the dialog's ids once its `n` oldest messages after the first `keep_head`
+    (the system prompt) are dropped, whole user + assistant pairs at a time, until the ids fit
+    `budget` tokens or only the head and the last turn are left."""
+    dropped = 0
+    ids = tokenizer.encode_dialog(messages)
+    while len(ids) > budget and len(messages) - dropped - keep_head > 1:
+        dropped += 2
+        ids = tokenizer.encode_dialog(messages[:keep_head] + messages[keep_head + dropped :])
+    return ids, dropped

@@ -35,6 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax.model.attention import (  # noqa: F401  (cudnn_attention, xla_attention re-exported)
+    attend,
+    attention_mask,
+    cached_attention,
+    cudnn_attention,
+    xla_attention,
+)
 from llama_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -139,83 +146,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_mask(
-    q_slots: Array, kv_len: int, segment_ids: Array | None, kv_segment_ids: Array | None
-) -> Array:
-    """Boolean [B, T, S]: key slot s is visible to query t iff s <= q_slots[b, t] and both
-    belong to the same segment (packed documents never attend across each other)."""
-    mask = jnp.arange(kv_len)[None, None, :] <= q_slots[:, :, None]
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return mask
-
-
-def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention in plain XLA.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S].
-    Returns:
-      [B, T, N, H]
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / np.sqrt(h))
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
-
-
-def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """`xla_attention` over a KV cache in its [B, K, S, H] layout.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, K, S, H]; mask: bool [B, T, S].
-    Returns:
-      [B, T, N, H]
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / np.sqrt(h))
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
-
-
-def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """cuDNN flash attention (GPU) through jax.nn.dot_product_attention; causal + segments."""
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-
-
-def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """TPU Pallas splash attention, causal, with segment ids; one kernel per batch row."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(n)])
-    kernel = sa.make_splash_mha_single_device(mask=mask)
-    # The kernel wants [N, T, H] per row and the scale folded into q; kv heads are repeated
-    # to N (the MQA kernel variant takes a single kv head only).
-    q = jnp.swapaxes(q, 1, 2) * (1.0 / np.sqrt(h))
-    k = jnp.repeat(jnp.swapaxes(k, 1, 2), n // kh, axis=1)
-    v = jnp.repeat(jnp.swapaxes(v, 1, 2), n // kh, axis=1)
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    seg = sa.SegmentIds(q=segment_ids, kv=segment_ids)
-    out = jax.vmap(kernel)(q, k, v, segment_ids=seg)
-    return jnp.swapaxes(out, 1, 2)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -270,15 +200,8 @@ class Attention(nn.Module):
             keys, values = cache["k"].astype(dtype), cache["v"].astype(dtype)
             mask = attention_mask(positions, keys.shape[2], None, None)
             out = cached_attention(q, keys, values, mask)
-        elif c.attention_impl == "cudnn":
-            out = cudnn_attention(q, k, v, segment_ids)
-        elif c.attention_impl == "splash":
-            out = splash_attention(q, k, v, segment_ids)
         else:
-            t = x.shape[1]
-            q_slots = jnp.broadcast_to(jnp.arange(t)[None], positions.shape)
-            mask = attention_mask(q_slots, t, segment_ids, segment_ids)
-            out = xla_attention(q, k, v, mask)
+            out = attend(q, k, v, positions, segment_ids, c.attention_impl)  # attention.py
 
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
         return self.dense("BTNH,NHD->BTD", out, wo), cache

@@ -3,7 +3,7 @@
   GET  /health                liveness, slots in use, queue length (no API key needed)
   GET  /v1/models             the one served model
   POST /v1/completions        text or token-id prompts (one or a list); echo, logprobs, n, stream
-  POST /v1/chat/completions   the Llama 3 chat format; stream as server-sent events
+  POST /v1/chat/completions   the model's chat format (Tokenizer.encode_dialog); stream as SSE
 
 Starlette rather than FastAPI: the request bodies are validated here by hand, so that every
 error is OpenAI's JSON error shape with a message naming the field and what is valid
@@ -139,9 +139,14 @@ class ServeApp:
                     413, f"request body over {self.max_request_bytes} bytes; send less"
                 )
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from e
+        except RecursionError:  # json's decoder recurses once per level
+            body = None
+        if body is None and data.strip() != b"null" or _depth_over(body, MAX_JSON_DEPTH):
+            raise bad(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+        return body
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -496,3 +501,18 @@ class ServeApp:
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield b"data: [DONE]\n\n"
+
+
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 levels (messages -> content parts -> ...)
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False

@@ -69,6 +69,7 @@ class Engine:
         max_seq_len: int | None = None,
         max_queue: int = 64,
         deliver: Callable[[Callable[[], None]], None] | None = None,
+        decode_chunk: int | None = None,
     ):
         """Allocates the KV cache and the jitted functions (compiled by `warmup` or first use).
 
@@ -81,6 +82,10 @@ class Engine:
           deliver: called on the engine thread with each batch of events (a no-argument
             function that calls the requests' `on_event`); run it where the callbacks should
             run. None: run it at once, on the engine thread.
+          decode_chunk: decode steps per device call (each call's tokens are read and
+            delivered together; admissions and cancellations take effect between calls).
+            None: the sampler's (1 on CPU; more on a GPU, where a call's fixed cost is
+            amortised over k tokens for at most k - 1 steps of extra admission latency).
         """
         config = sampler.config
         limit = config.max_seq_len
@@ -106,7 +111,7 @@ class Engine:
         self.max_queue = max_queue
         self.vocab_size = config.vocab_size
         self.deliver = deliver or _inline
-        self.slots = Slots(sampler, max_batch, max_seq_len)
+        self.slots = Slots(sampler, max_batch, max_seq_len, decode_chunk)
         self._multiple = m
         # Prefill rows: the mesh's batch axes times powers of 4, and max_batch (fewer shapes to
         # compile than powers of 2; `_chunks` splits a group rather than pad it over 2x).
@@ -391,21 +396,27 @@ class Engine:
             self.stats["admit_calls"] += 1
 
     def _collect(self, out_dev: Any, lp_dev: Any, snapshot: tuple, want_lp: bool) -> tuple:
-        """Reads a step's outputs; frees the slots of choices that ended there."""
-        out = np.asarray(out_dev)  # [B, 2]; the next step is already queued behind it
-        for s in np.flatnonzero(out[:, 1] >= LAST).tolist():
+        """Reads a call's outputs; frees the slots of choices that ended there."""
+        out = np.asarray(out_dev)  # [k, B, 2]; the next call is already queued behind it
+        for s in np.flatnonzero((out[:, :, 1] >= LAST).any(axis=0)).tolist():
             entry = snapshot[s]
             if entry is not None and self._slot[s] is entry:
                 h, c = entry
                 self._free(s)
                 h.finished[c] = True
-                self.stats["stop" if out[s, 1] == STOP else "length"] += 1
+                ended = out[:, s, 1][out[:, s, 1] >= LAST][0]
+                self.stats["stop" if ended == STOP else "length"] += 1
         lp = tuple(np.asarray(a) for a in lp_dev) if want_lp else None
         return snapshot, out, lp
 
 
 def _dispatch(snapshot: tuple, out: np.ndarray, lp: tuple | None) -> None:
-    """A step's events to their requests (on the listener's thread)."""
+    """A call's events to their requests, step by step (on the listener's thread)."""
+    for i in range(out.shape[0]):
+        _dispatch_step(snapshot, out[i], None if lp is None else tuple(a[i] for a in lp))
+
+
+def _dispatch_step(snapshot: tuple, out: np.ndarray, lp: tuple | None) -> None:
     tokens, status = out[:, 0].tolist(), out[:, 1].tolist()
     for s in np.flatnonzero(out[:, 1]).tolist():
         entry = snapshot[s]

@@ -20,10 +20,17 @@ from llama_jax.serve.engine import Engine
 class ServerThread:
     """uvicorn serving `app` on host:port in a background thread (tests, benchmarks)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **protocol: float):
         import uvicorn
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            **uvicorn_options(**protocol),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
@@ -48,6 +55,14 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def uvicorn_options(**protocol: float) -> dict[str, Any]:
+    """uvicorn settings of every server: the guarded HTTP/1.1 protocol (read deadlines, a bound
+    on connections still sending a request; see serve/connections.py) and a short keep-alive."""
+    from llama_jax.serve.connections import guarded_protocol  # deferred: uvicorn is an extra
+
+    return {"http": guarded_protocol(**protocol), "timeout_keep_alive": 5}
 
 
 def check_port(host: str, port: int) -> None:
@@ -88,14 +103,18 @@ def serve(
     dtype: str | None = "auto",
     mesh_shape: Sequence[int] | None = None,
     model_name: str | None = None,
+    chat_template: str | None = None,
 ) -> None:
-    """Loads `model_path`, compiles every shape, and serves until interrupted."""
+    """Loads `model_path`, compiles every shape, and serves until interrupted (dialogs in
+    `chat_template`, a file, when given; else the model's own template)."""
     import uvicorn
 
     check_port(host, port)  # before minutes of loading and compiling
     cache_dir = _persistent_compile_cache()
 
-    model = LoadedModel.from_pretrained(model_path, dtype=dtype, mesh_shape=mesh_shape)
+    model = LoadedModel.from_pretrained(
+        model_path, dtype=dtype, mesh_shape=mesh_shape, chat_template=chat_template
+    )
     tokenizer = model.tokenizer
     engine = Engine(model.sampler(), max_batch, max_seq_len, max_queue)
     name = model_name or os.path.basename(os.path.normpath(model_path))
@@ -111,6 +130,8 @@ def serve(
     engine.start()
     app = ServeApp(engine, tokenizer, name, api_key)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+        uvicorn.run(
+            app, host=host, port=port, log_level="info", lifespan="off", **uvicorn_options()
+        )
     finally:
         engine.close()

@@ -6,8 +6,9 @@ budget, seed, choice index, sampling settings, stop ids [B, STOP_SLOTS], active)
 step of all slots is one call whose inputs are its own previous outputs: the host can queue
 step k+1 before it has read step k's tokens, and reads one [B, 2] int32 array per step.
 
-  step     all slots: one token each (each row its own sampling settings and key), stop ids
-           and exhausted budgets detected on device. Returns (token, status) per row:
+  step     all slots, `decode_chunk` steps (a fixed-trip scan, as in Sampler): one token
+           each a step (each row its own sampling settings and key), stop ids and exhausted
+           budgets detected on device. Returns (token, status) per row:
            IDLE, TOKEN, LAST (the token ends the choice: length) or STOP (a stop id, not
            emitted).
   admit    b new prompts at once: prefill [b, t] (rows and length bucketed) into a fresh
@@ -64,8 +65,13 @@ def _state_zeros(b: int) -> dict:
 class Slots:
     """The KV cache and slot state on the sampler's mesh, and the jitted calls on them."""
 
-    def __init__(self, sampler: Sampler, max_batch: int, max_seq_len: int):
+    def __init__(
+        self, sampler: Sampler, max_batch: int, max_seq_len: int, decode_chunk: int | None = None
+    ):
+        """Args: the sampler (model, mesh), slots, positions per slot, and decode steps per
+        `step` call (None: the sampler's decode_chunk)."""
         self.sampler = s = sampler
+        self.decode_chunk = int(decode_chunk or sampler.decode_chunk)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size = sampler.config.vocab_size
         self.trace_counts: collections.Counter[str] = collections.Counter()
@@ -104,7 +110,19 @@ class Slots:
 
     # ------------------------------------------------------------------ jitted functions
     def _step_fn(self, params, cache, state):
+        """decode_chunk steps of every slot in a fixed-trip scan; outputs stacked [k, ...]."""
         self.trace_counts["step"] += 1
+
+        def one(carry, _):
+            cache, state, out, lp = self._one_step(params, *carry)
+            return (cache, state), (out, lp)
+
+        (cache, state), (out, lp) = jax.lax.scan(
+            one, (cache, state), None, length=self.decode_chunk
+        )
+        return cache, state, out, lp
+
+    def _one_step(self, params, cache, state):
         s, st = self.sampler, state
         logits, cache = s._apply(params, st["tokens"][:, None], st["positions"][:, None], cache)
         cache = jax.lax.with_sharding_constraint(cache, s.cache_shardings())
@@ -220,8 +238,11 @@ class Slots:
 
     # ------------------------------------------------------------------ host entry points
     def step(self) -> tuple[Array, tuple[Array, Array, Array]]:
-        """Queues one decode step of every slot; returns its ([B, 2] (token, status), logprob
-        arrays) still on device (reading them waits for the step)."""
+        """Queues `decode_chunk` (k) decode steps of every slot; returns their ([k, B, 2]
+        (token, status), [k, ...] logprob arrays) still on device (reading them waits).
+
+        A row that ends at step i is IDLE in the steps after it, so a choice's events are those
+        of its rows up to its end, whatever k is."""
         s = self.sampler
         with s._context():
             self.cache, self.state, out, lp = self._step_jit(s.params, self.cache, self.state)

@@ -1,4 +1,4 @@
-"""Tokenizers: one interface, three backends, and the Llama 3 chat format.
+"""Tokenizers: one interface, three backends, the Llama 3 chat format and chat templates.
 
 `load_tokenizer(path)` reads any of
   - a Llama 3 `tokenizer.model`: tiktoken BPE ranks, one `base64-token rank` per line;
@@ -10,6 +10,7 @@ are called `tokenizer.model`.
 
 Modules (each imports only those above it):
   chat          the Llama 3 special tokens, roles and dialog layout (no backend needed)
+  chat_template a model's own jinja2 chat template, rendered as transformers renders it
   base          the `Tokenizer` interface and the long-input rules every backend shares
   tiktoken_bpe, spm, hf_json    one backend each
   load          `load_tokenizer`: the format told from a file's content

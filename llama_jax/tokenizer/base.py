@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import abc
 import functools
+import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from llama_jax.atomic import write_atomic
 from llama_jax.tokenizer import chat
 from llama_jax.tokenizer.chat import (
     BEGIN_OF_TEXT,
@@ -116,7 +117,10 @@ class Tokenizer(abc.ABC):
       bos_id: id prepended by `encode(..., bos=True)`.
       eos_id: id appended by `encode(..., eos=True)`; ends a document in pretraining.
       pad_id: id used for padding, or None if the tokenizer has no pad token.
-      stop_ids: ids that end generation in chat (end of text, end of message, end of turn).
+      stop_ids: ids that end generation in chat (end of text, end of message, end of turn,
+        and the eos ids of the model's tokenizer / generation config).
+      chat_template: the model's jinja2 chat template (None: the built-in Llama 3 format).
+      template_tokens: the `bos_token` / `eos_token` strings the chat template sees.
     """
 
     FORMAT: ClassVar[str]
@@ -133,6 +137,32 @@ class Tokenizer(abc.ABC):
             self.special_tokens[t] for t in (END_OF_MESSAGE, END_OF_TURN) if t in self
         }
         self.stop_ids: tuple[int, ...] = tuple(sorted(stops))
+        self.chat_template: str | None = None
+        self.template_tokens: dict[str, str] = {}
+
+    def use_chat_settings(
+        self,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        """Takes the model's chat settings (its template, the strings it sees, its eos ids).
+
+        Args:
+          chat_template: jinja2 text; None keeps the current one (the built-in format if unset).
+          bos_token, eos_token: what the template sees (default: the text of bos_id / eos_id).
+          eos_token_ids: more ids that end a turn (generation_config.json, the GGUF).
+        """
+        if chat_template is not None:
+            # Compiled at the first dialog: a broken template must not stop plain generation.
+            self.chat_template = chat_template
+        for name, text in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if text is not None:
+                self.template_tokens[name] = text
+        extra = [self.special_tokens[eos_token]] if eos_token in self.special_tokens else []
+        extra += [int(i) for i in eos_token_ids if 0 <= int(i) < self.vocab_size]
+        self.stop_ids = tuple(sorted({*self.stop_ids, *extra}))
 
     def __contains__(self, special_token: str) -> bool:
         return special_token in self.special_tokens
@@ -273,33 +303,111 @@ class Tokenizer(abc.ABC):
 
     def encode_dialog(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         *,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
         allowed_special: Collection[str] | Literal["all"] = (),
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Encodes a conversation in the Llama 3 chat layout.
+        """Encodes a conversation: THE place where a dialog becomes ids.
 
-        `<|begin_of_text|>`, then per message `<|start_header_id|>` role `<|end_header_id|>`
-        "\\n\\n" content.strip() `<|eot_id|>`, then `<|start_header_id|>assistant
-        <|end_header_id|>\\n\\n` if `add_generation_prompt`.
+        With `chat_template` set (the model's own template, or `--chat_template FILE`), the
+        template is rendered as transformers' `apply_chat_template` renders it; otherwise the
+        built-in Llama 3 layout is used: `<|begin_of_text|>`, then per message
+        `<|start_header_id|>` role `<|end_header_id|>` "\\n\\n" content.strip() `<|eot_id|>`,
+        then `<|start_header_id|>assistant<|end_header_id|>\\n\\n` if `add_generation_prompt`.
 
         Args:
-          messages: dicts with "role" (one of CHAT_ROLES; "tool" is written as "ipython") and
-            "content" (str).
-          add_generation_prompt: end with an open assistant header for the model to complete.
+          messages: dicts with "role" and "content" (the built-in format takes the roles of
+            CHAT_ROLES; "tool" is written as "ipython"; a template decides its own).
+          add_generation_prompt: end with an open assistant turn for the model to complete.
+          continue_final_message: end inside the final message, for the model to continue it.
+          tools, documents: passed to the template (the built-in format takes none).
           allowed_special: special tokens whose text in a content becomes the special id. By
             default typed special-token text is plain text, so a user cannot forge a turn.
+          **template_kwargs: further template variables (e.g. date_string).
 
         Returns:
           The token ids.
         """
-        return chat.encode_dialog(
+        if self.chat_template is not None:
+            return self._encode_template(
+                messages,
+                add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                documents=documents,
+                allowed_special=allowed_special,
+                template_kwargs=template_kwargs,
+            )[0]
+        if tools or documents or template_kwargs:
+            given = [k for k, v in (("tools", tools), ("documents", documents)) if v]
+            given += list(template_kwargs)
+            raise ValueError(
+                f"the built-in Llama 3 chat format takes no {', '.join(given)}"
+                f" ({self.path} has no chat template): give one with --chat_template FILE"
+            )
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be set")
+        ids = chat.encode_dialog(
             self, messages, add_generation_prompt, allowed_special=allowed_special
         )
+        if continue_final_message and messages:
+            ids = ids[:-1]  # the final message stays open: no <|eot_id|>
+        return ids
+
+    def encode_dialog_masked(
+        self, messages: Sequence[Mapping[str, Any]], train_on: str = "assistant"
+    ) -> tuple[list[int], list[int]]:
+        """A dialog's ids (as `encode_dialog(messages, add_generation_prompt=False)`) and its
+        loss mask: 1 on the tokens to train on.
+
+        Args:
+          messages: the dialog.
+          train_on: "assistant" (each assistant turn's content and end-of-turn token), "last"
+            (the last assistant turn's), "all" (every token).
+        """
+        from llama_jax.tokenizer.chat_template import template_mask
+
+        if self.chat_template is not None:
+            return template_mask(self, messages, train_on)
+        return chat.builtin_mask(self, messages, train_on)
+
+    def _encode_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        *,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        allowed_special: Collection[str] | Literal["all"] = (),
+        template_kwargs: Mapping[str, Any] | None = None,
+        with_generation: bool = False,
+    ) -> tuple[list[int], list[int] | None]:
+        from llama_jax.tokenizer.chat_template import encode_rendered, render_text
+
+        allowed = self._allowed(allowed_special) if allowed_special else frozenset()
+        text = render_text(
+            self.chat_template,
+            messages,
+            bos_token=self.template_tokens.get("bos_token", self.decode([self.bos_id])),
+            eos_token=self.template_tokens.get("eos_token", self.decode([self.eos_id])),
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            control_tokens=self.special_tokens.keys() - allowed,
+            template_kwargs=template_kwargs,
+        )
+        return encode_rendered(self, text, with_generation=with_generation)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Copies the tokenizer file, byte for byte, into `directory` as `FILE_NAME`.
+        """Copies the tokenizer file, byte for byte, into `directory` as `FILE_NAME`, with the
+        chat template (`chat_template.jinja`) and the bos / eos token strings it sees.
 
         Args:
           directory: destination; created if missing.
@@ -311,7 +419,15 @@ class Tokenizer(abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         dest = directory / self.FILE_NAME
         if not (dest.exists() and dest.samefile(self.path)):
-            shutil.copyfile(self.path, dest)
+            write_atomic(dest, self.path.read_bytes())  # never a partial tokenizer file
+        if self.chat_template is not None:
+            # The chat format travels with the tokenizer, so a fine-tuned model chats as trained.
+            from llama_jax.tokenizer.chat_template import TEMPLATE_FILE
+
+            write_atomic(directory / TEMPLATE_FILE, self.chat_template)
+            config = directory / "tokenizer_config.json"
+            if self.template_tokens and not config.exists():
+                write_atomic(config, json.dumps(self.template_tokens, indent=2))
         return dest
 
     # -- helpers

@@ -140,3 +140,22 @@ def encode_dialog(
     if add_generation_prompt:
         ids += encode_header(tok, "assistant")
     return ids
+
+
+def builtin_mask(
+    tok: Any, messages: Sequence[Mapping[str, str]], train_on: str
+) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a dialog in the Llama 3 format: mask 1 on the content and `<|eot_id|>` of
+    the chosen assistant turns ("assistant": all, "last": the last one; "all": every token)."""
+    if train_on not in ("assistant", "last", "all"):
+        raise ValueError(f"train_on={train_on!r}; valid: assistant, last, all")
+    ids, spans = render_dialog(tok, messages)
+    if train_on == "all":
+        return ids, [1] * len(ids)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    chosen = set(assistant[-1:] if train_on == "last" else assistant)
+    mask = [0] * len(ids)
+    for start, stop, i, part in spans:
+        if i in chosen and part in ("content", "eot"):
+            mask[start:stop] = [1] * (stop - start)
+    return ids, mask

@@ -83,6 +83,11 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"format: {tok.FORMAT}\npath: {tok.path}\nvocab_size: {tok.vocab_size}")
         print(f"bos_id: {tok.bos_id}\neos_id: {tok.eos_id}\npad_id: {tok.pad_id}")
         print(f"stop_ids: {' '.join(map(str, tok.stop_ids))}")
+        template = tok.chat_template
+        print(
+            "chat_template: "
+            + (f"the model's ({len(template)} characters)" if template else "built-in Llama 3")
+        )
     return 0
 
 

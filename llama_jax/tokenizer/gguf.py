@@ -172,7 +172,11 @@ class GGUFTokenizer(HuggingFaceTokenizer):
             self.pad_id = self._file_ids["pad"]
         stops = {self.eos_id, *(self._file_ids.get(k) for k in ("eot",) if k in self._file_ids)}
         self.stop_ids = tuple(sorted(set(self.stop_ids) | stops))
-        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.use_chat_settings(  # the template sees the token texts the file names
+            chat_template=meta.get("tokenizer.chat_template"),
+            bos_token=tokens[self.bos_id],
+            eos_token=tokens[self.eos_id],
+        )
         default_bos = meta.get("tokenizer.ggml.model") == "llama"  # llama.cpp's default
         self.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
         self.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False))

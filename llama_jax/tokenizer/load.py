@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llama_jax.gguf_file import MAGIC as GGUF_MAGIC
 from llama_jax.tokenizer.base import Tokenizer
+from llama_jax.tokenizer.chat_template import read_template_files
 from llama_jax.tokenizer.gguf import GGUFTokenizer
 from llama_jax.tokenizer.hf_json import HuggingFaceTokenizer
 from llama_jax.tokenizer.spm import SentencePieceTokenizer
@@ -95,7 +96,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         `tokenizer.json`, or a directory holding one (see DIRECTORY_FILES).
 
     Returns:
-      The backend for the file's format, detected from its content.
+      The backend for the file's format, detected from its content, with the chat settings
+      found beside the file (`chat_template.jinja`, `tokenizer_config.json`,
+      `generation_config.json`; see `chat_template.read_template_files`).
     """
     file = find_tokenizer_file(path)
     with open(file, "rb") as f:
@@ -105,4 +108,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     fmt = detect_format(data)
     if fmt is None:
         raise ValueError(f"{file} is not a tokenizer file in a known format; accepted: {FORMATS}")
-    return _BACKENDS[fmt](file, data)
+    tok = _BACKENDS[fmt](file, data)
+    # A model directory may keep Meta's file in original/ and the chat settings at its top.
+    folders = [file.parent] + ([Path(path)] if Path(path).is_dir() else [])
+    for folder in dict.fromkeys(p.resolve() for p in folders):
+        tok.use_chat_settings(**read_template_files(folder))
+    return tok

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax.atomic import write_atomic
 from llama_jax.tokenizer.chat import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -242,5 +243,5 @@ def train_tokenizer(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SentencePieceTokenizer.FILE_NAME
-    path.write_bytes(model.getvalue())
+    write_atomic(path, model.getvalue())  # a full disk leaves no partial model and no .tmp
     return SentencePieceTokenizer(path)

@@ -7,4 +7,5 @@ loss        next-token cross-entropy in chunks of tokens
 optim       schedules and AdamW with a decay mask
 metrics     tokens/s, MFU, metrics.jsonl, TensorBoard, logging
 finetune    the fine-tune experiment defaults and the checks before a fine-tune runs
+plan        `llama3 plan`: the real steps compiled for a TPU topology (AOT, from a CPU)
 """

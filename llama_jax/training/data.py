@@ -8,9 +8,11 @@ model on the training split once (process 0; the others wait); `data_splits` say
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
 
 import jax
 import ml_collections
@@ -27,7 +29,12 @@ log = logging.getLogger("llama_jax.training.trainer")
 def get_tokenizer(c: ml_collections.ConfigDict):
     """Loads tokenizer_path, or trains a SentencePiece model on the training split once."""
     if c.tokenizer_path:
-        return load_tokenizer(c.tokenizer_path)
+        tok = load_tokenizer(c.tokenizer_path)
+        if c.get("chat_template"):
+            from llama_jax.tokenizer.chat_template import read_template_file
+
+            tok.use_chat_settings(read_template_file(c.chat_template))
+        return tok
     tok_dir = os.path.join(c.run_dir, "tokenizer")
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
         return load_tokenizer(tok_dir)
@@ -52,13 +59,16 @@ def get_tokenizer(c: ml_collections.ConfigDict):
             stop - start,
             c.data_path,
         )
-        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for doc in docs[start:stop]:
-                f.write(doc.rstrip("\n") + "\n")
-        os.replace(corpus + ".tmp", corpus)
-        _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
-        os.replace(tok_dir + ".tmp", tok_dir)
-        os.remove(corpus)
+        try:  # a failure (a full disk) leaves neither the corpus nor a half-made tokenizer
+            with open(corpus, "w", encoding="utf-8") as f:
+                for doc in docs[start:stop]:
+                    f.write(doc.rstrip("\n") + "\n")
+            _train_tokenizer(corpus, c.tokenizer_vocab_size, tok_dir + ".tmp", c.seed)
+            os.replace(tok_dir + ".tmp", tok_dir)
+        finally:
+            shutil.rmtree(tok_dir + ".tmp", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(corpus)
     _sync_hosts("tokenizer")
     return load_tokenizer(tok_dir)
 

@@ -39,6 +39,7 @@ def add_config_keys(c: ml_collections.ConfigDict) -> None:
     c.data_format = "text"  # text (pretraining documents) | chat (data/chat.py rows)
     c.train_on = "assistant"  # chat: assistant | last | all
     c.truncation = "right"  # chat: right | drop, for dialogs longer than seq_len
+    c.chat_template = ""  # chat: a jinja2 template file instead of the tokenizer's own
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0: full fine-tune (or pretraining); > 0: train adapters only
     c.lora.alpha = 16.0
@@ -279,8 +280,19 @@ def _all_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_override(c: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Sets dotted `key` from its command-line text, type-checked against the default."""
+_KINDS = {
+    "int": "an integer, e.g. 8",
+    "float": "a number, e.g. 3e-4",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def apply_override(
+    c: ml_collections.ConfigDict, key: str, text: str, flag: str | None = None
+) -> None:
+    """Sets dotted `key` from its command-line text, type-checked against the default;
+    `flag` is how the user spelt it (e.g. --batch_size), for the error message."""
     parts = key.split(".")
     node = c
     for p in parts[:-1]:
@@ -297,9 +309,11 @@ def apply_override(c: ml_collections.ConfigDict, key: str, text: str) -> None:
     try:
         value = _parse_value(text, current)
         node[leaf] = value
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError):
         want = type(current).__name__
-        raise ValueError(f"--config.{key}={text!r}: expected {want} ({e})") from None
+        raise ValueError(
+            f"{flag or '--config.' + key}={text!r}; valid: {_KINDS.get(want, want)}"
+        ) from None
 
 
 def _unknown(c: ml_collections.ConfigDict, key: str) -> str:
@@ -354,7 +368,7 @@ def _apply_overrides(c: ml_collections.ConfigDict, argv: Sequence[str]) -> list:
                 raise ValueError(f"{a} needs a value")
             value = args[i + 1]
             i += 1
-        apply_override(c, key, value)
+        apply_override(c, key, value, flag=f"--{name}")
         given.append((key, a))
         i += 1
     return given

@@ -87,6 +87,10 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.base_dtype not in BASE_DTYPES:
         valid = ", ".join(repr(d) for d in BASE_DTYPES)
         raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
+    if c.get("chat_template"):  # a missing or broken template: one line before anything loads
+        from llama_jax.tokenizer.chat_template import read_template_file
+
+        read_template_file(c.chat_template)
     c.init_from = resolve_model_path(c.init_from)  # a built-in model name -> its cached file
     base = read_config(c.init_from)
     keep = {k: c.model[k] for k in COMPUTE_FIELDS}

@@ -48,7 +48,9 @@ def summarise(window, seconds, tokens_per_step, flops_per_token, peak_total):
         "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
         "learning_rate": window[-1]["learning_rate"],
         "tokens_per_s": tps,
-        "mfu": tps * flops_per_token / peak_total,
+        # None where the peak is unknown (a CPU's measured matmul rate is no bound: the
+        # model's own kernels can beat it, which printed MFUs above 100%)
+        "mfu": tps * flops_per_token / peak_total if peak_total else None,
         "skipped_steps": float(len(window) - len(finite)),
     }
 

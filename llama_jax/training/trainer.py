@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from llama_jax.atomic import write_atomic
 from llama_jax.data import parse_data_path
 from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.formats import checkpoint, finetune_run
@@ -98,10 +99,8 @@ def make_run_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 # ============================================================================ 2. checks
-def check_config(
-    c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, task_eval: Any = None
-) -> None:
-    """Everything a user can get wrong, before any expensive work."""
+def check_step_config(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh) -> None:
+    """The checks of the step's shapes against the mesh (no files read; plan.py uses them)."""
     sharding.check_model_fits_mesh(model_cfg, mesh)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
         raise ValueError(
@@ -112,6 +111,13 @@ def check_config(
         raise ValueError(
             f"seq_len={c.seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})"
         )
+
+
+def check_config(
+    c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, task_eval: Any = None
+) -> None:
+    """Everything a user can get wrong, before any expensive work."""
+    check_step_config(c, model_cfg, mesh)
     if c.get("eval_tasks"):
         if task_eval is None:
             raise ValueError(
@@ -304,6 +310,29 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg=None, chunk_tokens: int = 0)
     return eval_step
 
 
+def jit_steps(
+    model_cfg: ModelConfig, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
+):
+    """(train_step, eval_step) jitted with their shardings; the train state is donated.
+
+    train_step(state, batch, base) -> (state, metrics); eval_step(params, batch, base) ->
+    (summed nll, tokens). `base_sharding` is {} without LoRA. plan.py compiles these same two.
+    """
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
+        in_shardings=(state_shardings, batch_sharding, base_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, lora_cfg, c.get("loss_chunk_tokens", 0)),
+        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return train_step, eval_step
+
+
 # ============================================================================ the trainer
 def train(c: ml_collections.ConfigDict, task_eval: Any = None) -> dict[str, Any]:
     """Runs the experiment `c`; returns the final metrics (validation loss among them).
@@ -367,7 +396,6 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
     tx, schedule = make_tx(c, num_steps)
     abstract = jax.eval_shape(functools.partial(init_state, model_cfg, tx, c.seed, lora_cfg))
     state_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh)
     # The frozen base under LoRA: an argument of every step, never donated or checkpointed.
     base, base_sharding = {}, {}
     if lora_cfg is not None:
@@ -375,16 +403,8 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
         dt = jnp.dtype(c.base_dtype or model_cfg.param_dtype)
         base = jax.device_put(jax.tree.map(lambda a: np.asarray(a, dt), base_params), base_sharding)
         base_params = None
-    train_step = jax.jit(
-        make_train_step(model_cfg, tx, schedule, c, lora_cfg),
-        in_shardings=(state_shardings, batch_sharding, base_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(
-        make_eval_step(model_cfg, lora_cfg, c.get("loss_chunk_tokens", 0)),
-        in_shardings=(state_shardings["params"], batch_sharding, base_sharding),
-        out_shardings=sharding.replicated(mesh),
+    train_step, eval_step = jit_steps(
+        model_cfg, tx, schedule, c, lora_cfg, mesh, state_shardings, base_sharding
     )
 
     # ------------------------------------------------------------------ 6. resume or init
@@ -417,18 +437,22 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
     # ------------------------------------------------------------------ 7. the loop
     tokens_per_step = c.batch_size * c.seq_len
     flops_per_token = model_cfg.flops_per_token(c.seq_len)
-    peak = c.peak_flops or metrics.measure_peak_flops()
     # CPU "devices" of one process share its cores (and one matmul already uses them all):
-    # the peak counts once per process there, once per device on accelerators.
+    # the peak counts once per process there, once per device on accelerators. A CPU has no
+    # known peak: MFU is n/a there unless peak_flops is configured.
     cpu = mesh.devices.flat[0].platform == "cpu"
+    peak = c.peak_flops or (0.0 if cpu else metrics.measure_peak_flops())
     units = jax.process_count() if cpu else mesh.size
-    log.info(
-        "MFU is model FLOPs/s over %s %.0f GFLOP/s x %d %s",
-        "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
-        peak / 1e9,
-        units,
-        "processes (CPU devices share cores)" if cpu else "devices",
-    )
+    if peak:
+        log.info(
+            "MFU is model FLOPs/s over %s %.0f GFLOP/s x %d %s",
+            "the configured peak_flops" if c.peak_flops else "a measured float32 matmul peak of",
+            peak / 1e9,
+            units,
+            "processes (CPU devices share cores)" if cpu else "devices",
+        )
+    else:
+        log.info("MFU: n/a on CPU (no known peak; set --config.peak_flops to report one)")
     writer = metrics.MetricsWriter(c.run_dir, c.tensorboard) if is_main else None
     pending: collections.deque = collections.deque()
     window: list[dict] = []
@@ -504,7 +528,7 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
                         bar.set_postfix(
                             loss=f"{row['loss']:.3f}",
                             tok_s=f"{row['tokens_per_s']:.0f}",
-                            mfu=f"{row['mfu']:.1%}",
+                            mfu="n/a" if row["mfu"] is None else f"{row['mfu']:.1%}",
                             refresh=False,
                         )
                 if bar is not None:
@@ -549,12 +573,16 @@ def _run(c, stop, mesh, model_cfg: ModelConfig, is_main: bool, rules, task_eval)
                 raise
             with contextlib.suppress(Exception):
                 ckpt.wait()
-            intact = checkpoint.committed_steps(ckpt.directory)
-            prev = f"step {intact[-1]}" if intact else "none"
+            intact = ckpt.newest_intact()
+            prev = (
+                f"the newest intact checkpoint is step {intact} and a rerun resumes from it"
+                if intact is not None
+                else "no checkpoint was written; a rerun starts afresh"
+            )
             raise checkpoint.CheckpointError(
-                f"No space left on device while saving step {step} (writing "
-                f"{getattr(e, 'filename', None) or c.run_dir}); the previous checkpoint ({prev}) "
-                "is intact"
+                f"No space left on device at step {step} (writing "
+                f"{getattr(e, 'filename', None) or c.run_dir}); {prev}; free some space (or "
+                "move --model_path) and rerun"
             ) from e
         finally:
             ckpt.wait()
@@ -587,15 +615,9 @@ def _place_init_params(params: Any, model_cfg: ModelConfig, state_shardings) -> 
 
 def _write_run_files(c, model_cfg: ModelConfig, tokenizer) -> None:
     """The run directory is a model directory: config.json and the tokenizer file."""
-    _atomic_write(os.path.join(c.run_dir, "config.json"), model_cfg.to_json())
-    _atomic_write(os.path.join(c.run_dir, "experiment.json"), c.to_json_best_effort(indent=2))
+    write_atomic(os.path.join(c.run_dir, "config.json"), model_cfg.to_json())
+    write_atomic(os.path.join(c.run_dir, "experiment.json"), c.to_json_best_effort(indent=2))
     tokenizer.save(c.run_dir)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 class _StopSignal:
