@@ -29,6 +29,7 @@ setup(
         "pyarrow>=15",
         "tqdm>=4.60",
         "tensorboardX>=2.6",
+        "jinja2>=3.1",  # models' own chat templates (tokenizer/chat_template.py)
     ],
     extras_require={
         # torch and transformers are references for the tests (and read Meta .pth files);
@@ -38,6 +39,8 @@ setup(
             "pytest-xdist>=3.5",  # the suite runs on every core (pyproject addopts)
             "ruff>=0.6",
             "import-linter>=2.1",  # lint-imports: the layer contracts in pyproject.toml
+            "gguf>=0.17",  # GGUF tensors; transformers' own GGUF loader (a reference) needs it
+            "accelerate>=1.0",  # ... and this
             "torch==2.13.0",
             "transformers>=4.45",
             "peft>=0.13",
@@ -51,6 +54,8 @@ setup(
         "meta": ["torch==2.13.0"],
         # `llama3 eval` through lm-evaluation-harness; BLEU / chrF of the built-in tasks.
         "eval": ["lm-eval>=0.4.13", "sacrebleu>=2.4"],
+        # GGUF files in and out (llama.cpp's quantised tensor types).
+        "gguf": ["gguf>=0.17"],
         # `llama3 plan`: compile for a TPU topology from any host. jax's own extra pins the
         # libtpu built for that jax (jax 0.10.2 -> libtpu 0.0.42.*); on a TPU VM it is the runtime.
         "tpu": ["jax[tpu]>=0.10"],
