@@ -137,6 +137,7 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
 
     from llama_jax.model import sharding
     from llama_jax.training import experiment, trainer
+    from llama_jax.training import step as training_step
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = experiment.load_config(os.path.join(root, "experiments", "shakespeare_tiny.py"))
@@ -150,7 +151,7 @@ def trainer_tokens_per_s(mesh, vocab_size: int) -> float:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state = jax.jit(lambda: nn.unbox(trainer.init_state(cfg, tx, 0)), out_shardings=shardings)()
         step = jax.jit(
-            trainer.make_train_step(cfg, tx, schedule, c),
+            training_step.make_train_step(cfg, tx, schedule, c),
             in_shardings=(shardings, sharding.batch_sharding(mesh)),
             donate_argnums=(0,),
         )

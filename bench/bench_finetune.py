@@ -73,6 +73,7 @@ def run_jax(args, lora_on: bool) -> dict:
 
     from llama_jax.model import lora
     from llama_jax.model.transformer import init_params
+    from llama_jax.training import step as training_step
     from llama_jax.training import trainer as train
     from llama_jax.training.experiment import base_config
 
@@ -95,7 +96,7 @@ def run_jax(args, lora_on: bool) -> dict:
     ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
     batch_abs = dict(inputs=ints, targets=ints, segment_ids=ints, positions=ints)
     batch_abs["loss_mask"] = jax.ShapeDtypeStruct((b, t), jnp.float32)
-    step = jax.jit(train.make_train_step(cfg, tx, schedule, c, lcfg), donate_argnums=(0,))
+    step = jax.jit(training_step.make_train_step(cfg, tx, schedule, c, lcfg), donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = step.lower(state_abs, batch_abs, base_abs).compile()
     compile_s = time.perf_counter() - t0

@@ -3,8 +3,8 @@
 For each layout and dtype: the number of cache-sized arrays the compiled step materialises
 besides the in-place update (transposed copies, dtype conversions; read from the optimized HLO,
 so independent of machine load) and the median step time. The [B, K, S, H] step is the model's
-own (model.cached_attention); the [B, S, K, H] one is the previous code, kept here as the
-reference.
+own (model.attention.xla_attention with kv_layout="BKSH"); the [B, S, K, H] one is the previous
+code, kept here as the reference.
 
     python bench/bench_kv_cache.py [--batch 8] [--cache 1024] [--kv_heads 8] [--repeats 20]
 """
@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model.transformer import attention_mask, cached_attention, xla_attention
+from llama_jax.model.attention import attention_mask, xla_attention
 
 
 def step_bskh(ck, cv, q, k, v, pos):
@@ -31,7 +31,8 @@ def step_bskh(ck, cv, q, k, v, pos):
 def step_bksh(ck, cv, q, k, v, pos):
     rows = jnp.arange(q.shape[0])[:, None]
     ck, cv = ck.at[rows, :, pos].set(k), cv.at[rows, :, pos].set(v)
-    return ck, cv, cached_attention(q, ck, cv, attention_mask(pos, ck.shape[2], None, None))
+    mask = attention_mask(pos, ck.shape[2], None, None)
+    return ck, cv, xla_attention(q, ck, cv, mask, kv_layout="BKSH")
 
 
 def materialised(hlo: str, dims: set[str]) -> list[str]:

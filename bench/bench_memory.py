@@ -36,6 +36,7 @@ def step_memory(
     from llama_jax.model import sharding
     from llama_jax.model.config import get_config
     from llama_jax.training import experiment
+    from llama_jax.training import step as training_step
     from llama_jax.training import trainer as T
 
     mc = get_config(preset, dtype=dtype, remat_policy=policy, **overrides)
@@ -59,7 +60,7 @@ def step_memory(
         "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32),
     }
     step = jax.jit(
-        T.make_train_step(mc, tx, sched, c),
+        training_step.make_train_step(mc, tx, sched, c),
         in_shardings=(shardings, bsh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),

@@ -67,6 +67,7 @@ def jax_step_time(
     from llama_jax.model import sharding
     from llama_jax.model.config import ModelConfig
     from llama_jax.training import experiment
+    from llama_jax.training import step as training_step
     from llama_jax.training import trainer as T
 
     c = experiment.base_config()
@@ -80,7 +81,7 @@ def jax_step_time(
     shardings = sharding.logical_to_sharding(abstract, mesh)
     bsh = sharding.batch_sharding(mesh)
     step = jax.jit(
-        T.make_train_step(mc, tx, sched, c),
+        training_step.make_train_step(mc, tx, sched, c),
         in_shardings=(shardings, bsh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),

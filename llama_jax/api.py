@@ -76,7 +76,7 @@ class Llama3(LoadedModel):
             `cache`, `progress` of `eval.runner.evaluate`.
 
         Returns:
-          `eval.requests.Metric`s (task, name, value, stderr, n); `eval.runner.format_table`
+          `eval.requests.Metric`s (task, name, value, stderr, n); `eval.results.format_table`
           prints them.
         """
         return evaluate(self, [tasks] if isinstance(tasks, str) else list(tasks), **kwargs)[0]

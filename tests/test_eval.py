@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama_jax.api import Llama3
-from llama_jax.eval import runner
+from llama_jax.eval import results, runner
 from llama_jax.eval import tasks as builtin
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice
 from llama_jax.eval.generation import exact_match, token_f1, translation_metrics
@@ -257,10 +257,10 @@ def test_builtin_tasks_run_and_write_results(tiny, task_cache, tmp_path):
         ("translate_en_zh", "chrf"),
     } <= names
     assert all(m.n == 3 for m in metrics)
-    out = runner.to_lm_eval_json(metrics, {"num_fewshot": 1})
+    out = results.to_lm_eval_json(metrics, {"num_fewshot": 1})
     assert out["results"]["sentiment_zh"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert "acc_stderr,none" in out["results"]["sentiment_zh"]
-    table = runner.format_table(metrics)
+    table = results.format_table(metrics)
     assert table.splitlines()[0].split() == ["task", "metric", "value", "stderr", "n"]
     json.dumps(out)
 
@@ -268,7 +268,7 @@ def test_builtin_tasks_run_and_write_results(tiny, task_cache, tmp_path):
 def test_run_dir_logging(tmp_path):
     from llama_jax.eval.requests import Metric
 
-    step = runner.log_to_run_dir(str(tmp_path), [Metric("t", "acc", 0.5, 0.1, 4)], step=7)
+    step = results.log_to_run_dir(str(tmp_path), [Metric("t", "acc", 0.5, 0.1, 4)], step=7)
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert step == 7 and line["step"] == 7 and line["eval/t/acc"] == 0.5
     assert list((tmp_path / "tb").iterdir())

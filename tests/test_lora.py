@@ -135,6 +135,7 @@ def _lora_grads(model_overrides, accum=1):
     import ml_collections
 
     from llama_jax.model.transformer import unstack_layers
+    from llama_jax.training import step as training_step
     from llama_jax.training import trainer as train
     from llama_jax.training.experiment import base_config
 
@@ -166,7 +167,7 @@ def _lora_grads(model_overrides, accum=1):
         "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16)),
         "loss_mask": jnp.ones((4, 16), jnp.float32),
     }
-    step = jax.jit(train.make_train_step(cfg, tx, schedule, c, lcfg))
+    step = jax.jit(training_step.make_train_step(cfg, tx, schedule, c, lcfg))
     new, metrics = step(state, batch, base)
     jax.tree.map(np.testing.assert_array_equal, base_copy, jax.tree.map(np.asarray, base))
     delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new["params"], state["params"])

@@ -13,6 +13,7 @@ from llama_jax.model import sharding
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import Transformer, init_params
 from llama_jax.training import loss as loss_lib
+from llama_jax.training import step as training_step
 from llama_jax.training import trainer
 
 B, T, D, V = 3, 12, 16, 61
@@ -99,14 +100,14 @@ def test_trainer_loss_terms_chunked_equal_plain(tie):
 
     def grads(chunk):
         def f(p):
-            nll, zl, n = trainer.loss_terms(p, batch, model, 1e-3, chunk)
+            nll, zl, n = training_step.loss_terms(p, batch, model, 1e-3, chunk)
             return nll + zl, (nll, zl, n)
 
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
     with pytest.raises(ValueError, match=r"loss_chunk_tokens=-8; valid: 0 \(full logits\)"):
-        trainer.loss_terms(params, batch, model, 0.0, -8)
+        training_step.loss_terms(params, batch, model, 0.0, -8)
     (_, plain_terms), plain_g = grads(0)
     (_, chunk_terms), chunk_g = grads(8)  # 8 tokens = 2 positions x 4 rows per chunk
     for a, b_ in zip(plain_terms, chunk_terms):
@@ -132,10 +133,10 @@ def test_chunked_loss_in_bfloat16_is_close_to_float32():
         "segment_ids": np.ones((b, t), np.int32),
         "loss_mask": np.ones((b, t), np.float32),
     }
-    f32 = trainer.loss_terms(params, batch, Transformer(_tiny(False)), 0.0, 0)
-    bf16 = trainer.loss_terms(params, batch, Transformer(cfg), 0.0, 8)
+    f32 = training_step.loss_terms(params, batch, Transformer(_tiny(False)), 0.0, 0)
+    bf16 = training_step.loss_terms(params, batch, Transformer(cfg), 0.0, 8)
     np.testing.assert_allclose(float(bf16[0]), float(f32[0]), rtol=1e-2)
-    g = jax.grad(lambda p: trainer.loss_terms(p, batch, Transformer(cfg), 0.0, 8)[0])(params)
+    g = jax.grad(lambda p: training_step.loss_terms(p, batch, Transformer(cfg), 0.0, 8)[0])(params)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
 
 
@@ -156,7 +157,7 @@ def test_eval_step_chunks_the_loss_like_training():
     }
 
     def temp_bytes(chunk: int) -> int:
-        step = trainer.make_eval_step(cfg, None, chunk)
+        step = training_step.make_eval_step(cfg, None, chunk)
         with nn.logical_axis_rules(sharding.LOGICAL_RULES):
             compiled = jax.jit(step).lower(params, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes

@@ -15,6 +15,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from llama_jax import Llama3, formats
 from llama_jax.model.config import get_config
 from llama_jax.model.transformer import Transformer, rope_inv_freq
+from llama_jax.training import step as training_step
 from llama_jax.training import trainer
 from llama_jax.training.experiment import base_config
 
@@ -133,7 +134,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
     @jax.jit
     def ours(p, z):
         def objective(p):
-            nll, zl, n = trainer.loss_terms(p, batch, module, z)
+            nll, zl, n = training_step.loss_terms(p, batch, module, z)
             return (nll + zl) / n, (nll / n, n)
 
         return jax.value_and_grad(objective, has_aux=True)(p)
@@ -171,7 +172,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
     sgd = optax.sgd(1.0)
     for accum in (1, 2):
         c.grad_accum_steps = accum
-        step = jax.jit(trainer.make_train_step(config, sgd, lambda s: 1.0, c))
+        step = jax.jit(training_step.make_train_step(config, sgd, lambda s: 1.0, c))
         start = {
             "params": params,
             "opt_state": sgd.init(params),
@@ -195,7 +196,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, tie):
     # The trainer's step reports the same loss and gradient norm (before clipping).
     c.grad_accum_steps = 1
     tx, schedule = trainer.make_tx(c, 10)
-    step = jax.jit(trainer.make_train_step(config, tx, schedule, c))
+    step = jax.jit(training_step.make_train_step(config, tx, schedule, c))
     state = {
         "params": params,
         "opt_state": tx.init(params),

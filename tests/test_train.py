@@ -18,6 +18,7 @@ from poison import poisoned_batch
 from llama_jax.formats import checkpoint
 from llama_jax.model import sharding
 from llama_jax.training import experiment, trainer
+from llama_jax.training import step as training_step
 from llama_jax.training.experiment import base_config, model_config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -569,7 +570,7 @@ def _dot_operand_dtypes(c):
         k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32)
         for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")
     }
-    step = jax.jit(trainer.make_train_step(mc, tx, schedule, c))
+    step = jax.jit(training_step.make_train_step(mc, tx, schedule, c))
     text = step.lower(state, batch).as_text()
     dots = re.findall(r"stablehlo.dot_general .*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)", text)
     return [(a.split("x")[-1], b.split("x")[-1]) for a, b in dots]

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from llama_jax.eval import runner
+from llama_jax.eval import results, runner
 from llama_jax.eval import tasks as builtin
 from llama_jax.formats import is_run_dir
 from llama_jax.inference.loaded import LoadedModel
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print(runner.format_table(metrics))
+    print(results.format_table(metrics))
     for task, n in truncated.items():
         if n:
             print(f"note: {task}: {n} prompt(s) truncated on the left to fit the window")
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     code = 0
     if args.output:
         try:
-            runner.write_json(args.output, metrics, config)
+            results.write_json(args.output, metrics, config)
             print(f"wrote {args.output}")
         except OSError as e:
             code = _write_failed(f"cannot write --output {args.output}", e)
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
             )
         else:
             try:
-                step = runner.log_to_run_dir(args.model_path, metrics)
+                step = results.log_to_run_dir(args.model_path, metrics)
                 print(f"logged to {args.model_path}/metrics.jsonl and TensorBoard at step {step}")
             except OSError as e:
                 code = _write_failed(f"cannot log to {args.model_path}/metrics.jsonl", e)

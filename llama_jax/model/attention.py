@@ -47,41 +47,26 @@ def attention_mask(
     return mask
 
 
-def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention in plain XLA.
+def xla_attention(q: Array, k: Array, v: Array, mask: Array, kv_layout: str = "BSKH") -> Array:
+    """Grouped-query attention in plain XLA, for K/V in either layout.
 
     Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S].
+      q: [B, T, N, H]; mask: bool [B, T, S].
+      k, v: [B, S, K, H] (kv_layout "BSKH": projected keys and values) or [B, K, S, H]
+        ("BKSH": the KV cache's layout).
     Returns:
       [B, T, N, H]
     """
+    if kv_layout not in ("BSKH", "BKSH"):
+        raise ValueError(f"kv_layout={kv_layout!r}; valid: 'BSKH', 'BKSH'")
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    kh = k.shape[kv_layout.index("K")]
     q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / np.sqrt(h))
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
-
-
-def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """`xla_attention` over a KV cache in its [B, K, S, H] layout.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, K, S, H]; mask: bool [B, T, S].
-    Returns:
-      [B, T, N, H]
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / np.sqrt(h))
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
+    out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 

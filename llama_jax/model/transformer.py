@@ -38,7 +38,6 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.model.attention import (  # noqa: F401  (cudnn_attention, xla_attention re-exported)
     attend,
     attention_mask,
-    cached_attention,
     cudnn_attention,
     xla_attention,
 )
@@ -199,7 +198,7 @@ class Attention(nn.Module):
             }
             keys, values = cache["k"].astype(dtype), cache["v"].astype(dtype)
             mask = attention_mask(positions, keys.shape[2], None, None)
-            out = cached_attention(q, keys, values, mask)
+            out = xla_attention(q, keys, values, mask, kv_layout="BKSH")
         else:
             out = attend(q, k, v, positions, segment_ids, c.attention_impl)  # attention.py
 
