@@ -12,7 +12,8 @@ budget for 1.24B parameters is ~25B tokens, so raise num_steps for a fully train
 TPU plan (`llama3 plan --config experiments/llama3_2_1b.py --topology v5e-8
 --config.model.attention_impl=splash`, libtpu 0.0.42, this file as it stands): does NOT fit a
 v5e-8: 32 rows of 2048 per chip need 56.12 GiB of temporaries against 15.75 GiB of HBM (exit 2;
-compiled in 63 s). Use --config.grad_accum_steps=8 (4 rows per chip per microbatch) on v5e;
+compiled in 63 s). Use --config.grad_accum_steps=8 (4 rows per chip per microbatch) on v5e.
+On a v6e-256 (mesh (1,-1,1), 1 row per chip) it fits: 3.53 GiB of 32 per chip;
 bench/RESULTS.md ("llama3 plan") has the other topologies.
 
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).

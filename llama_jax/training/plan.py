@@ -11,7 +11,10 @@ The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / by
 
   fits            arguments + outputs - donated aliases + temporaries <= the chip's HBM
   roofline        max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth), per chip: a lower
-                  bound on the step time (communication and overheads only add to it)
+                  bound on the step time (communication and overheads only add to it). FLOPs
+                  are the larger of the compiler's and the model's: cost_analysis counts a
+                  while-loop body (the layer scan) once and a Pallas kernel as zero, and its
+                  bytes share the first caveat (a lower bound too).
   MFU bound       model FLOPs per chip per step (ModelConfig.flops_per_token: 6 * matmul params
                   + 12 * L * T * N * H, causal attention not halved) / (roofline * peak)
 
@@ -276,7 +279,12 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
     total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
     tokens = c.batch_size * c.seq_len
     model_flops = cfg.flops_per_token(c.seq_len) * tokens / chips  # per chip
-    roofline = max(cost["flops"] / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
+    # cost_analysis counts a while loop's body once (the scanned layers, gradient accumulation)
+    # and a Mosaic kernel (splash) as no FLOPs: it undercounts a scanned model ~L-fold, so the
+    # compute term takes the larger of it and the model's own count.
+    roofline = max(
+        max(cost["flops"], model_flops) / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s
+    )
     eval_report = None
     if with_eval:
         m = _memory(eval_c)
