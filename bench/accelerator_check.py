@@ -246,13 +246,13 @@ def dequantised_copies(sampler) -> int:
 
     # 40 cache slots: the cache's buffers stay smaller than a weight even in the tiny model.
     _, cache = sampler.prefill(np.ones((1, 8), np.int32), np.array([8]), 40)
-    with sampler._context():
+    with sampler.context():
         hlo = (
             sampler._decode_jit.lower(
                 sampler.params,
                 cache,
-                sampler._put(np.ones(1, np.int32)),
-                sampler._put(np.array([8], np.int32)),
+                sampler.put(np.ones(1, np.int32)),
+                sampler.put(np.array([8], np.int32)),
             )  # fmt: skip
             .compile()
             .as_text()

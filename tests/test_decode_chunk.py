@@ -88,12 +88,12 @@ def test_seeded_sampling_and_host_stops_are_the_same_for_every_chunk(sampler):
 
 def _compiled_run(sampler, k):
     gen = sampling.Generation(sampler, PROMPTS, BUDGET)
-    with sampler._context():
+    with sampler.context():
         return sampler._run_jit.lower(
             sampler.params,
             gen._state,
             jnp.int32(BUDGET),
-            sampler._put(np.zeros(len(PROMPTS), bool)),
+            sampler.put(np.zeros(len(PROMPTS), bool)),
             *gen._args,
             **gen._static,
             chunk=k,

@@ -30,9 +30,9 @@ def model():
 def _step_hlo(sampler):
     """The compiled decode step, and the smallest int8 weight's element count."""
     _, cache = sampler.prefill(np.ones((1, 8), np.int32), np.array([8]), 32)
-    with sampler._context():
+    with sampler.context():
         compiled = sampler._decode_jit.lower(
-            sampler.params, cache, sampler._put(np.ones(1, np.int32)), sampler._put(np.array([8]))
+            sampler.params, cache, sampler.put(np.ones(1, np.int32)), sampler.put(np.array([8]))
         ).compile()
     smallest = min(a.size for a in jax.tree.leaves(sampler.params) if a.dtype == jnp.int8)
     return compiled, smallest
@@ -46,12 +46,12 @@ def test_int8_decode_reads_int8_weights_in_place(model):
     assert compiled.memory_analysis().temp_size_in_bytes < 4 * smallest
     # The loop users run (decode steps in a while loop): nothing hoisted out of it either.
     gen = sampling.Generation(sampler, [[1, 2, 3]], 4)
-    with sampler._context():
+    with sampler.context():
         loop = sampler._run_jit.lower(
             sampler.params,
             gen._state,
             jnp.int32(4),
-            sampler._put(np.zeros(1, bool)),
+            sampler.put(np.zeros(1, bool)),
             *gen._args,
             **gen._static,
             chunk=2,

@@ -105,7 +105,7 @@ def test_float32_decode_steps_compile_without_ynnpack_dots():
         mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
         sampler = sampling.Sampler(config, params, mesh, layout="standard")
         _, cache = sampler.prefill(np.ones((2, 4), np.int32), [4, 4], cache_len=8)
-        with sampler._context():
+        with sampler.context():
             hlo = (
                 sampler._decode_jit.lower(
                     sampler.params, cache, jnp.ones((2,), jnp.int32), jnp.full((2,), 4)

@@ -183,7 +183,8 @@ class Sampler:
 
     # ------------------------------------------------------------------ contexts
     @contextlib.contextmanager
-    def _context(self):
+    def context(self):
+        """The mesh and logical-axis rules every call of this sampler's functions runs under."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             yield
 
@@ -198,11 +199,14 @@ class Sampler:
             is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(x, str) for x in a),
         )
 
-    def _new_cache(self, batch: int, cache_len: int) -> Any:
+    def new_cache(self, batch: int, cache_len: int) -> Any:
+        """A zeroed KV cache of `batch` rows and `cache_len` slots, sharded for this mesh."""
         cache = init_cache(self.config, batch, cache_len)
         return jax.lax.with_sharding_constraint(cache, self.cache_shardings())
 
-    def _apply(self, params, tokens, positions, cache, logits_at=None):
+    def apply(self, params, tokens, positions, cache, logits_at=None):
+        """One model call on the decode-laid-out params (what prefill, the decode steps and
+        the serving engine run): (float32 logits, updated cache); traceable inside jit."""
         params = dict(params)
         head = params.pop(TIED_HEAD, None)  # int8 copy of a tied embedding (quantized)
         if self.quantize:
@@ -229,8 +233,8 @@ class Sampler:
     def _prefill_body(self, params, tokens, lengths, cache_len):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cache = self._new_cache(b, cache_len)
-        logits, cache = self._apply(params, tokens, positions, cache, (lengths - 1)[:, None])
+        cache = self.new_cache(b, cache_len)
+        logits, cache = self.apply(params, tokens, positions, cache, (lengths - 1)[:, None])
         return logits[:, 0], cache
 
     def _prefill_fn(self, params, tokens, lengths, *, cache_len):
@@ -239,7 +243,7 @@ class Sampler:
 
     def _decode_fn(self, params, cache, tokens, positions):
         self.trace_counts["decode_step"] += 1
-        logits, cache = self._apply(params, tokens[:, None], positions[:, None], cache)
+        logits, cache = self.apply(params, tokens[:, None], positions[:, None], cache)
         return logits[:, 0], jax.lax.with_sharding_constraint(cache, self.cache_shardings())
 
     def _start_fn(
@@ -298,7 +302,7 @@ class Sampler:
             # position): so k steps per iteration give the tokens of k = 1, only the last
             # iteration's leftover steps are wasted.
             live = cond(s)
-            logits, cache = self._apply(
+            logits, cache = self.apply(
                 params, s["tokens"][:, None], s["positions"][:, None], s["cache"]
             )
             cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings())
@@ -335,7 +339,7 @@ class Sampler:
         return jax.lax.while_loop(cond, body, state)
 
     # ------------------------------------------------------------------ low-level API
-    def _put(self, x: np.ndarray) -> Array:
+    def put(self, x: np.ndarray) -> Array:
         """A [B, ...] host array placed with its rows over the mesh's batch axes."""
         return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
 
@@ -358,9 +362,9 @@ class Sampler:
         if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
             raise ValueError(f"lengths {lengths.tolist()} must be [B={b}] values in [1, {t}]")
         sharding.check_batch_fits_mesh(b, self.mesh)
-        with self._context():
+        with self.context():
             return self._prefill_jit(
-                self.params, self._put(tokens), self._put(lengths), cache_len=cache_len
+                self.params, self.put(tokens), self.put(lengths), cache_len=cache_len
             )
 
     def decode_step(self, cache: Any, tokens: Any, positions: Any) -> tuple[Array, Any]:
@@ -375,8 +379,8 @@ class Sampler:
           (float32 logits [B, V] for the next token, updated cache)
         """
         tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
-        with self._context():
-            return self._decode_jit(self.params, cache, self._put(tokens), self._put(positions))
+        with self.context():
+            return self._decode_jit(self.params, cache, self.put(tokens), self.put(positions))
 
     # ------------------------------------------------------------------ generation
     def generate_ids(
@@ -460,18 +464,18 @@ class Generation:
         stop_arr = np.full((n_slots,), -1, np.int32)
         stop_arr[: len(stops)] = stops
         self._static = {"greedy": sampling.greedy, "needs_sort": sampling.needs_sort}
-        with sampler._context():
+        with sampler.context():
             self._args = (
-                sampler._put(np.arange(b, dtype=np.int32)),
+                sampler.put(np.arange(b, dtype=np.int32)),
                 jnp.uint32(seed),
                 sampling.arrays(),
                 jnp.asarray(stop_arr),
             )
             self._state = sampler._start_jit(
                 sampler.params,
-                sampler._put(tokens),
-                sampler._put(lengths),
-                sampler._put(np.arange(b) < n),
+                sampler.put(tokens),
+                sampler.put(lengths),
+                sampler.put(np.arange(b) < n),
                 *self._args,
                 cache_len=cache_len,
                 **self._static,
@@ -510,12 +514,12 @@ class Generation:
         if n_steps > 0 and not self.done:
             s = self._sampler
             until = min(self._count + n_steps, self.max_new_tokens)
-            with s._context():
+            with s.context():
                 self._state = s._run_jit(
                     s.params,
                     self._state,
                     jnp.int32(until),
-                    s._put(self._stop_rows.copy()),
+                    s.put(self._stop_rows.copy()),
                     *self._args,
                     **self._static,
                     chunk=s.decode_chunk,

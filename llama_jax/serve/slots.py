@@ -98,14 +98,14 @@ class Slots:
         self._release_jit = jax.jit(self._release_fn, donate_argnums=(0,), out_shardings=state_sh)
         self._prompt_jit = jax.jit(self._prompt_fn, static_argnames="width")
         self._new_jit = jax.jit(
-            lambda: (s._new_cache(max_batch, max_seq_len), _state_zeros(max_batch)),
+            lambda: (s.new_cache(max_batch, max_seq_len), _state_zeros(max_batch)),
             out_shardings=(cache_sh, state_sh),
         )
         self.reset()
 
     def reset(self) -> None:
         """A zeroed cache and all slots idle (at start, and after a failed call)."""
-        with self.sampler._context():
+        with self.sampler.context():
             self.cache, self.state = self._new_jit()
 
     # ------------------------------------------------------------------ jitted functions
@@ -124,7 +124,7 @@ class Slots:
 
     def _one_step(self, params, cache, state):
         s, st = self.sampler, state
-        logits, cache = s._apply(params, st["tokens"][:, None], st["positions"][:, None], cache)
+        logits, cache = s.apply(params, st["tokens"][:, None], st["positions"][:, None], cache)
         cache = jax.lax.with_sharding_constraint(cache, s.cache_shardings())
         logits = logits[:, 0]  # [B, V]
         keys = jax.vmap(
@@ -187,7 +187,7 @@ class Slots:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         # Logits at one position only: the prefill is for the cache (the first token comes
         # from the decode step of the prompt's last token).
-        _, new = s._apply(params, tokens, positions, s._new_cache(b, t), jnp.zeros((b, 1), int))
+        _, new = s.apply(params, tokens, positions, s.new_cache(b, t), jnp.zeros((b, 1), int))
         slots = ints[:, 0]
 
         def put(big, small, b_axis, s_axis):
@@ -230,7 +230,7 @@ class Slots:
         b, t = tokens.shape
         at = jnp.minimum(start + jnp.arange(width), t - 1)
         at_rows = jnp.broadcast_to(at, (b, width))
-        logits, _ = self.sampler._apply(params, tokens, None, None, at_rows)
+        logits, _ = self.sampler.apply(params, tokens, None, None, at_rows)
         logp = jax.nn.log_softmax(logits[0], axis=-1)  # [W, V]
         target = tokens[0, jnp.minimum(at + 1, t - 1)]
         top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
@@ -244,16 +244,16 @@ class Slots:
         A row that ends at step i is IDLE in the steps after it, so a choice's events are those
         of its rows up to its end, whatever k is."""
         s = self.sampler
-        with s._context():
+        with s.context():
             self.cache, self.state, out, lp = self._step_jit(s.params, self.cache, self.state)
         return out, lp
 
     def admit(self, tokens: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> None:
         """Queues the prefill + insert of `tokens` [b, t] (see `pack_rows`)."""
         s = self.sampler
-        with s._context():
+        with s.context():
             self.cache, self.state = self._admit_jit(
-                s.params, self.cache, self.state, s._put(tokens), s._put(ints), s._put(floats)
+                s.params, self.cache, self.state, s.put(tokens), s.put(ints), s.put(floats)
             )
 
     def release(self, slots: Sequence[int]) -> None:
@@ -261,8 +261,8 @@ class Slots:
         mask = np.zeros(self.max_batch, bool)
         mask[list(slots)] = True
         s = self.sampler
-        with s._context():
-            self.state = self._release_jit(self.state, s._put(mask))
+        with s.context():
+            self.state = self._release_jit(self.state, s.put(mask))
 
     def prompt_width(self, t: int) -> int:
         """Positions per prompt-logprob pass for a bucket of t: the logits stay in budget."""
@@ -278,8 +278,8 @@ class Slots:
         width = self.prompt_width(t)
         s = self.sampler
         lps, tops = [None], []
-        with s._context():
-            dev = s._put(tokens)
+        with s.context():
+            dev = s.put(tokens)
             for start in range(0, max(n - 1, 0), width):
                 lp, ids_, tlp = self._prompt_jit(s.params, dev, np.int32(start), width=width)
                 lp, ids_, tlp = np.asarray(lp), np.asarray(ids_), np.asarray(tlp)
