@@ -450,6 +450,18 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _quiet_closed_loops(hook):
+    """An excepthook that drops "Event loop is closed": tensorstore's reads of a checkpoint
+    that failed to restore complete on native threads after orbax closed their event loop,
+    and each prints that traceback; the failure itself is reported in one line."""
+
+    def quiet(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            hook(kind, value, tb)
+
+    return quiet
+
+
 def _main(argv: list[str]) -> int:
     debug = any(a in DEBUG_FLAGS for a in argv) or os.environ.get("LLAMA_JAX_DEBUG", "") not in (
         "",
@@ -465,6 +477,7 @@ def _main(argv: list[str]) -> int:
         # asyncio reports the same failed writes again when their tasks are collected.
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        sys.excepthook = _quiet_closed_loops(sys.excepthook)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print(

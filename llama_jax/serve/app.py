@@ -27,6 +27,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -132,12 +133,15 @@ class ServeApp:
                 413, f"request body of {length} bytes; valid: at most {self.max_request_bytes}"
             )
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.max_request_bytes:
-                raise ServeError(
-                    413, f"request body over {self.max_request_bytes} bytes; send less"
-                )
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > self.max_request_bytes:
+                    raise ServeError(
+                        413, f"request body over {self.max_request_bytes} bytes; send less"
+                    )
+        except ClientDisconnect:  # gone, or closed by the body deadline (serve/connections.py)
+            raise ServeError(408, "the request body did not arrive in time") from None
         try:
             body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
