@@ -14,6 +14,7 @@ import numpy as np
 
 from llama_jax import formats
 from llama_jax.eval.runner import evaluate
+from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
 from llama_jax.inference import text_stream
 from llama_jax.inference.loaded import LoadedModel
 from llama_jax.inference.sampling_params import SamplingParams
@@ -252,8 +253,6 @@ class Llama3(LoadedModel):
         if format not in ("llama_jax", "hf", "gguf"):
             raise ValueError(f"format={format!r}; valid: 'llama_jax', 'hf', 'gguf'")
         if format == "gguf":
-            from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
-
             if gguf_type not in GGUF_TYPES:
                 raise ValueError(f"gguf_type={gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
             tokenizer = self.tokenizer  # before the gather: no tokenizer, no GGUF

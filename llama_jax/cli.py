@@ -24,6 +24,7 @@ import jax
 
 from llama_jax import __version__
 from llama_jax.api import Llama3
+from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.eval.cli import main as eval_main
 from llama_jax.eval.runner import TrainerEval
 from llama_jax.formats import convert, finetune_run
@@ -64,8 +65,6 @@ def _convert(argv: list[str]) -> int:
         help="--format gguf: type of the weight matrices (default f16; norms stay f32)",
     )
     args = p.parse_args(argv)
-    from llama_jax.data.builtin_models import resolve_model_path
-
     config = convert(
         resolve_model_path(args.input), args.output, args.format, args.dtype, args.gguf_type
     )

@@ -13,6 +13,7 @@ no partial `.gguf`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -24,6 +25,7 @@ from llama_jax.formats.gguf import gguf_name, permute_qk
 from llama_jax.formats.hf import params_to_tensors
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import rope_inv_freq
+from llama_jax.tokenizer.hf_json import _bytes_to_unicode
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # GGML token types
@@ -31,8 +33,6 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _tiktoken_metadata(tok: Any) -> dict[str, Any]:
-    from llama_jax.tokenizer.hf_json import _bytes_to_unicode
-
     spell = _bytes_to_unicode()
     ranks: dict[bytes, int] = tok._encoding._mergeable_ranks
     n = tok.vocab_size
@@ -229,8 +229,6 @@ def save_gguf(
         w.add_vocab_size(config.vocab_size)
         _write_tokenizer(w, meta)
         if config.rope_scaling_factor is not None:
-            import dataclasses
-
             plain = rope_inv_freq(dataclasses.replace(config, rope_scaling_factor=None))
             w.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(config)).astype(np.float32))
         for hf_name, a in params_to_tensors(params, config):

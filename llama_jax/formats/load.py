@@ -20,6 +20,7 @@ from llama_jax.formats.directory import (
     load_llama_jax,
     save_llama_jax,
 )
+from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
 from llama_jax.formats.hf import (
     HF_EXTRA_FILES,
     is_hf_dir,
@@ -34,6 +35,7 @@ from llama_jax.formats.meta import is_meta_dir, load_meta
 from llama_jax.model import lora as lora_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer.gguf import GGUFTokenizer
 
 
 def load_gguf(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dict]:
@@ -95,9 +97,6 @@ def convert(
     if gguf_type is not None and fmt != "gguf":
         raise ValueError(f"--gguf_type {gguf_type!r} is for --format gguf, not {fmt!r}")
     if fmt == "gguf":
-        from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
-        from llama_jax.tokenizer import load_tokenizer
-
         gguf_type = gguf_type or "f16"
         if gguf_type not in GGUF_TYPES:
             raise ValueError(f"--gguf_type {gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
@@ -125,8 +124,6 @@ def convert(
     gguf_path = _gguf_in(input_dir)
     write_tokenizer = None
     if gguf_path is not None:  # tokenizer.json + tokenizer_config.json from the GGUF metadata
-        from llama_jax.tokenizer.gguf import GGUFTokenizer
-
         write_tokenizer = GGUFTokenizer(gguf_path).save
     src = input_dir if os.path.isdir(input_dir) else None
     if fmt == "llama_jax":

@@ -29,6 +29,7 @@ from llama_jax.model.config import DTYPES, ModelConfig
 from llama_jax.model.quantize import check_quantize
 from llama_jax.model.transformer import init_params
 from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer.chat_template import read_template_file
 
 
 class LoadedModel:
@@ -73,8 +74,6 @@ class LoadedModel:
         """
         self._chat_template = None
         if chat_template is not None:  # read and compiled before the weights load
-            from llama_jax.tokenizer.chat_template import read_template_file
-
             self._chat_template = read_template_file(chat_template)
         self.quantize = check_quantize(quantize)
         if dtype == "auto":

@@ -34,6 +34,12 @@ from llama_jax.tokenizer.chat import (
     END_OF_TURN,
     FINETUNE_RIGHT_PAD,
 )
+from llama_jax.tokenizer.chat_template import (
+    TEMPLATE_FILE,
+    encode_rendered,
+    render_text,
+    template_mask,
+)
 
 # Meta's reference limits: tiktoken is handed at most this many characters at a time...
 MAX_ENCODE_CHARS = 400_000
@@ -370,8 +376,6 @@ class Tokenizer(abc.ABC):
           train_on: "assistant" (each assistant turn's content and end-of-turn token), "last"
             (the last assistant turn's), "all" (every token).
         """
-        from llama_jax.tokenizer.chat_template import template_mask
-
         if self.chat_template is not None:
             return template_mask(self, messages, train_on)
         return chat.builtin_mask(self, messages, train_on)
@@ -388,8 +392,6 @@ class Tokenizer(abc.ABC):
         template_kwargs: Mapping[str, Any] | None = None,
         with_generation: bool = False,
     ) -> tuple[list[int], list[int] | None]:
-        from llama_jax.tokenizer.chat_template import encode_rendered, render_text
-
         allowed = self._allowed(allowed_special) if allowed_special else frozenset()
         text = render_text(
             self.chat_template,
@@ -422,8 +424,6 @@ class Tokenizer(abc.ABC):
             write_atomic(dest, self.path.read_bytes())  # never a partial tokenizer file
         if self.chat_template is not None:
             # The chat format travels with the tokenizer, so a fine-tuned model chats as trained.
-            from llama_jax.tokenizer.chat_template import TEMPLATE_FILE
-
             write_atomic(directory / TEMPLATE_FILE, self.chat_template)
             config = directory / "tokenizer_config.json"
             if self.template_tokens and not config.exists():

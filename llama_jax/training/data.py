@@ -16,10 +16,13 @@ import shutil
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from llama_jax.data import make_eval_iterator, make_train_iterator, open_source, parse_data_path
+from llama_jax.data.chat import make_chat_iterators
 from llama_jax.model.config import ModelConfig
 from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer.chat_template import read_template_file
 from llama_jax.tokenizer.train import train_tokenizer
 
 log = logging.getLogger("llama_jax.training.trainer")
@@ -31,8 +34,6 @@ def get_tokenizer(c: ml_collections.ConfigDict):
     if c.tokenizer_path:
         tok = load_tokenizer(c.tokenizer_path)
         if c.get("chat_template"):
-            from llama_jax.tokenizer.chat_template import read_template_file
-
             tok.use_chat_settings(read_template_file(c.chat_template))
         return tok
     tok_dir = os.path.join(c.run_dir, "tokenizer")
@@ -95,8 +96,6 @@ def _train_tokenizer(corpus: str, vocab_size: int, out_dir: str, seed: int) -> N
 
 def _sync_hosts(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -123,8 +122,6 @@ def data_splits(c: ml_collections.ConfigDict) -> tuple[str, str | None]:
 
 def make_data(c: ml_collections.ConfigDict, tokenizer, mesh, model_cfg: ModelConfig):
     if c.data_format == "chat":  # fine-tuning dialogs (data/chat.py); eval may be None
-        from llama_jax.data.chat import make_chat_iterators
-
         train_it, eval_it, _ = make_chat_iterators(
             c.data_path,
             tokenizer,

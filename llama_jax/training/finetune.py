@@ -21,6 +21,7 @@ from llama_jax.formats.checkpoint import committed_steps
 from llama_jax.formats.load import read_config
 from llama_jax.model import lora as lora_lib
 from llama_jax.model.config import ModelConfig
+from llama_jax.tokenizer.chat_template import read_template_file
 from llama_jax.training.experiment import base_config
 
 DATA_FORMATS = ("text", "chat")
@@ -88,8 +89,6 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         valid = ", ".join(repr(d) for d in BASE_DTYPES)
         raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
     if c.get("chat_template"):  # a missing or broken template: one line before anything loads
-        from llama_jax.tokenizer.chat_template import read_template_file
-
         read_template_file(c.chat_template)
     c.init_from = resolve_model_path(c.init_from)  # a built-in model name -> its cached file
     base = read_config(c.init_from)
