@@ -12,7 +12,8 @@ def test_accelerator_check_runs_on_cpu_at_tiny_sizes():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = ""  # one CPU device, like a single-chip machine
     res = subprocess.run(
-        [sys.executable, "bench/accelerator_check.py", "--tiny", "--minutes", "60"],
+        [sys.executable, "bench/accelerator_check.py", "--tiny", "--minutes", "60",
+         "--tpu_topology", ""],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]

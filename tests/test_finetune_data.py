@@ -17,7 +17,7 @@ from llama_jax import formats
 from llama_jax.data import chat
 from llama_jax.model.transformer import Transformer
 from llama_jax.tokenizer import load_tokenizer
-from llama_jax.training.trainer import loss_terms
+from llama_jax.training.step import loss_terms
 
 DIALOGS = [
     [

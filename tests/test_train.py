@@ -524,7 +524,7 @@ def test_overrides_are_type_checked_and_unknown_keys_listed():
     assert (c.seq_len, c.batch_size, c.model.dim, c.learning_rate) == (64, 4, 128, 1e-3)
     with pytest.raises(KeyError, match="unknown config key 'seqlen'.*seq_len"):
         experiment.parse_overrides(c, ["--config.seqlen=3"])
-    with pytest.raises(ValueError, match="--config.seq_len='long': expected int"):
+    with pytest.raises(ValueError, match="--config.seq_len='long'; valid: an integer"):
         experiment.parse_overrides(c, ["--config.seq_len=long"])
 
 
