@@ -82,6 +82,75 @@ def test_without_libtpu_one_line(monkeypatch, capsys):
     plan.topology_devices.cache_clear()
 
 
+# ----------------------------------------------------------------------------- FLOPs (CPU)
+def _cpu_step_flops(compile=True, **overrides):
+    """(dot_flops of the train step's jaxpr, the CPU compiler's cost_analysis FLOPs, tokens,
+    model config) for a small experiment on one CPU device (no libtpu needed)."""
+    model = {"dim": 256, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64, "mlp_dim": 512}
+    model |= {"vocab_size": 512, "n_layers": 4}
+    c = tiny(**{f"model.{k}": v for k, v in model.items()}, **overrides)
+    steps = plan.build_steps(c, jax.devices()[:1])
+    with jax.set_mesh(steps.mesh), DEFAULT_PRECISION():
+        traced = steps.train_step.trace(steps.state, steps.batch, steps.base)
+        cost = traced.lower().compile().cost_analysis() if compile else {"flops": None}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return plan.dot_flops(traced.jaxpr), cost["flops"], c.batch_size * c.seq_len, steps.model_cfg
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+    """No loops: layers unscanned, full-logits loss, no gradient accumulation, so the
+    compiler's cost_analysis counts every op once (its loop bodies count once)."""
+    return _cpu_step_flops(
+        **{"model.scan_layers": False, "model.remat_policy": "none", "loss_chunk_tokens": 0}
+    )
+
+
+def test_step_flops_match_the_compiler_unrolled(unrolled):
+    """The jaxpr count equals XLA's own cost analysis of the loop-free step, to the elementwise
+    work the compiler also counts (softmax, norms, AdamW: under 5% at this size)."""
+    ours, compiler, _, _ = unrolled
+    assert 0.95 * compiler <= ours <= compiler, (ours, compiler)
+
+
+def test_step_flops_match_6nd_plus_attention(unrolled):
+    """remat none, XLA attention: 6 * matmul params + 12 L T N H per token (within 1%); remat
+    full recomputes the layers' forward: 8 and 16 instead."""
+    ours, _, tokens, cfg = unrolled
+    assert ours == pytest.approx(cfg.flops_per_token(128) * tokens, rel=0.01)
+    full, _, _, _ = _cpu_step_flops(**{"model.remat_policy": "full"})
+    attn = 16 * cfg.n_layers * 128 * cfg.n_heads * cfg.head_dim
+    # The head's matmuls are outside the remat blocks: 6, not 8, times its weights; and the
+    # backward recomputes no down projection (its output feeds only the residual sum).
+    params = cfg.matmul_param_count() - cfg.vocab_size * cfg.dim
+    down = cfg.n_layers * cfg.dim * cfg.mlp_dim
+    want = (8 * params - 2 * down + 6 * cfg.vocab_size * cfg.dim + attn) * tokens
+    assert full == pytest.approx(want, rel=0.01)
+
+
+def test_step_flops_count_the_splash_kernel(unrolled):
+    """Splash (Pallas; the compiler counts it as zero) counts its blocks: the forward's 4 L T N H
+    per token as XLA's, the backward's dq kernel 6 (QK^T again, dP, dQ) and dkv kernel 8 (QK^T,
+    dV, dP, dK) where XLA's backward does 8 in all: 6 L T N H more per token."""
+    xla, _, tokens, cfg = unrolled
+    splash, _, _, _ = _cpu_step_flops(
+        compile=False,
+        **{"model.attention_impl": "splash", "model.remat_policy": "none", "loss_chunk_tokens": 0},
+    )
+    extra = 6 * cfg.n_layers * 128 * cfg.n_heads * cfg.head_dim * tokens
+    assert splash - xla == pytest.approx(extra, rel=0.01), (splash - xla, extra)
+
+
+def test_step_flops_count_scanned_loops():
+    """The real (scanned, chunked-loss, accumulated) step: the count is the unrolled step's,
+    where the compiler's cost_analysis sees one layer, one loss chunk and one microbatch."""
+    ours, compiler, tokens, cfg = _cpu_step_flops(
+        **{"model.remat_policy": "none", "loss_chunk_tokens": 256, "grad_accum_steps": 2}
+    )
+    assert ours == pytest.approx(cfg.flops_per_token(128) * tokens, rel=0.01)
+    assert compiler < 0.5 * ours, (compiler, ours)
+
+
 # ----------------------------------------------------------------------------- compiling
 @pytest.fixture(scope="module")
 def reports():

@@ -10,11 +10,16 @@ The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / by
 (`cost_analysis`, of the per-chip SPMD program), and its HLO shows the collectives. From them:
 
   fits            arguments + outputs - donated aliases + temporaries <= the chip's HBM
-  roofline        max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth), per chip: a lower
-                  bound on the step time (communication and overheads only add to it). FLOPs
-                  are the larger of the compiler's and the model's: cost_analysis counts a
-                  while-loop body (the layer scan) once and a Pallas kernel as zero, and its
-                  bytes share the first caveat (a lower bound too).
+  FLOPs           counted in the step's jaxpr (`dot_flops`): 2 * M * N * K of every matmul, a
+                  scan's body times its length, a shard_map body times its shards, a Pallas
+                  kernel's body times its grid; remat's recomputation is in the jaxpr, so this
+                  is the work the chips do. Not the compiler's cost_analysis, which counts a
+                  while-loop body once (the layer scan, gradient accumulation, the loss
+                  chunks: ~L-fold under for a scanned model) and a Pallas kernel as zero.
+  roofline        max(FLOPs per chip / peak FLOP/s, compiler bytes accessed / HBM bandwidth):
+                  a lower bound on the step time (communication and overheads only add to it).
+                  The bytes term uses the compiler's count, loop bodies once: a lower bound
+                  too, so the roofline stays one.
   MFU bound       model FLOPs per chip per step (ModelConfig.flops_per_token: 6 * matmul params
                   + 12 * L * T * N * H, causal attention not halved) / (roofline * peak)
 
@@ -39,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from llama_jax.model import sharding
 from llama_jax.model.config import ModelConfig
@@ -198,6 +204,53 @@ def per_chip_bytes(tree: Any) -> int:
     return total
 
 
+# ----------------------------------------------------------------------------- FLOPs
+def dot_flops(jaxpr: Any) -> float:
+    """Matmul FLOPs of a (closed) jaxpr, loops and kernels included (global, not per chip).
+
+    2 * prod(output) * prod(contracted) per `dot_general`; a `scan` body counts `length` times,
+    a `shard_map` body (per-shard shapes) once per shard of its manual axes, a `pallas_call`
+    body (one block) once per grid step, a `cond` as its costliest branch (splash's skipped
+    causal blocks count: the full T x T square, as in `flops_per_token`). A `while` body counts
+    once (no static trip count; the train step has none: its loops are scans).
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            k = math.prod(lhs[d] for d in contract)
+            total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
+            continue
+        subs = [dot_flops(j) for j in _sub_jaxprs(params)]
+        if not subs:
+            continue
+        if name == "cond":
+            total += max(subs)
+            continue
+        times = 1
+        if name == "scan":
+            times = params["length"]
+        elif name == "shard_map":
+            times = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+        elif name == "pallas_call":
+            times = math.prod(params["grid_mapping"].grid)
+        total += times * sum(subs)
+    return total
+
+
+def _sub_jaxprs(params: dict) -> list:
+    """The jaxprs an equation's params hold (call bodies, scan/while bodies, cond branches)."""
+    out = []
+    for v in params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(x, (Jaxpr, ClosedJaxpr)):
+                out.append(x)
+    return out
+
+
 # ----------------------------------------------------------------------------- compile + report
 def collectives(hlo: str) -> dict[str, int]:
     """Collective ops in compiled HLO text, by kind (async `-start` halves counted once; an op
@@ -268,7 +321,9 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
     rules = sharding.LOGICAL_RULES
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_c = _compile(steps.train_step.lower(steps.state, steps.batch, steps.base))
+        traced = steps.train_step.trace(steps.state, steps.batch, steps.base)
+        step_flops = dot_flops(traced.jaxpr)
+        train_c = _compile(traced.lower())
         train_s = time.perf_counter() - t0
         eval_args = (steps.state["params"], steps.batch, steps.base)
         eval_c = _compile(steps.eval_step.lower(*eval_args)) if with_eval else None
@@ -279,12 +334,8 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
     total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
     tokens = c.batch_size * c.seq_len
     model_flops = cfg.flops_per_token(c.seq_len) * tokens / chips  # per chip
-    # cost_analysis counts a while loop's body once (the scanned layers, gradient accumulation)
-    # and a Mosaic kernel (splash) as no FLOPs: it undercounts a scanned model ~L-fold, so the
-    # compute term takes the larger of it and the model's own count.
-    roofline = max(
-        max(cost["flops"], model_flops) / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s
-    )
+    flops = step_flops / chips  # per chip: the batch and the weights split over every chip
+    roofline = max(flops / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
     eval_report = None
     if with_eval:
         m = _memory(eval_c)
@@ -304,7 +355,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
             "total": total,
         },
         "fits": total <= chip.hbm_bytes,
-        "flops_per_step": cost["flops"] * chips,
+        "flops_per_step": step_flops,
         "roofline_step_seconds": roofline,
         "mfu_bound": model_flops / (roofline * chip.peak_flops) if roofline > 0 else 0.0,
         "collectives": collectives(train_c.as_text()),
@@ -315,7 +366,8 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
             "mesh": dict(mesh.shape),
             "memory": mem,
             "bytes_accessed_per_chip": cost["bytes"],
-            "flops_per_chip": cost["flops"],
+            "flops_per_chip": flops,
+            "compiler_flops_per_chip": cost["flops"],  # loop bodies once: not the step's
             "model_flops_per_chip": model_flops,
             "tokens_per_step": tokens,
             "compile_seconds": {"train": train_s, "total": compile_s},
@@ -359,9 +411,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"                  total       {gib(b['total'])}  of {gib(hbm).strip()} HBM "
         f"({b['total'] / hbm:.0%}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"  eval step       total       {gib(r['eval']['total']) if r['eval'] else '-'}",
-        f"  FLOPs / step    {r['flops_per_step']:.3e} (compiler; {d['flops_per_chip']:.3e} per "
-        f"chip, model {d['model_flops_per_chip']:.3e} per chip)",
-        f"  bytes / chip    {d['bytes_accessed_per_chip']:.3e} accessed",
+        f"  FLOPs / step    {r['flops_per_step']:.3e} (matmuls in the step, remat included; "
+        f"{d['flops_per_chip']:.3e} per chip, model {d['model_flops_per_chip']:.3e})",
+        f"  bytes / chip    {d['bytes_accessed_per_chip']:.3e} accessed (compiler; loop bodies "
+        "once: a lower bound)",
         f"  roofline        {r['roofline_step_seconds'] * 1e3:.1f} ms / step "
         f"(peak {d['chip']['peak_flops'] / 1e12:.0f} TFLOP/s, "
         f"{d['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s; {d['chip']['source']})",
