@@ -118,7 +118,7 @@ def test_step_flops_match_6nd_plus_attention(unrolled):
     full recomputes the layers' forward: 8 and 16 instead."""
     ours, _, tokens, cfg = unrolled
     assert ours == pytest.approx(cfg.flops_per_token(128) * tokens, rel=0.01)
-    full, _, _, _ = _cpu_step_flops(**{"model.remat_policy": "full"})
+    full, _, _, _ = _cpu_step_flops(compile=False, **{"model.remat_policy": "full"})
     attn = 16 * cfg.n_layers * 128 * cfg.n_heads * cfg.head_dim
     # The head's matmuls are outside the remat blocks: 6, not 8, times its weights; and the
     # backward recomputes no down projection (its output feeds only the residual sum).
@@ -141,14 +141,15 @@ def test_step_flops_count_the_splash_kernel(unrolled):
     assert splash - xla == pytest.approx(extra, rel=0.01), (splash - xla, extra)
 
 
-def test_step_flops_count_scanned_loops():
-    """The real (scanned, chunked-loss, accumulated) step: the count is the unrolled step's,
-    where the compiler's cost_analysis sees one layer, one loss chunk and one microbatch."""
-    ours, compiler, tokens, cfg = _cpu_step_flops(
-        **{"model.remat_policy": "none", "loss_chunk_tokens": 256, "grad_accum_steps": 2}
+def test_step_flops_count_scanned_loops(unrolled):
+    """The real step's loops (scanned layers, a chunked loss, accumulated microbatches), where
+    cost_analysis sees one layer, one chunk and one microbatch, count as the loop-free step."""
+    flat, _, _, _ = unrolled
+    ours, _, _, _ = _cpu_step_flops(
+        compile=False,
+        **{"model.remat_policy": "none", "loss_chunk_tokens": 256, "grad_accum_steps": 2},
     )
-    assert ours == pytest.approx(cfg.flops_per_token(128) * tokens, rel=0.01)
-    assert compiler < 0.5 * ours, (compiler, ours)
+    assert ours == pytest.approx(flat, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- compiling
