@@ -279,9 +279,9 @@ def _cost(compiled) -> dict[str, float]:
 class DoesNotFit(Exception):
     """The compiler refused the step for lack of HBM (`RESOURCE_EXHAUSTED`)."""
 
-    def __init__(self, required: float, available: float, message: str):
+    def __init__(self, required: float, available: float, message: str, state_only=False):
         super().__init__(message)
-        self.required, self.available = required, available
+        self.required, self.available, self.state_only = required, available, state_only
 
 
 def _compile(lowered):
@@ -318,6 +318,11 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
         raise ValueError(f"libtpu's {topo} has {len(devices)} devices, expected {chips} chips")
     steps = build_steps(c, devices)
     mesh, cfg = steps.mesh, steps.model_cfg
+    # The sharded train state alone is exact (shard shapes) and needs no compile: a config whose
+    # state overflows the chip is refused at once (the 8B on 8 chips would compile for minutes).
+    state = per_chip_bytes(steps.state) + per_chip_bytes(steps.base)
+    if state > chip.hbm_bytes:
+        raise DoesNotFit(state, chip.hbm_bytes, "train state > HBM", state_only=True)
     rules = sharding.LOGICAL_RULES
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -375,22 +380,26 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
     }
 
 
-def advice(c: ml_collections.ConfigDict, required: float, available: float) -> str:
-    """One line: by how much a step misses the chip's HBM and the knobs that would help."""
+def advice(
+    c: ml_collections.ConfigDict, required: float, available: float, state_only: bool = False
+) -> str:
+    """One line: by how much a step misses the chip's HBM and the knobs that would help
+    (state_only: the parameters and optimizer state alone overflow; batch and remat cannot help)."""
     knobs = []
-    if c.batch_size // max(c.grad_accum_steps, 1) > 1:
+    if not state_only and c.batch_size // max(c.grad_accum_steps, 1) > 1:
         knobs.append(
             f"a smaller batch per step (--config.grad_accum_steps={2 * c.grad_accum_steps} "
             f"or --config.batch_size={c.batch_size // 2})"
         )
-    if c.model.remat_policy != "full":
+    if c.model.remat_policy != "full" and not state_only:
         knobs.append(f"--config.model.remat_policy=full (now {c.model.remat_policy!r})")
     shape = tuple(c.mesh_shape)
     if shape[0] != 1:
         knobs.append(f"shard params over data too (mesh_shape {shape} -> fsdp)")
     knobs.append("more chips (a larger fsdp axis)")
+    what = "for the parameters and optimizer state alone" if state_only else "needed"
     return (
-        f"does not fit: {required / GiB:.2f} GiB per chip needed, {available / GiB:.2f} GiB "
+        f"does not fit: {required / GiB:.2f} GiB per chip {what}, {available / GiB:.2f} GiB "
         f"available ({required / available:.2f}x, {(required - available) / GiB:.2f} GiB over); "
         f"try {'; '.join(knobs)}"
     )
@@ -431,7 +440,7 @@ def run(c: ml_collections.ConfigDict, topology: str, json_out: str | None = None
     try:
         report = plan(c, topology)
     except DoesNotFit as e:
-        print(advice(c, e.required, e.available))
+        print(advice(c, e.required, e.available, e.state_only))
         if json_out:
             _write_json(json_out, {"topology": topology, "fits": False, "required": e.required})
         return 2
