@@ -21,7 +21,8 @@ The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / by
                   The bytes term uses the compiler's count, loop bodies once: a lower bound
                   too, so the roofline stays one.
   MFU bound       model FLOPs per chip per step (ModelConfig.flops_per_token: 6 * matmul params
-                  + 12 * L * T * N * H, causal attention not halved) / (roofline * peak)
+                  + 12 * L * T * N * H, causal attention not halved; 4 * matmul params with
+                  LoRA, whose frozen base takes no weight gradients) / (roofline * peak)
 
 Exit status: 0 fits, 2 compiles but does not fit (one line: by how much, which knob helps),
 1 on an error (bad config, unknown topology, libtpu missing).
@@ -338,7 +339,11 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
     optimizer = per_chip_bytes(steps.state["opt_state"])
     total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
     tokens = c.batch_size * c.seq_len
-    model_flops = cfg.flops_per_token(c.seq_len) * tokens / chips  # per chip
+    per_token = cfg.flops_per_token(c.seq_len)
+    if jax.tree.leaves(steps.base):
+        # LoRA: the frozen base takes no weight gradients, 4 (not 6) FLOPs per matmul param.
+        per_token -= 2.0 * cfg.matmul_param_count()
+    model_flops = per_token * tokens / chips  # per chip
     flops = step_flops / chips  # per chip: the batch and the weights split over every chip
     roofline = max(flops / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
     eval_report = None
@@ -427,7 +432,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  roofline        {r['roofline_step_seconds'] * 1e3:.1f} ms / step "
         f"(peak {d['chip']['peak_flops'] / 1e12:.0f} TFLOP/s, "
         f"{d['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s; {d['chip']['source']})",
-        f"  MFU bound       {r['mfu_bound']:.1%} (6 * matmul params + 12 L T N H per token)",
+        f"  MFU bound       {r['mfu_bound']:.1%} (model FLOPs: 6 * matmul params + 12 L T N H "
+        "per token; 4 * with LoRA's frozen base)",
         "  collectives     "
         + (", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
         f"  compiled in     {d['compile_seconds']['total']:.1f} s on this host",
