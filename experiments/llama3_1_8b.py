@@ -11,10 +11,12 @@ batch 512 sequences (4M tokens per step), 1T tokens = 250k steps. Expected: MaxT
 45% MFU for this model on TPU v6e; plan on 35-45% (~3,500-4,500 tokens/s per H100).
 
 TPU plan (`llama3 plan --config experiments/llama3_1_8b.py --topology v5p-64
---config.mesh_shape="(1,-1,1)"`, libtpu 0.0.42): on a v5p-64 (32 chips, fsdp=32) it does NOT
-fit: 16 rows of 8192 per chip need 127.31 GiB of temporaries against 95.74 GiB (exit 2; 20 min
-to compile on a loaded 2-core host). The target is the v5p-128 (64 chips, 8 rows per chip);
-bench/RESULTS.md ("llama3 plan") has the numbers measured so far.
+--config.mesh_shape="(1,-1,1)"`, libtpu 0.0.42.1; bench/RESULTS.md "llama3 plan"): on a v5p-64
+(32 chips, 16 rows of 8192 per chip) it does NOT fit: 127.31 GiB of temporaries against 95.74
+(exit 2). The target is the v5p-128 (64 chips, 8 rows per chip; not compiled yet). MFU bound
+73.4% on any slice (compute term: remat full does 8 N + 16 L T N H for 6 N + 12 L T N H of model
+FLOPs); train state 2.81 GiB per chip on the v5p-64, 0.35 GiB on a v6e-256 (whose compile
+passed 10 min on a loaded 2-core host and was stopped).
 """
 
 from llama_jax.training.experiment import base_config, model_config_dict

@@ -9,12 +9,13 @@ step), 20k steps (~10B tokens), cuDNN flash attention on GPU (`--config.model.at
 splash` on TPU). Expected: about 25-30k tokens/s per H100 at 40% MFU; the Chinchilla-optimal
 budget for 1.24B parameters is ~25B tokens, so raise num_steps for a fully trained model.
 
-TPU plan (`llama3 plan --config experiments/llama3_2_1b.py --topology v5e-8
---config.model.attention_impl=splash`, libtpu 0.0.42, this file as it stands): does NOT fit a
-v5e-8: 32 rows of 2048 per chip need 56.12 GiB of temporaries against 15.75 GiB of HBM (exit 2;
-compiled in 63 s). Use --config.grad_accum_steps=8 (4 rows per chip per microbatch) on v5e.
-On a v6e-256 (mesh (1,-1,1), 1 row per chip) it fits: 3.53 GiB of 32 per chip;
-bench/RESULTS.md ("llama3 plan") has the other topologies.
+TPU plan (`llama3 plan`, libtpu 0.0.42.1; bench/RESULTS.md "llama3 plan"): targets a v5e-8 with
+`--config.model.attention_impl=splash --config.grad_accum_steps=8`. As written (no
+accumulation, 32 rows of 2048 per chip) it does NOT fit: 56.12 GiB of temporaries against 15.75
+(exit 2, the compiler's figure). With grad_accum_steps=8: train state 1.73 GiB per chip of 16,
+MFU bound 92.5% (compute term: the splash backward's extra work); whether the step's
+temporaries fit was not settled (its compile passed 10 min on a loaded 2-core host and was
+stopped). On a v6e-256 (mesh (1,-1,1)) it fits: 3.53 GiB of 32 per chip, MFU bound 92.5%.
 
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).
 """
