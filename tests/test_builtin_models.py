@@ -136,3 +136,22 @@ def test_tokenizer_command_takes_a_builtin_name(capsys):
     for argv in (["--tokenizer", NAME], [f"--tokenizer={NAME}"]):
         assert main(["tokenizer", "encode", *argv, "Hello world 123"]) == 0
         assert capsys.readouterr().out.strip() == want
+
+
+def test_gguf_export_to_a_directory_or_a_new_folder(tiny_gguf, tmp_path, capsys):
+    """--format gguf writes one file: a directory as --output is refused before the weights
+    load, and a file in a folder that does not exist yet is written (the folder made)."""
+    from llama_jax.gguf_file import GGUFContainer
+
+    argv = ["convert", "--input", tiny_gguf, "--format", "gguf", "--gguf_type", "f32"]
+    assert main([*argv, "--output", str(tmp_path)]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line == (
+        f"error: output {str(tmp_path)!r} is a directory; a GGUF export is one file: give its "
+        f"path (e.g. {str(tmp_path / 'model.gguf')!r})"
+    )
+    out = tmp_path / "new" / "folder" / "tiny.gguf"
+    assert main([*argv, "--output", str(out)]) == 0
+    a, b = GGUFContainer(tiny_gguf), GGUFContainer(str(out))
+    assert list(a.tensors) == list(b.tensors)
+    assert np.array_equal(a.dequantize("blk.1.attn_q.weight"), b.dequantize("blk.1.attn_q.weight"))

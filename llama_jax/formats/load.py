@@ -20,7 +20,7 @@ from llama_jax.formats.directory import (
     load_llama_jax,
     save_llama_jax,
 )
-from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
+from llama_jax.formats.gguf_write import GGUF_TYPES, check_gguf_output, save_gguf
 from llama_jax.formats.hf import (
     HF_EXTRA_FILES,
     is_hf_dir,
@@ -100,6 +100,7 @@ def convert(
         gguf_type = gguf_type or "f16"
         if gguf_type not in GGUF_TYPES:
             raise ValueError(f"--gguf_type {gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+        check_gguf_output(output_dir)  # a directory, say: refused before the weights load
         tokenizer = load_tokenizer(input_dir)  # a model without one cannot become a GGUF
         config, params = load_any(input_dir)
         save_gguf(params, config, output_dir, tokenizer, gguf_type)
