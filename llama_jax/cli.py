@@ -90,6 +90,13 @@ def _convert(argv: list[str]) -> int:
             "llama3 convert --format hf of that base)"
         )
         return 0
+    if args.format == "gguf":  # the matrices' type is the file's, not the source's dtype
+        size = os.path.getsize(args.output) / 1e6
+        print(
+            f"wrote GGUF file {args.output} ({size:.1f} MB: {config.param_count() / 1e6:.1f}M "
+            f"params, {args.gguf_type or 'f16'} matrices, f32 norms)"
+        )
+        return 0
     print(
         f"wrote {args.format} model ({config.param_count() / 1e6:.1f}M params, "
         f"{config.param_dtype}) to {args.output}"

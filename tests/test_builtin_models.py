@@ -140,7 +140,8 @@ def test_tokenizer_command_takes_a_builtin_name(capsys):
 
 def test_gguf_export_to_a_directory_or_a_new_folder(tiny_gguf, tmp_path, capsys):
     """--format gguf writes one file: a directory as --output is refused before the weights
-    load, and a file in a folder that does not exist yet is written (the folder made)."""
+    load, so is --dtype (the file's type is --gguf_type), and a file in a folder that does not
+    exist yet is written (the folder made); the line printed names the type written."""
     from llama_jax.gguf_file import GGUFContainer
 
     argv = ["convert", "--input", tiny_gguf, "--format", "gguf", "--gguf_type", "f32"]
@@ -151,7 +152,11 @@ def test_gguf_export_to_a_directory_or_a_new_folder(tiny_gguf, tmp_path, capsys)
         f"path (e.g. {str(tmp_path / 'model.gguf')!r})"
     )
     out = tmp_path / "new" / "folder" / "tiny.gguf"
+    assert main([*argv, "--output", str(out), "--dtype", "bfloat16"]) == 1
+    assert "--dtype 'bfloat16' does not apply to --format gguf" in capsys.readouterr().err
     assert main([*argv, "--output", str(out)]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.startswith(f"wrote GGUF file {out} (") and said.endswith("f32 matrices, f32 norms)")
     a, b = GGUFContainer(tiny_gguf), GGUFContainer(str(out))
     assert list(a.tensors) == list(b.tensors)
     assert np.array_equal(a.dequantize("blk.1.attn_q.weight"), b.dequantize("blk.1.attn_q.weight"))

@@ -96,6 +96,11 @@ def convert(
         raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft', 'gguf'")
     if gguf_type is not None and fmt != "gguf":
         raise ValueError(f"--gguf_type {gguf_type!r} is for --format gguf, not {fmt!r}")
+    if dtype is not None and fmt == "gguf":
+        raise ValueError(
+            f"--dtype {dtype!r} does not apply to --format gguf: choose the matrices' type with "
+            "--gguf_type (f32, f16, bf16, q8_0)"
+        )
     if fmt == "gguf":
         gguf_type = gguf_type or "f16"
         if gguf_type not in GGUF_TYPES:
