@@ -160,3 +160,41 @@ def test_gguf_export_to_a_directory_or_a_new_folder(tiny_gguf, tmp_path, capsys)
     a, b = GGUFContainer(tiny_gguf), GGUFContainer(str(out))
     assert list(a.tensors) == list(b.tensors)
     assert np.array_equal(a.dequantize("blk.1.attn_q.weight"), b.dequantize("blk.1.attn_q.weight"))
+
+
+def test_lora_finetune_of_a_gguf_base_with_tensorboard_on_a_cpu(tiny_gguf, tmp_path):
+    """`llama3 finetune --init_from FILE.gguf` with the defaults a user has (TensorBoard on, no
+    peak FLOPs: MFU n/a), then the run loads with its adapters merged into the GGUF base (the
+    run's base is a file, not a directory) exactly as the base plus the run as an adapter."""
+    import json
+    import subprocess
+    import sys
+
+    from llama_jax.api import Llama3
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"kart {i} tone"}, {"role": "assistant", "content": "mesu vipa"}]}  # noqa: E501
+        for i in range(16)
+    ]  # fmt: skip
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_jax.cli", "finetune", "--init_from", tiny_gguf,
+         "--data_path", str(data), "--model_path", str(run),
+         "--config", "experiments/sft_chat.py:runlocal", "--config.seq_len=32",
+         "--config.batch_size=2", "--config.num_steps=2", "--config.checkpoint_every=2",
+         "--config.log_every=1", "--config.progress=false"],
+        env=env, cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(r)["mfu"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [
+        None,
+        None,
+    ]
+    merged = Llama3.from_pretrained(str(run))
+    adapted = Llama3.from_pretrained(tiny_gguf, adapter=str(run))
+    ids = [[1, 5, 9, 13, 17]]
+    np.testing.assert_array_equal(merged.logits(ids), adapted.logits(ids))

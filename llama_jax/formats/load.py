@@ -179,7 +179,7 @@ def load_lora_run(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dic
     base_path = record["base"]["path"]
     if os.path.realpath(base_path) == os.path.realpath(path):
         raise ValueError(f"{path}/{finetune_run.FINETUNE_FILE} names the run itself as its base")
-    if not os.path.isdir(base_path):
+    if not os.path.exists(base_path):  # a directory or a GGUF file
         raise FileNotFoundError(
             f"{path} is a LoRA run of the base {base_path}, which no longer exists; load the "
             f"base with Llama3.from_pretrained(BASE, adapter={path!r})"
