@@ -155,6 +155,7 @@ def test_gguf_export_to_a_directory_or_a_new_folder(tiny_gguf, tmp_path, capsys)
     assert main([*argv, "--output", str(out), "--dtype", "bfloat16"]) == 1
     assert "--dtype 'bfloat16' does not apply to --format gguf" in capsys.readouterr().err
     assert main([*argv, "--output", str(out)]) == 0
+    assert os.stat(out).st_mode & 0o777 == 0o644  # readable by others, as any export
     said = capsys.readouterr().out.strip()
     assert said.startswith(f"wrote GGUF file {out} (") and said.endswith("f32 matrices, f32 norms)")
     a, b = GGUFContainer(tiny_gguf), GGUFContainer(str(out))

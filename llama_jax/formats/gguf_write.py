@@ -265,6 +265,7 @@ def save_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, 0o644)  # mkstemp's 0600: another user (a server, ollama) could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
