@@ -24,7 +24,8 @@ import jax
 
 from llama_jax import __version__
 from llama_jax.api import Llama3
-from llama_jax.data.builtin_models import resolve_model_path
+from llama_jax.data.archive import DownloadError
+from llama_jax.data.builtin_models import BUILTIN_MODELS, resolve_model_path
 from llama_jax.eval.cli import main as eval_main
 from llama_jax.eval.runner import TrainerEval
 from llama_jax.formats import convert, finetune_run
@@ -33,6 +34,11 @@ from llama_jax.inference.text_stream import run_chat
 from llama_jax.tokenizer import cli_main
 from llama_jax.training import experiment, finetune, plan
 from llama_jax.training.trainer import NonFiniteLossError, train
+
+MODEL_PATH_HELP = (
+    "a model or run directory (llama_jax, Hugging Face, Meta), a GGUF file, or a built-in "
+    f"model name ({', '.join(BUILTIN_MODELS)})"
+)
 
 
 def _convert(argv: list[str]) -> int:
@@ -43,9 +49,13 @@ def _convert(argv: list[str]) -> int:
     p.add_argument(
         "--input",
         required=True,
-        help="source: a model directory, a GGUF file, or a built-in name (smollm2-135m-instruct)",
+        help=f"source: {MODEL_PATH_HELP}",
     )
-    p.add_argument("--output", required=True, help="destination directory (new or empty)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="destination directory (new or empty); with --format gguf, the .gguf file",
+    )
     p.add_argument(
         "--format",
         default="llama_jax",
@@ -66,7 +76,11 @@ def _convert(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     config = convert(
-        resolve_model_path(args.input), args.output, args.format, args.dtype, args.gguf_type
+        resolve_model_path(args.input, "--input"),
+        args.output,
+        args.format,
+        args.dtype,
+        args.gguf_type,
     )
     if args.format == "peft":
         record = finetune_run.read_record(args.input)
@@ -74,6 +88,13 @@ def _convert(argv: list[str]) -> int:
             f"wrote the PEFT adapter (rank {record['lora']['rank']}) of {args.input} to "
             f"{args.output}; its base is {record['base']['path']} (for transformers: "
             "llama3 convert --format hf of that base)"
+        )
+        return 0
+    if args.format == "gguf":  # the matrices' type is the file's, not the source's dtype
+        size = os.path.getsize(args.output) / 1e6
+        print(
+            f"wrote GGUF file {args.output} ({size:.1f} MB: {config.param_count() / 1e6:.1f}M "
+            f"params, {args.gguf_type or 'f16'} matrices, f32 norms)"
         )
         return 0
     print(
@@ -124,7 +145,7 @@ def _finetune(argv: list[str]) -> int:
         "set with --config.KEY=VALUE, the common ones also by the shortcuts below.",
     )
     _shortcut_flags(p)
-    p.add_argument("--init_from", required=True, help="base model directory (any format)")
+    p.add_argument("--init_from", required=True, help=f"the base: {MODEL_PATH_HELP}")
     p.add_argument("--config", default="", help="experiments/NAME.py[:VARIANT] (default: LoRA SFT)")
     p.add_argument("--lora_rank", type=int, default=None, help="0: full fine-tune")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
@@ -202,6 +223,19 @@ def _plan(argv: list[str]) -> int:
 
 
 def _tokenizer(argv: list[str]) -> int:
+    # A built-in model name is a tokenizer too (its GGUF file holds one); the tokenizer layer
+    # below knows nothing of built-in names, so they are resolved here.
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag != "--tokenizer":
+            continue
+        if not eq and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value in BUILTIN_MODELS and not os.path.exists(value):
+            path = resolve_model_path(value, "--tokenizer")
+            argv[i : i + (1 if eq else 2)] = [f"--tokenizer={path}"]
+        break
     return cli_main(argv)
 
 
@@ -217,7 +251,7 @@ def _chat_template_flag(p: argparse.ArgumentParser) -> None:
 
 def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--model_path", required=True, help="llama_jax or Hugging Face model directory")
+    p.add_argument("--model_path", required=True, help=MODEL_PATH_HELP)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -303,7 +337,7 @@ def _serve(argv: list[str]) -> int:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
         "/v1/chat/completions, /v1/models, /health) with continuous batching.",
     )
-    p.add_argument("--model_path", required=True, help="model or run directory (any format)")
+    p.add_argument("--model_path", required=True, help=MODEL_PATH_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -373,7 +407,7 @@ def _eval(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (_train, "pretrain from an experiment config (experiments/*.py)"),
-    "convert": (_convert, "convert checkpoints between Hugging Face, Meta and llama_jax"),
+    "convert": (_convert, "convert models between Hugging Face, Meta, GGUF and llama_jax"),
     "finetune": (_finetune, "fine-tune a base model on chat data (full or LoRA)"),
     "tokenizer": (_tokenizer, "train, or encode/decode with, a tokenizer"),
     "generate": (_generate, "continue text prompts (streams to stdout)"),
@@ -399,6 +433,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         pickle.UnpicklingError,
         CheckpointError,
         NonFiniteLossError,
+        DownloadError,  # a pinned archive pip could not fetch (offline, no index)
     )
 
 

@@ -599,3 +599,17 @@ def test_bfloat16_compute_with_float32_master_weights(corpus, tmp_path):
     assert state["params"]["embedding"].dtype == np.float32
     got = losses(run)
     assert np.isfinite(out["valid_loss"]) and got[4] < got[1]
+
+
+def test_metrics_writer_takes_an_unknown_mfu(tmp_path):
+    """On a CPU the MFU is None (n/a): metrics.jsonl says null and TensorBoard gets no point
+    (tensorboardX raised on None, which ended every CPU run with TensorBoard on at its first
+    logged step)."""
+    from llama_jax.training.metrics import MetricsWriter
+
+    w = MetricsWriter(str(tmp_path), tensorboard=True)
+    w.write(10, {"loss": 2.5, "mfu": None})
+    w.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["step"] == 10 and row["loss"] == 2.5 and row["mfu"] is None
+    assert list((tmp_path / "tb").iterdir())

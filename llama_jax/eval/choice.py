@@ -65,6 +65,8 @@ def evaluate_choice(
             requests.append(encode_pair(tokenizer, it.context, c))
             owner.append(i)
     total = len(requests)
+    if progress is not None:  # the bar starts now: its rate counts compile and first batch
+        progress(0, total)
     results = scorer.loglikelihood(
         requests, progress=None if progress is None else (lambda n: progress(n, total))
     )

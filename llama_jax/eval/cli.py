@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from llama_jax.data.builtin_models import resolve_model_path
 from llama_jax.eval import results, runner
 from llama_jax.eval import tasks as builtin
 from llama_jax.formats import is_run_dir
@@ -17,7 +18,11 @@ def main(argv: list[str]) -> int:
         prog="llama3 eval",
         description="Evaluate a model on built-in offline tasks (--list) or lm-eval tasks.",
     )
-    p.add_argument("--model_path", help="llama_jax / Hugging Face / Meta / run directory")
+    p.add_argument(
+        "--model_path",
+        help="llama_jax / Hugging Face / Meta / run directory, a GGUF file, or a built-in "
+        "model name (smollm2-135m-instruct)",
+    )
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--list", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--include_path", default=None, help="directory of lm-eval YAML tasks")
@@ -57,14 +62,15 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--limit={args.limit}; valid: an int >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch_size={args.batch_size}; valid: an int >= 1")
-        if not os.path.isdir(args.model_path):
-            raise ValueError(f"--model_path {args.model_path!r} is not a directory")
+        # a directory, a GGUF file or a built-in name (fetched once); a missing path is one
+        # line naming the built-in models
+        model_path = resolve_model_path(args.model_path, "--model_path")
         if args.include_path and not os.path.isdir(args.include_path):
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
         # before loading the model
         runner.check_tasks(names, args.include_path, lambda m: print(m, file=sys.stderr))
         model = LoadedModel.from_pretrained(
-            args.model_path, dtype=args.dtype, chat_template=args.chat_template
+            model_path, dtype=args.dtype, chat_template=args.chat_template
         )
         metrics, truncated = runner.evaluate(
             model,

@@ -53,6 +53,8 @@ def generate_until(
     # Similar lengths together: a batch pads to its longest prompt.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [""] * len(ids)
+    if progress is not None:  # the bar starts now: its rate counts compile and first batch
+        progress(0, len(order))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         texts = generate_text(

@@ -63,6 +63,8 @@ def evaluate_perplexity(
             windows.append(w)
             owner.append(d)
     total = len(windows)
+    if progress is not None:  # the bar starts now: its rate counts compile and first batch
+        progress(0, total)
     results = scorer.loglikelihood(
         windows, progress=None if progress is None else (lambda n: progress(n, total))
     )

@@ -170,6 +170,23 @@ def _write_tokenizer(w: Any, meta: dict[str, Any]) -> None:
         w.add_chat_template(meta["chat_template"])
 
 
+def check_gguf_output(path: str) -> str:
+    """The absolute path of a GGUF file to write, its directory made; checked before any
+    weights are read.
+
+    Raises:
+      IsADirectoryError: `path` is a directory (a GGUF export is one file).
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"output {path!r} is a directory; a GGUF export is one file: give its path "
+            f"(e.g. {os.path.join(path, 'model.gguf')!r})"
+        )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
 def save_gguf(
     params: Any,
     config: ModelConfig,
@@ -206,7 +223,7 @@ def save_gguf(
     if meta.get("scores"):
         meta["scores"] += [0.0] * (config.vocab_size - len(meta["scores"]))
     qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
-    path = os.path.abspath(path)
+    path = check_gguf_output(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".gguf")
     os.close(fd)
     try:
@@ -248,6 +265,7 @@ def save_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, 0o644)  # mkstemp's 0600: another user (a server, ollama) could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

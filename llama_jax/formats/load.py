@@ -20,7 +20,7 @@ from llama_jax.formats.directory import (
     load_llama_jax,
     save_llama_jax,
 )
-from llama_jax.formats.gguf_write import GGUF_TYPES, save_gguf
+from llama_jax.formats.gguf_write import GGUF_TYPES, check_gguf_output, save_gguf
 from llama_jax.formats.hf import (
     HF_EXTRA_FILES,
     is_hf_dir,
@@ -96,10 +96,16 @@ def convert(
         raise ValueError(f"--format {fmt!r}; valid: 'llama_jax', 'hf', 'peft', 'gguf'")
     if gguf_type is not None and fmt != "gguf":
         raise ValueError(f"--gguf_type {gguf_type!r} is for --format gguf, not {fmt!r}")
+    if dtype is not None and fmt == "gguf":
+        raise ValueError(
+            f"--dtype {dtype!r} does not apply to --format gguf: choose the matrices' type with "
+            "--gguf_type (f32, f16, bf16, q8_0)"
+        )
     if fmt == "gguf":
         gguf_type = gguf_type or "f16"
         if gguf_type not in GGUF_TYPES:
             raise ValueError(f"--gguf_type {gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+        check_gguf_output(output_dir)  # a directory, say: refused before the weights load
         tokenizer = load_tokenizer(input_dir)  # a model without one cannot become a GGUF
         config, params = load_any(input_dir)
         save_gguf(params, config, output_dir, tokenizer, gguf_type)
@@ -173,7 +179,7 @@ def load_lora_run(path: str, dtype: Any | None = None) -> tuple[ModelConfig, dic
     base_path = record["base"]["path"]
     if os.path.realpath(base_path) == os.path.realpath(path):
         raise ValueError(f"{path}/{finetune_run.FINETUNE_FILE} names the run itself as its base")
-    if not os.path.isdir(base_path):
+    if not os.path.exists(base_path):  # a directory or a GGUF file
         raise FileNotFoundError(
             f"{path} is a LoRA run of the base {base_path}, which no longer exists; load the "
             f"base with Llama3.from_pretrained(BASE, adapter={path!r})"

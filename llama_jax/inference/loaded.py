@@ -83,7 +83,7 @@ class LoadedModel:
         if (model_path is None) == (config is None):
             raise ValueError("give either model_path or config (with params), not both/neither")
         if model_path is not None:  # a built-in name ("smollm2-135m-instruct") -> its file
-            model_path = resolve_model_path(model_path)
+            model_path = resolve_model_path(model_path, "model_path")
         self.model_path = model_path
         if model_path is not None:
             np_dtype = None if dtype is None else jnp.dtype(dtype)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from llama_jax.tokenizer.load import load_tokenizer
 from llama_jax.tokenizer.train import MODEL_TYPES, train_tokenizer
 
+TOKENIZER_HELP = "tokenizer file, model directory, GGUF file or built-in model name"
+
 
 def build_cli_parser(prog: str = "llama3 tokenizer") -> argparse.ArgumentParser:
     """The `llama3 tokenizer` argument parser: subcommands train, encode, decode, info."""
@@ -35,7 +37,11 @@ def build_cli_parser(prog: str = "llama3 tokenizer") -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress output")
 
     encode = sub.add_parser("encode", help="print the ids of a text")
-    encode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
+    encode.add_argument(
+        "--tokenizer",
+        required=True,
+        help=TOKENIZER_HELP,
+    )
     encode.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
     encode.add_argument("--bos", action="store_true", help="prepend the bos id")
     encode.add_argument("--eos", action="store_true", help="append the eos id")
@@ -47,11 +53,19 @@ def build_cli_parser(prog: str = "llama3 tokenizer") -> argparse.ArgumentParser:
     )
 
     decode = sub.add_parser("decode", help="print the text of ids")
-    decode.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
+    decode.add_argument(
+        "--tokenizer",
+        required=True,
+        help=TOKENIZER_HELP,
+    )
     decode.add_argument("ids", nargs="*", type=int, help="ids (default: read stdin)")
 
     info = sub.add_parser("info", help="print format, vocabulary size and special ids")
-    info.add_argument("--tokenizer", required=True, help="tokenizer file or model directory")
+    info.add_argument(
+        "--tokenizer",
+        required=True,
+        help=TOKENIZER_HELP,
+    )
     return parser
 
 

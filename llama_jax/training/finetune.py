@@ -90,7 +90,8 @@ def prepare(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"base_dtype={c.base_dtype!r}; valid: {valid} ('' = model.param_dtype)")
     if c.get("chat_template"):  # a missing or broken template: one line before anything loads
         read_template_file(c.chat_template)
-    c.init_from = resolve_model_path(c.init_from)  # a built-in model name -> its cached file
+    # a built-in model name -> its cached file
+    c.init_from = resolve_model_path(c.init_from, "init_from")
     base = read_config(c.init_from)
     keep = {k: c.model[k] for k in COMPUTE_FIELDS}
     if c.lora.rank > 0 and not c.base_dtype:

@@ -71,7 +71,8 @@ class MetricsWriter:
         self._f.flush()
         if self._tb:
             for k, v in row.items():
-                self._tb.add_scalar(k, v, step)
+                if v is not None:  # n/a (MFU on a CPU): null in metrics.jsonl, no TB point
+                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         self._f.close()

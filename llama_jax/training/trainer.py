@@ -135,7 +135,7 @@ def check_config(
             value = c[name]
             raise FileNotFoundError(f"{name}={value!r} does not exist")
     if c.init_from:  # a built-in model name ("smollm2-135m-instruct") -> its cached file
-        c.init_from = resolve_model_path(c.init_from)
+        c.init_from = resolve_model_path(c.init_from, "init_from")
     if c.init_from and not os.path.exists(c.init_from):
         raise FileNotFoundError(
             f"init_from={c.init_from!r} does not exist (a model directory, a GGUF file or a "
