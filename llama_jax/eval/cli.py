@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from llama_jax.data.builtin_models import BUILTIN_MODELS
 from llama_jax.eval import results, runner
 from llama_jax.eval import tasks as builtin
 from llama_jax.formats import is_run_dir
@@ -17,7 +18,10 @@ def main(argv: list[str]) -> int:
         prog="llama3 eval",
         description="Evaluate a model on built-in offline tasks (--list) or lm-eval tasks.",
     )
-    p.add_argument("--model_path", help="llama_jax / Hugging Face / Meta / run directory")
+    p.add_argument(
+        "--model_path",
+        help="llama_jax / Hugging Face / Meta / run directory, a GGUF file or a built-in name",
+    )
     p.add_argument("--tasks", help="comma-separated task names")
     p.add_argument("--list", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--include_path", default=None, help="directory of lm-eval YAML tasks")
@@ -57,8 +61,11 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--limit={args.limit}; valid: an int >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch_size={args.batch_size}; valid: an int >= 1")
-        if not os.path.isdir(args.model_path):
-            raise ValueError(f"--model_path {args.model_path!r} is not a directory")
+        if not os.path.exists(args.model_path) and args.model_path not in BUILTIN_MODELS:
+            raise ValueError(
+                f"--model_path {args.model_path!r} is not a model directory, a GGUF file or a "
+                f"built-in model name ({', '.join(BUILTIN_MODELS)})"
+            )
         if args.include_path and not os.path.isdir(args.include_path):
             raise ValueError(f"--include_path {args.include_path!r} is not a directory")
         # before loading the model
