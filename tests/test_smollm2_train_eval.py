@@ -25,34 +25,48 @@ from test_train import assert_trees_equal, final_state, losses  # noqa: E402
 
 from llama_jax import cli  # noqa: E402
 
-STEPS, STOP_AT = 3, 2
-SEQ_LEN, BATCH = 96, 2
+STEPS, STOP_AT = 2, 1
+SEQ_LEN, BATCH = 64, 2
+DIALOGS = 48  # of chatterbot/en's train split, as a chat JSONL (rendering all ~1,900 per run
+# costs seconds; no validation set: the end-of-run evaluation would be one more compile)
 
 
-def _finetune_args(run: Path, *extra: str) -> list[str]:
+def _finetune_args(data: Path, run: Path, *extra: str) -> list[str]:
     return [
-        "finetune", "--init_from", smol.NAME, "--data_path", "chatterbot/en",
+        "finetune", "--init_from", smol.NAME, "--data_path", str(data),
         "--model_path", str(run), "--lora_rank", "4", "--num_gpus", "1",
         f"--config.seq_len={SEQ_LEN}", f"--config.batch_size={BATCH}",
-        f"--config.num_steps={STEPS}", "--config.num_epochs=0", "--config.warmup_steps=1",
+        f"--config.num_steps={STEPS}", "--config.warmup_steps=1",
         "--config.learning_rate=1e-3", "--config.lora.dropout=0.1",
         "--config.model.dtype=float32", "--config.model.param_dtype=float32",
         "--config.base_dtype=float32", "--config.log_every=1", "--config.checkpoint_every=1",
-        "--config.eval_batches=1", "--config.progress=false", "--config.tensorboard=false",
-        "--config.peak_flops=1e11", *extra,
+        "--config.progress=false", "--config.tensorboard=false", "--config.peak_flops=1e11",
+        *extra,
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def dialogs(tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    """The first DIALOGS dialogs of chatterbot/en (train split) as a chat JSONL."""
+    from llama_jax.data import chat
+
+    rows = chat.read_dialogs("chatterbot/en", "train")[:DIALOGS]
+    path = tmp_path_factory.mktemp("chatterbot") / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    return path, rows
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dialogs):
     """An uninterrupted LoRA run, and one stopped after STOP_AT steps and resumed."""
+    data, _ = dialogs
     root = tmp_path_factory.mktemp("smol_ft")
     whole, resumed = root / "whole", root / "resumed"
-    assert cli.main(_finetune_args(whole)) == 0
-    assert cli.main(_finetune_args(resumed, f"--config.debug_stop_after={STOP_AT}")) == 0
+    assert cli.main(_finetune_args(data, whole)) == 0
+    assert cli.main(_finetune_args(data, resumed, f"--config.debug_stop_after={STOP_AT}")) == 0
     assert sorted(losses(str(resumed))) == list(range(1, STOP_AT + 1))
     assert final_state(str(resumed))[0] == STOP_AT
-    assert cli.main(_finetune_args(resumed)) == 0
+    assert cli.main(_finetune_args(data, resumed)) == 0
     return whole, resumed
 
 
@@ -63,9 +77,9 @@ def test_lora_finetune_resumes_like_an_uninterrupted_run(runs):
     step, state = final_state(str(resumed))
     assert step == STEPS
     assert_trees_equal(state, final_state(str(whole))[1])
-    # The adapters moved: the run trained something.
-    b = [np.asarray(x) for p, x in _leaves(state["params"]) if p.endswith("lora_b")]
-    assert b and any(np.abs(x).max() > 0 for x in b)
+    # The adapters moved (B starts at zero): the run trained something.
+    b = [np.asarray(x) for p, x in _leaves(state["params"]) if p.endswith("/b")]
+    assert len(b) == 7 and all(np.abs(x).max() > 0 for x in b)
 
 
 def _leaves(tree, prefix=""):
@@ -104,51 +118,47 @@ def _hf_labels(messages: list[dict], ids: list[int]) -> list[int]:
     return labels[: len(ids)]
 
 
-def test_masked_loss_equals_transformers_labels_minus_100(runs):
-    """The first logged loss (the base, as LoRA's B starts at zero) equals transformers' loss
+def test_masked_loss_equals_transformers_labels_minus_100(runs, dialogs):
+    """The first logged loss (the base's: LoRA's B starts at zero) equals transformers' loss
     of the same first batch with labels = -100 outside the assistant tokens."""
-    from llama_jax.data import chat
     from llama_jax.data.chat import make_chat_iterators
     from llama_jax.model import sharding
     from llama_jax.tokenizer import load_tokenizer
 
     whole, _ = runs
+    data, rows = dialogs
     first = losses(str(whole))[1]
     tok = load_tokenizer(smol.gguf_file())
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     # The trainer's first batch, as `make_data` builds it for this run's config.
     train_it, eval_it, _ = make_chat_iterators(
-        "chatterbot/en", tok, seq_len=SEQ_LEN, global_batch_size=BATCH, mesh=mesh, seed=0
+        str(data), tok, seq_len=SEQ_LEN, global_batch_size=BATCH, mesh=mesh, seed=0
     )
     try:
         segments = _segments(next(train_it))
     finally:
         for it in (train_it, eval_it):
             getattr(it, "close", lambda: None)()
-    # Which chatterbot dialog each segment is, from transformers' rendering of every one.
+    # Which dialog each segment is, from transformers' rendering of every one.
     hf_tok = smol.hf_tokenizer()
-    rendered = [
-        (hf_tok.apply_chat_template(d, tokenize=False), d)
-        for d in chat.read_dialogs("chatterbot/en", "train")
-    ]
-    inputs, labels = [], []
+    rendered = [(hf_tok.apply_chat_template(d, tokenize=False), d) for d in rows]
+    labels = []
     for ids in segments:
         text = hf_tok.decode(ids)
         messages = next(d for r, d in rendered if r.startswith(text))
-        inputs.append(ids)
         labels.append(_hf_labels(messages, ids))
-    assert len(inputs) >= BATCH
+    assert len(segments) >= BATCH and all(any(x != -100 for x in y) for y in labels)
 
     def compute() -> float:
-        t = max(map(len, inputs))
+        t = max(map(len, segments))
         pad = lambda rows, v: torch.tensor([r + [v] * (t - len(r)) for r in rows])  # noqa: E731
-        att = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in inputs])
+        att = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in segments])
         with torch.no_grad():
-            out = smol.hf_model()(input_ids=pad(inputs, 0), attention_mask=att,
+            out = smol.hf_model()(input_ids=pad(segments, 0), attention_mask=att,
                                   labels=pad(labels, -100))  # fmt: skip
         return float(out.loss)
 
-    ref = smol.cached("masked_loss", [inputs, labels], compute)
+    ref = smol.cached("masked_loss", [segments, labels], compute)
     assert abs(first - ref) <= 1e-4 * max(1.0, abs(ref)), (first, ref)
 
 

@@ -130,9 +130,9 @@ def convert(
         save_llama_jax(params, config, output_dir, src, write_tokenizer)
     else:
         save_hf(params, config, output_dir)
-        _hf_tokenizer_files(input_dir, output_dir, config)
-        if write_tokenizer is not None:
+        if write_tokenizer is not None:  # first: the special ids below are read from it
             write_tokenizer(output_dir)
+        _hf_tokenizer_files(input_dir, output_dir, config)
     return config
 
 
