@@ -171,32 +171,22 @@ MC_DOCS = [
      "label": 1},
     {"question": "Which animal says meow?", "choices": ["A dog", "A cow", "A cat"], "label": 2},
 ]  # fmt: skip
-GEN_DOCS = [
-    {"prompt": "What is the capital of France?", "answer": "Paris"},
-    {"prompt": "Name a primary colour.", "answer": "Red"},
-    {"prompt": "What is 17 × 3?", "answer": "51"},
-]
-TASKS = ["smol_mc", "smol_gen"]
+# Multiple choice only: a generate_until task would compile the 30-layer decode step once more
+# (~30 s); lm-eval's chat generation is compared on a tiny model in test_eval_harness.py.
+TASKS = ["smol_mc"]
 FEWSHOT = 1
 
 
 def _task_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    for name, docs in (("mc", MC_DOCS), ("gen", GEN_DOCS)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(d) + "\n" for d in docs)
+    with open(root / "mc.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in MC_DOCS)
     head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
     (root / "mc.yaml").write_text(
         "task: smol_mc\n" + head.format(root / "mc.jsonl")
         + 'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
         'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )  # fmt: skip
-    (root / "gen.yaml").write_text(
-        "task: smol_gen\n" + head.format(root / "gen.jsonl")
-        + 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 12\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n"
     )  # fmt: skip
     return root
 
@@ -241,7 +231,7 @@ def hf_eval(tmp_path_factory):
         )
         return _digest(out)
 
-    return smol.cached("lm_eval_hf", [MC_DOCS, GEN_DOCS, FEWSHOT], compute), tasks
+    return smol.cached("lm_eval_hf", [MC_DOCS, FEWSHOT], compute), tasks
 
 
 def test_llama3_eval_chat_equals_lm_eval_hf(hf_eval, tmp_path, capsys):
@@ -258,14 +248,13 @@ def test_llama3_eval_chat_equals_lm_eval_hf(hf_eval, tmp_path, capsys):
     assert cli.main(argv + ["--output", str(out), "--no_progress"]) == 0, capsys.readouterr().err
     got = json.loads(out.read_text())["results"]
     print(capsys.readouterr().out)
-    for task, metric in (("smol_mc", "acc,none"), ("smol_mc", "acc_norm,none"),
-                         ("smol_gen", "exact_match,none")):  # fmt: skip
-        assert got[task][metric] == want["results"][task][metric], (task, metric)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert got["smol_mc"][metric] == want["results"]["smol_mc"][metric], metric
 
 
 def test_eval_chat_requests_equal_lm_eval_hf(hf_eval):
     """Request by request (what `llama3 eval --chat` runs, on the shared model): the rendered
-    chat prompts are identical, log-likelihoods within float32 noise, greedy answers equal."""
+    chat prompts (a 1-shot dialog) are identical, log-likelihoods within float32 noise."""
     from llama_jax.eval.runner import run_lm_eval
 
     want, tasks = hf_eval
@@ -281,7 +270,3 @@ def test_eval_chat_requests_equal_lm_eval_hf(hf_eval):
         assert a["arguments"] == b["arguments"]
         for ra, rb in zip(a["resps"], b["resps"]):
             assert abs(ra[0][0] - rb[0][0]) <= 1e-3 and ra[0][1] == rb[0][1], (ra, rb)
-    gen_hf, gen_ours = want["samples"]["smol_gen"], got["samples"]["smol_gen"]
-    assert [s["arguments"] for s in gen_ours] == [s["arguments"] for s in gen_hf]
-    assert [s["resps"] for s in gen_ours] == [s["resps"] for s in gen_hf]
-    print("smol_gen answers:", [s["resps"][0][0] for s in gen_hf])
