@@ -239,8 +239,8 @@ def test_llama3_eval_chat_equals_lm_eval_hf(hf_eval, tmp_path, capsys):
     # A path that is neither a file, a directory nor a built-in name: one line, nothing loaded.
     assert cli.main(["eval", "--model_path", "no-such-model", "--tasks", "smol_mc"]) == 1
     assert capsys.readouterr().err == (
-        "error: --model_path 'no-such-model' is not a model directory, a GGUF file or a "
-        f"built-in model name ({smol.NAME})\n"
+        "error: --model_path 'no-such-model' does not exist (valid: a model or run directory, "
+        f"a GGUF file, or a built-in model name: {smol.NAME})\n"
     )
     out = tmp_path / "results.json"
     argv = ["eval", "--model_path", smol.NAME, "--tasks", ",".join(TASKS), "--chat"]
