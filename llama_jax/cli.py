@@ -449,14 +449,29 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _closed_loop(kind, value) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
 def _quiet_closed_loops(hook):
     """An excepthook that drops "Event loop is closed": tensorstore's reads of a checkpoint
     that failed to restore complete on native threads after orbax closed their event loop,
     and each prints that traceback; the failure itself is reported in one line."""
 
     def quiet(kind, value, tb):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+        if not _closed_loop(kind, value):
             hook(kind, value, tb)
+
+    return quiet
+
+
+def _quiet_closed_loops_unraisable(hook):
+    """The same for `sys.unraisablehook`, through which tensorstore's native threads report
+    them (PyErr_WriteUnraisable with no object: a bare traceback on stderr)."""
+
+    def quiet(unraisable):
+        if not _closed_loop(unraisable.exc_type, unraisable.exc_value):
+            hook(unraisable)
 
     return quiet
 
@@ -477,6 +492,7 @@ def _main(argv: list[str]) -> int:
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         sys.excepthook = _quiet_closed_loops(sys.excepthook)
+        sys.unraisablehook = _quiet_closed_loops_unraisable(sys.unraisablehook)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print(

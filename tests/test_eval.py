@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from test_eval_harness import eval_hf_model  # noqa: F401  (a shared fixture)
 
 from llama_jax.api import Llama3
 from llama_jax.eval import results, runner
@@ -20,7 +21,6 @@ from llama_jax.eval.generation import exact_match, token_f1, translation_metrics
 from llama_jax.eval.perplexity import count_words, evaluate_perplexity
 from llama_jax.eval.runner import TrainerEval
 from llama_jax.inference.scoring import Scorer, rolling_windows
-from tests.test_eval_harness import eval_hf_model  # noqa: F401  (a shared fixture)
 
 WINDOW = 64
 

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
-from tests.hf_reference import hf_config
+from hf_reference import hf_config
 
 VOCAB = 128256
 WINDOW = 64

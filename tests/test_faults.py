@@ -222,12 +222,6 @@ def test_load_of_a_damaged_newest_step_falls_back_with_a_warning(
     assert any(w in warned[0] for w in why), warned[0]
 
 
-@pytest.mark.xfail(
-    reason="known defect (issue 23): after every step fails to restore, tensorstore's threads can "
-    "print 'Event loop is closed' tracebacks before the process exits; the one error line is "
-    "right, the stray tracebacks are not gone yet",
-    strict=False,
-)
 def test_no_good_step_is_one_line_from_generate(trained_run, tmp_path):
     run = _copy_run(trained_run, tmp_path)
     for step in (2, 4, 6):
