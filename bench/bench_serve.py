@@ -24,11 +24,24 @@ asserts on time.
   python bench/bench_serve.py --model 50M                 # ~50M float32 (PERF_NOTES, bench_train)
   python bench/bench_serve.py --model 1b --layers 4       # Llama-3.2-1B-shaped bf16, 4 of 16 layers
 Goal (issue 12): at 16 clients >= 4x the sequential throughput, p99 TTFT < 2x the single one.
+
+`--vs_generate` (issue 23, item 12): for each of `--models` (default: the README demo's shape
+and 50M), one client's tok/s through the live server (streaming, one request after another)
+next to `Llama3.generate` on the same prompts, one at a time (greedy, same max_tokens), and 16
+concurrent clients' total tok/s (all 16 start at once, then closed-loop); each served row for
+the engine as it is (the step on the smallest slot bucket that holds the choices in use) and
+with `slot_buckets=(16,)` (every step on all 16 slots: the engine before buckets), the two
+engines side by side in one run, rounds interleaved, medians printed.
+
+  python bench/bench_serve.py --vs_generate                       # demo and 50M
+Goal: one client >= 0.9x generate; 16 clients (buckets) >= 1.0x 16 clients (all slots).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,18 +57,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_sampling import SMALL, hf_model, random_params  # noqa: E402
 
 from llama_jax import Llama3  # noqa: E402
-from llama_jax.model.config import get_config  # noqa: E402
+from llama_jax.model.config import ModelConfig, get_config  # noqa: E402
 from llama_jax.serve.app import ServeApp  # noqa: E402
 from llama_jax.serve.engine import Engine  # noqa: E402
 from llama_jax.serve.server import ServerThread  # noqa: E402
+from llama_jax.training.experiment import demo_model_config  # noqa: E402
 
 MODELS = {
     "tiny": get_config("tiny", vocab_size=2048, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128),
+    "demo": ModelConfig(**demo_model_config().to_dict()),  # the README's Shakespeare model
     "50M": SMALL,
     "1b": dataclasses.replace(get_config("llama3.2-1b"), param_dtype="bfloat16", dtype="bfloat16"),
 }
 DEFAULTS = {  # (requests, max_tokens): a few minutes on 2 quiet cores
     "tiny": (32, 64),
+    "demo": (32, 64),
     "50M": (32, 64),
     "1b": (16, 32),
 }
@@ -77,12 +93,12 @@ class _IdTokenizer:
         return self.decode_bytes(ids).decode()
 
 
-def _clients(url, prompts, max_tokens, concurrency, ramp):
+def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
     """(tokens/s, TTFTs [R], latencies [R]), measured by serve_clients.py in its own process:
     the clients' own Python (SSE parsing) does not take the server's GIL, as remote clients'
     would not."""
     job = dict(url=url, prompts=prompts, max_tokens=max_tokens, concurrency=concurrency,
-               ramp=ramp)  # fmt: skip
+               ramp=ramp, stream=stream)  # fmt: skip
     script = os.path.join(os.path.dirname(__file__), "serve_clients.py")
     done = subprocess.run(
         [sys.executable, script], input=json.dumps(job), capture_output=True, text=True,
@@ -115,6 +131,92 @@ def _hf_rate(config, params, prompts, max_tokens) -> float:
         return len(prompts) * max_tokens / (time.perf_counter() - t)
 
 
+def _prompts(config, requests, max_tokens, median, max_seq_len, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.7, requests), 8, max_seq_len - max_tokens)
+    return [rng.integers(3, config.vocab_size, int(n)).tolist() for n in lengths]
+
+
+def _generate_rate(model, prompts, max_tokens) -> float:
+    """`Llama3.generate_ids`, one prompt after another: new tokens / wall time."""
+    t, n = time.perf_counter(), 0
+    for p in prompts:
+        n += len(model.generate_ids([p], max_new_tokens=max_tokens, temperature=0)[0])
+    return n / (time.perf_counter() - t)
+
+
+def vs_generate(args) -> None:
+    """One client through the server next to `Llama3.generate`, 16 clients, with and without
+    slot buckets (see the module docstring)."""
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    table = []
+    for name in args.models.split(","):
+        config = dataclasses.replace(MODELS[name], max_seq_len=args.max_seq_len)
+        max_tokens = args.max_tokens or 64
+        print(f"\nmodel {name}: {config.n_layers} layers, d {config.dim}, vocab "
+              f"{config.vocab_size}, {config.param_count() / 1e6:.1f}M params, {config.dtype}; "
+              f"{SLOTS} slots of {args.max_seq_len}; {max_tokens} new tokens a request, greedy",
+              flush=True)  # fmt: skip
+        model = Llama3(config=config, params=random_params(config), dtype=None,
+                       tokenizer=_IdTokenizer(config.vocab_size))  # fmt: skip
+        one = _prompts(config, args.single, max_tokens, args.prompt_median, args.max_seq_len)
+        many = _prompts(config, 3 * SLOTS, max_tokens, args.prompt_median, args.max_seq_len, 1)
+        _generate_rate(model, one, max_tokens)  # compiles each prompt and cache bucket
+        engines = {}
+        for label, buckets in (("buckets", None), ("all slots", (SLOTS,))):
+            engine = Engine(model.sampler(), SLOTS, args.max_seq_len, slot_buckets=buckets)
+            t = time.perf_counter()
+            engine.warmup()
+            print(f"  warm-up, {label} {engine.slots.sizes}: {time.perf_counter() - t:.1f} s",
+                  flush=True)  # fmt: skip
+            engine.start()
+            engines[label] = engine
+        rates = collections.defaultdict(list)
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for label, engine in engines.items():
+                srv = stack.enter_context(ServerThread(ServeApp(engine, model.tokenizer, "bench")))
+                urls[label] = srv.url
+                _clients(srv.url, one[:2], 4, 2, 0)  # connections, first requests
+            for r in range(args.rounds):
+                rates["generate"].append(_generate_rate(model, one, max_tokens))
+                for label, url in urls.items():
+                    steps = collections.Counter(engines[label].steps_by_size)
+                    rates[f"1 client, {label}"].append(_clients(url, one, max_tokens, 1, 0)[0])
+                    ran = engines[label].steps_by_size - steps
+                    if label == "buckets":
+                        rates["1 client, buckets, no stream"].append(
+                            _clients(url, one, max_tokens, 1, 0, stream=False)[0]
+                        )
+                    rates[f"16 clients, {label}"].append(
+                        _clients(url, many, max_tokens, SLOTS, 0)[0]
+                    )
+                    if r == 0:
+                        print(f"  1 client, {label}: steps by slot count {dict(ran)}", flush=True)
+                print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in
+                      rates.items()), flush=True)  # fmt: skip
+        for engine in engines.values():
+            engine.close()
+        med = {k: float(np.median(v)) for k, v in rates.items()}
+        table.append((name, med))
+
+    print(f"\nmedians of {args.rounds} interleaved rounds, tok/s (1 client: {args.single} "
+          f"requests one after another, streaming; 16 clients: {3 * SLOTS} requests)")  # fmt: skip
+    print("model  generate  1 client  x generate  (not streamed)  x generate  "
+          "1 client (all slots)  x generate  16 clients  16 (all slots)  x all slots")  # fmt: skip
+    for name, m in table:
+        g, one_b, one_a = m["generate"], m["1 client, buckets"], m["1 client, all slots"]
+        one_n = m["1 client, buckets, no stream"]
+        many_b, many_a = m["16 clients, buckets"], m["16 clients, all slots"]
+        print(
+            f"{name:>5}  {g:8.1f}  {one_b:8.1f}  {one_b / g:10.2f}  {one_n:14.1f}  "
+            f"{one_n / g:10.2f}  {one_a:20.1f}  {one_a / g:10.2f}  {many_b:10.1f}  "
+            f"{many_a:14.1f}  {many_b / many_a:11.2f}"
+        )
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -128,7 +230,18 @@ def main():
     p.add_argument("--ramp", type=float, default=None, help="seconds over which the clients "
                    "start (default: one sequential request's latency)")  # fmt: skip
     p.add_argument("--skip_hf", action="store_true", help="no transformers row")
+    p.add_argument("--vs_generate", action="store_true", help="one client vs Llama3.generate "
+                   "and 16 clients, with and without slot buckets (see above)")  # fmt: skip
+    p.add_argument("--models", default="demo,50M", help="--vs_generate's models")
+    p.add_argument("--single", type=int, default=12, help="--vs_generate: one client's requests")
+    p.add_argument("--rounds", type=int, default=2, help="--vs_generate: interleaved rounds")
     args = p.parse_args()
+    if args.vs_generate:
+        bad = [m for m in args.models.split(",") if m not in MODELS]
+        if bad:
+            sys.exit(f"error: --models {bad[0]!r}; valid: {', '.join(sorted(MODELS))}")
+        vs_generate(args)
+        return
     config = MODELS[args.model]
     if args.layers is not None:
         if not 1 <= args.layers <= config.n_layers:

@@ -1,6 +1,6 @@
 """The clients of bench_serve.py, in a process of their own (so their Python does not share
 the server's GIL). Reads one JSON job on stdin {url, prompts, max_tokens, concurrency, ramp},
-writes {rate, ttfts, latencies} on stdout."""
+and optionally "stream" (default true), writes {rate, ttfts, latencies} on stdout."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import time
 import openai
 
 
-async def _clients(url, prompts, max_tokens, concurrency, ramp):
-    """(tokens/s, TTFTs [R], latencies [R]) of `prompts` sent by `concurrency` clients."""
+async def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
+    """(tokens/s, TTFTs [R], latencies [R]) of `prompts` sent by `concurrency` clients
+    (streaming, or not: then TTFT = latency)."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     todo = list(reversed(prompts))
     ttfts, latencies, counts = [], [], []
@@ -24,13 +25,19 @@ async def _clients(url, prompts, max_tokens, concurrency, ramp):
             p = todo.pop()
             t = time.perf_counter()
             first, n = None, 0
-            stream = await client.completions.create(
-                model="bench", prompt=p, max_tokens=max_tokens, temperature=0, stream=True
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    first = first or time.perf_counter() - t
-                    n += chunk.choices[0].text.count(" t")
+            if not stream:
+                got = await client.completions.create(
+                    model="bench", prompt=p, max_tokens=max_tokens, temperature=0
+                )
+                first, n = time.perf_counter() - t, got.usage.completion_tokens
+            else:
+                chunks = await client.completions.create(
+                    model="bench", prompt=p, max_tokens=max_tokens, temperature=0, stream=True
+                )
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].text:
+                        first = first or time.perf_counter() - t
+                        n += chunk.choices[0].text.count(" t")
             ttfts.append(first)
             latencies.append(time.perf_counter() - t)
             counts.append(n)
@@ -46,7 +53,14 @@ async def _clients(url, prompts, max_tokens, concurrency, ramp):
 def main():
     job = json.load(sys.stdin)
     out = asyncio.run(
-        _clients(job["url"], job["prompts"], job["max_tokens"], job["concurrency"], job["ramp"])
+        _clients(
+            job["url"],
+            job["prompts"],
+            job["max_tokens"],
+            job["concurrency"],
+            job["ramp"],
+            job.get("stream", True),
+        )  # fmt: skip
     )
     json.dump(out, sys.stdout)
 

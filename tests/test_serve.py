@@ -6,6 +6,7 @@ request alone. The model is tiny and random, with the real Llama 3 tokenizer."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import pytest
 
 from llama_jax import Llama3
 from llama_jax.inference.sampler import SamplingParams
+from llama_jax.inference.scoring import Scorer
 from llama_jax.model.config import get_config
 from llama_jax.model.transformer import init_params
 from llama_jax.serve.app import ServeApp
@@ -261,6 +263,53 @@ def test_requests_queued_together_share_one_prefill_and_equal_their_offline_resu
         assert got[i] == want, i
 
 
+def test_one_client_steps_one_slot_and_gets_the_tokens_it_gets_beside_others(model, server):
+    """The step runs on the smallest slot bucket holding the choices in use (the engine's own
+    record of each step's size), and a request's tokens do not depend on that size: alone (1
+    slot), beside six others (8 slots) and offline they are the same."""
+    engine = server.engine
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(0, 5000, rng.randint(2, 20)).tolist() for _ in range(7)]
+    settings = [SamplingParams(temperature=0.9, top_k=20), SamplingParams()]
+
+    def run(indices):
+        for _ in range(400):  # bounded: earlier tests' requests have left
+            if engine.active == 0 and engine.pending == 0:
+                break
+            time.sleep(0.05)
+        before = collections.Counter(engine.steps_by_size)
+        got = {i: [] for i in indices}
+        done = threading.Semaphore(0)
+
+        def listener(i):
+            def on_event(event):
+                if isinstance(event, Token):
+                    got[i].append(event.id)
+                elif isinstance(event, Finished):
+                    done.release()
+
+            return on_event
+
+        with engine._lock:  # the engine thread sees them all at once
+            for i in indices:
+                engine.submit(Request(prompts[i], 9 + i, settings[i % 2], seed=i), listener(i))
+        for _ in indices:
+            assert done.acquire(timeout=300)
+        return got, engine.steps_by_size - before
+
+    for i in (0, 1):  # sampled and greedy
+        alone, ran = run([i])
+        assert set(ran) == {1}, ran  # one choice: every step on one slot of the 16
+        together, ran = run(range(7))
+        assert 8 in ran and 16 not in ran, ran  # 7 choices: 8 slots, then fewer as they end
+        want = model.generate_ids([prompts[i]], settings[i % 2].replace(max_new_tokens=9 + i,
+                                  seed=i), stop_ids=())[0]  # fmt: skip
+        assert alone[i] == together[i] == want, i
+        for j in range(7):
+            sp = settings[j % 2].replace(max_new_tokens=9 + j, seed=j)
+            assert together[j] == model.generate_ids([prompts[j]], sp, stop_ids=())[0], j
+
+
 # ----------------------------------------------------------------------------- lm-eval
 def test_lm_eval_local_completions_equals_score(model, server, tmp_path, monkeypatch):
     from lm_eval.api.instance import Instance
@@ -294,6 +343,34 @@ def test_lm_eval_local_completions_equals_score(model, server, tmp_path, monkeyp
         assert greedy == all(
             int(np.argmax(logits[i - 1])) == ids[i] for i in range(n_ctx, len(ids))
         )
+
+
+def test_echoed_prompt_logprobs_equal_score_per_token(model, client):
+    """echo + logprobs scores the prompt through the one scoring engine: each token's value is
+    Llama3.score's (their sum is the text's score) and log-softmax of the model's own logits,
+    the alternatives are the logits' top k, in one pass or in several."""
+    text = "The cat sat on the mat and looked"
+    ids = _ids(model, text)
+    got = client.completions.create(
+        model=NAME, prompt=text, max_tokens=0, echo=True, logprobs=3, temperature=0
+    )
+    lp = got.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    want = jax.nn.log_softmax(model.logits(np.array(ids)), axis=-1)  # [T, V], independent
+    per_token = [float(want[i - 1, ids[i]]) for i in range(1, len(ids))]
+    np.testing.assert_allclose(lp.token_logprobs[1:], per_token, atol=1e-4)
+    assert abs(sum(lp.token_logprobs[1:]) - model.score(text)[0]) < 1e-3
+    for i in range(1, len(ids)):
+        top3 = np.argsort(-want[i - 1])[:3]
+        wanted = {model.tokenizer.decode([int(t)]): float(want[i - 1, t]) for t in top3}
+        for word, value in wanted.items():
+            assert abs(lp.top_logprobs[i][word] - value) < 1e-4, (i, word)
+    # The scorer's passes over positions: 4 at a time gives the values of one pass.
+    scorer = Scorer.from_sampler(model.sampler(), max_batch_bytes=4 * 4 * model.config.vocab_size)
+    assert scorer.token_width(16) == 4
+    small = scorer.token_logprobs(ids, 3)
+    np.testing.assert_allclose(small.logprobs, per_token, atol=1e-4)
+    np.testing.assert_array_equal(small.top_ids, np.argsort(-want[:-1], axis=-1)[:, :3])
 
 
 # ----------------------------------------------------------------------------- bad input

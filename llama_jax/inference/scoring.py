@@ -24,6 +24,12 @@ for Llama 3's 128k vocabulary). Rows are sorted by length and packed into batche
 float32 logits stay under a byte budget; batch rows are padded to powers of two, row lengths
 and scored positions per row to `length_bucket`s (2^k or 3 * 2^(k-1): at most a third is
 padding), so a new request length reuses compiled code.
+
+Per-token values (`token_logprobs`: each token's logprob given the ones before it, and the
+top-k alternatives at each position; the serving engine's echo + logprobs) come from the same
+jitted function, one sequence at a time, its positions split into passes whose logits fit the
+budget. A Scorer made `from_sampler` runs the sampler's own decode-laid-out params through
+`Sampler.apply` (the serving engine: no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -50,6 +56,22 @@ MIN_TARGETS = 8  # fewest scored positions per row: short requests share one com
 MIN_SHARED = 16  # contexts at least this long, of several rows, run once for all of them
 MIN_LENGTH = 16  # shortest row / context bucket
 MIN_SUFFIX = 8  # shortest bucket of a row's part after its shared context (the choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """Per-token log-likelihood of one sequence of n ids.
+
+    Attributes:
+      logprobs: float32 [n - 1]: logprobs[i] = log p(ids[i + 1] | ids[:i + 1]).
+      top_ids: int32 [n - 1, k]: the k most likely ids at each of those positions, most
+        likely first (k = the `top_k` asked for).
+      top_logprobs: float32 [n - 1, k]: their logprobs.
+    """
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +141,7 @@ class Scorer:
         max_batch_bytes: int = 1 << 29,
         max_batch_size: int = 64,
         quantize: str | None = None,
+        apply: Callable[..., tuple[jax.Array, Any]] | None = None,
     ):
         """Args:
         config, params, mesh: the model.
@@ -127,6 +150,10 @@ class Scorer:
         max_batch_size: at most this many rows per forward pass.
         quantize: "int8" scores with int8 projection weights (model/quantize.py), quantised
           once per params object, as generation does; None scores the params as given.
+        apply: the model call `(params, tokens, positions, cache, logits_at) -> (float32
+          logits, cache)` on `params` as given (`Sampler.apply` on its decode-laid-out
+          params, see `from_sampler`); None: the Transformer of `config` on training-layout
+          params (int8 per `quantize`).
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}; valid: an int >= 1")
@@ -137,10 +164,21 @@ class Scorer:
         self.truncated = 0
         self.window = config.max_seq_len  # tokens the model sees per request (at most)
         self.quantize = check_quantize(quantize)
+        if apply is not None and self.quantize:
+            raise ValueError("quantize applies to training-layout params; with apply=, give "
+                             "params already quantized (as Sampler.apply takes them)")  # fmt: skip
         self._model = Transformer(config, int8_dense) if self.quantize else Transformer(config)
+        self._apply = apply or self._model_apply
         self._quantized: tuple[Any, Any] = (None, None)  # (params, their int8 copy)
-        self._jit = jax.jit(self._fn)
+        self._jit = jax.jit(self._fn, static_argnames="top_k")
         self._shared_jit = jax.jit(self._shared_fn)
+
+    @classmethod
+    def from_sampler(cls, sampler: Any, **options: Any) -> Scorer:
+        """A Scorer on a `Sampler`'s decode params and mesh, through `Sampler.apply` (the same
+        model call generation makes, its vocabulary limit included); `options` as `__init__`'s
+        max_batch_bytes / max_batch_size."""
+        return cls(sampler.config, sampler.params, sampler.mesh, apply=sampler.apply, **options)
 
     @contextlib.contextmanager
     def _context(self):
@@ -157,17 +195,19 @@ class Scorer:
                 self._quantized = (self.params, jax.jit(quantize_params)(self.params))
         return self._quantized[1]
 
-    def _wrap(self, params: Any) -> Any:
-        return as_qweights(params) if self.quantize else params
+    def _model_apply(self, params, tokens, positions, cache, logits_at):
+        params = as_qweights(params) if self.quantize else params
+        return self._model.apply(
+            {"params": params}, tokens, positions, cache=cache, logits_at=logits_at
+        )
 
-    def _fn(self, params, tokens, pos, tok):
-        """tokens [B, T]; pos, tok [B, X] -> (log p(tok at pos) [B, X], argmax == tok [B, X])."""
+    def _fn(self, params, tokens, pos, tok, *, top_k=0):
+        """tokens [B, T]; pos, tok [B, X] -> (log p(tok at pos) [B, X], argmax == tok [B, X]),
+        and with top_k > 0 the top_k (ids, logprobs) [B, X, top_k] at each position."""
         self.trace_counts["score"] += 1
         # Only the scored positions go through the [D, V] output projection.
-        logits, _ = self._model.apply({"params": self._wrap(params)}, tokens, logits_at=pos)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, X]
-        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]  # [B, X]
-        return picked - lse, jnp.argmax(logits, axis=-1) == tok
+        logits, _ = self._apply(params, tokens, None, None, pos)
+        return _logprobs(logits, tok, top_k)
 
     def _shared_fn(self, params, prefix, suffix, start, owner, pos, tok):
         """Rows that share a context: the contexts run once into a KV cache, each row's suffix
@@ -179,24 +219,17 @@ class Scorer:
           positions (relative to the suffix) and tokens.
         """
         self.trace_counts["score_shared"] += 1
-        params = self._wrap(params)
         p, tp = prefix.shape
         r, ts = suffix.shape
         cache = init_cache(self.config, p, tp + ts)
         positions = jnp.broadcast_to(jnp.arange(tp), (p, tp))
-        _, cache = self._model.apply(
-            {"params": params}, prefix, positions, cache=cache, logits_at=jnp.zeros((p, 1), int)
-        )
+        _, cache = self._apply(params, prefix, positions, cache, jnp.zeros((p, 1), int))
         # Scanned caches are [L, B, K, S, H], per-layer ones [B, K, S, H] (model.init_cache).
         cache = jax.tree.map(lambda c: jnp.take(c, owner, axis=c.ndim - 4), cache)
         spos = start[:, None] + jnp.arange(ts)[None, :]
         # Slots from a context's padding are overwritten by the suffix before it attends.
-        logits, _ = self._model.apply(
-            {"params": params}, suffix, spos, cache=cache, logits_at=pos
-        )  # [R, X, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]
-        return picked - lse, jnp.argmax(logits, axis=-1) == tok
+        logits, _ = self._apply(params, suffix, spos, cache, pos)  # [R, X, V]
+        return _logprobs(logits, tok, 0)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """A [B, ...] host array (the same on every process) with rows over the batch axes;
@@ -378,6 +411,73 @@ class Scorer:
             for (p, target), slot in pairs[r].items():
                 values[(r, p, target)] = (float(logp[j, slot]), bool(hit[j, slot]))
 
+    def token_logprobs(self, ids: Sequence[int], top_k: int = 0) -> TokenLogprobs:
+        """Each token's logprob given the ones before it, and the top_k alternatives there.
+
+        One sequence, no truncation: its length is bucketed (`length_bucket`) and its scored
+        positions run in passes of `token_width` positions (the whole forward pass each time,
+        only those positions projected to the vocabulary), so the shapes depend on the bucket
+        alone (`warm_token_logprobs` compiles them all).
+
+        Args:
+          ids: n >= 1 token ids, at most the window (`max_seq_len`) of them.
+          top_k: alternatives per position, in [0, vocab_size].
+
+        Returns:
+          `TokenLogprobs` of n - 1 positions (none for a single id).
+        """
+        ids = [int(t) for t in ids]
+        n, v = len(ids), self.config.vocab_size
+        if not 1 <= n <= self.window:
+            raise ValueError(f"{n} ids; valid: 1 to the model's window ({self.window})")
+        bad = [t for t in ids if not 0 <= t < v]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {v})")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= v:
+            raise ValueError(f"top_k={top_k!r}; valid: an int in [0, {v}]")
+        t = length_bucket(n, self.window)
+        width = self.token_width(t)
+        b = batch_bucket(1, self.batch_multiple)
+        tokens = np.zeros((b, t), np.int32)
+        tokens[0, :n] = ids
+        lps, top_ids, top_lps = [], [], []
+        with self._context():
+            dev = self._put(tokens)
+            for start in range(0, n - 1, width):
+                # Padding positions repeat the last one; their values are dropped.
+                at = np.minimum(start + np.arange(width), n - 2)
+                pos = np.zeros((b, width), np.int32)
+                tok = np.zeros((b, width), np.int32)
+                pos[0], tok[0] = at, np.asarray(ids)[at + 1]
+                out = self._jit(
+                    self._run_params(), dev, self._put(pos), self._put(tok), top_k=top_k
+                )
+                k = min(width, n - 1 - start)
+                got = [self._fetch(a)[0, :k] for a in out]
+                lps.append(got[0])
+                top_ids.append(got[2] if top_k else np.zeros((k, 0), np.int32))
+                top_lps.append(got[3] if top_k else np.zeros((k, 0), np.float32))
+        if n == 1:
+            return TokenLogprobs(
+                np.zeros((0,), np.float32),
+                np.zeros((0, top_k), np.int32),
+                np.zeros((0, top_k), np.float32),
+            )
+        return TokenLogprobs(np.concatenate(lps), np.concatenate(top_ids), np.concatenate(top_lps))
+
+    def token_width(self, t: int) -> int:
+        """Positions per `token_logprobs` pass for a sequence bucket of t: all t, or the largest
+        power of two whose float32 logits stay under max_batch_bytes."""
+        b = batch_bucket(1, self.batch_multiple)
+        w = max(1, min(t, self.max_batch_bytes // (b * self.config.vocab_size * 4)))
+        return 1 << (w.bit_length() - 1) if w < t else t
+
+    def warm_token_logprobs(self, max_len: int, top_k: int = 0) -> None:
+        """Compiles every shape `token_logprobs(ids, top_k)` takes for 2..max_len ids."""
+        buckets = sorted({length_bucket(n, self.window) for n in range(2, max_len + 1)})
+        for t in buckets:
+            self.token_logprobs([0] * t, top_k)
+
     def loglikelihood_rolling(
         self,
         documents: Sequence[Sequence[int]],
@@ -406,3 +506,15 @@ class Scorer:
             for d, r in zip(owner, self.loglikelihood(windows, progress)):
                 totals[d] += r.logprob
         return totals
+
+
+def _logprobs(logits: jax.Array, tok: jax.Array, top_k: int) -> tuple[jax.Array, ...]:
+    """logits [B, X, V], tok [B, X] -> (log p(tok) [B, X], argmax == tok [B, X]), and with
+    top_k > 0 the top_k (ids int32, logprobs) [B, X, top_k]."""
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, X, 1]
+    picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)  # [B, X, 1]
+    out = ((picked - lse)[..., 0], jnp.argmax(logits, axis=-1) == tok)
+    if top_k:
+        top, ids = jax.lax.top_k(logits, top_k)
+        out += (ids.astype(jnp.int32), top - lse)
+    return out

@@ -2,11 +2,15 @@
 
 It knows nothing of HTTP. One engine thread owns the device; the device side (`slots.py`) holds
 every slot's state, so each decode step is one jitted call for all slots whose inputs are its
-own outputs. The thread's loop, per step:
+own outputs. The device holds only as many slots as the load needs: the smallest of a few
+compiled sizes (`slot_buckets`: 1, 2, 4, 8, 16) that fits the choices in use, which the engine
+keeps at the front (moving them with one `resize` call when the size changes), so one client
+runs batch-1 steps and 16 run one 16-row step. The thread's loop, per step:
 
   1. cancelled choices free their slots (one `release` call for all of them);
-  2. queued requests take free slots, first come first served, and are prefilled together in
-     bucketed prefill + insert calls (`admit`: one for a burst of short prompts; split where
+  2. queued requests take free slots, first come first served (the slots are first resized to
+     the size that fits them all, or shrunk when fewer are in use), and are prefilled together
+     in bucketed prefill + insert calls (`admit`: one for a burst of short prompts; split where
      rows x prompt bucket would pass PREFILL_TOKENS or padding would double the rows);
   3. the next decode step is queued (not waited for);
   4. the previous step's (token, status) [B, 2] is read: one transfer, while the device is busy
@@ -27,12 +31,13 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from llama_jax.inference.sampler import Sampler, bucket
+from llama_jax.inference.scoring import Scorer
 from llama_jax.serve.requests import (
     TOP_LOGPROBS,
     EngineClosed,
@@ -48,6 +53,7 @@ from llama_jax.serve.requests import (
 from llama_jax.serve.slots import LAST, STOP, Slots, pack_rows
 
 PREFILL_TOKENS = 2048  # rows x prompt bucket of one admit call (more: split into several)
+PROMPT_LOGITS_BYTES = 1 << 28  # float32 logits per prompt-logprob pass are kept under this
 DEFAULT_MAX_SEQ_LEN = 4096  # positions per slot unless asked: 16 x 128k would not fit memory
 
 
@@ -70,6 +76,7 @@ class Engine:
         max_queue: int = 64,
         deliver: Callable[[Callable[[], None]], None] | None = None,
         decode_chunk: int | None = None,
+        slot_buckets: Sequence[int] | None = None,
     ):
         """Allocates the KV cache and the jitted functions (compiled by `warmup` or first use).
 
@@ -86,6 +93,11 @@ class Engine:
             delivered together; admissions and cancellations take effect between calls).
             None: the sampler's (1 on CPU; more on a GPU, where a call's fixed cost is
             amortised over k tokens for at most k - 1 steps of extra admission latency).
+          slot_buckets: the slot counts the decode step is compiled for, ascending, each a
+            multiple of the mesh's data*fsdp, the last = max_batch; the step runs on the
+            smallest that holds the choices in use. None: 1, 2, 4, ... (times data*fsdp) and
+            max_batch. (max_batch,) steps every slot whatever the load (the engine before
+            buckets; benchmarks compare the two).
         """
         config = sampler.config
         limit = config.max_seq_len
@@ -104,6 +116,19 @@ class Engine:
             )
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue={max_queue!r}; valid: an int >= 1")
+        if slot_buckets is not None:
+            sizes = list(slot_buckets)
+            if (
+                not sizes
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
+                or sizes != sorted(set(sizes))
+                or sizes[-1] != max_batch
+                or any(b % m for b in sizes)
+            ):
+                raise ValueError(
+                    f"slot_buckets={slot_buckets!r}; valid: ascending ints, each a multiple of "
+                    f"the mesh's data*fsdp={m}, the last = max_batch={max_batch}"
+                )
         self.sampler = sampler
         self.config = config
         self.max_batch = max_batch
@@ -111,7 +136,10 @@ class Engine:
         self.max_queue = max_queue
         self.vocab_size = config.vocab_size
         self.deliver = deliver or _inline
-        self.slots = Slots(sampler, max_batch, max_seq_len, decode_chunk)
+        self.slots = Slots(sampler, max_batch, max_seq_len, decode_chunk, slot_buckets)
+        # Prompt logprobs (echo + logprobs) go through the one log-likelihood engine, on the
+        # sampler's own params and model call (so they match generation's logprobs).
+        self.scorer = Scorer.from_sampler(sampler, max_batch_bytes=PROMPT_LOGITS_BYTES)
         self._multiple = m
         # Prefill rows: the mesh's batch axes times powers of 4, and max_batch (fewer shapes to
         # compile than powers of 2; `_chunks` splits a group rather than pad it over 2x).
@@ -130,9 +158,15 @@ class Engine:
         self.stats = collections.Counter()  # finished choices by reason, steps, peak_active
 
     @property
+    def steps_by_size(self) -> collections.Counter[int]:
+        """Decode calls run so far per slot count (the engine's record of the bucket each
+        step ran on); warm-up's are not counted."""
+        return self.slots.steps_by_size
+
+    @property
     def trace_counts(self) -> collections.Counter[str]:
         """How often each jitted function was traced (= compiled); for tests."""
-        return self.slots.trace_counts
+        return self.slots.trace_counts + self.scorer.trace_counts
 
     # ------------------------------------------------------------------ shapes
     def _prompt_buckets(self) -> list[int]:
@@ -174,17 +208,12 @@ class Engine:
         return out
 
     def warmup(self) -> None:
-        """Compiles every shape a request can need (each admit bucket, prompt logprobs, the
-        step, the release), so that no request compiles anything."""
-        empty = self.max_batch  # slot index of padding rows: dropped
-        for t in self._prompt_buckets():
-            self.slots.prompt_logprobs([0] * t, self._multiple)
-            for b in self._row_buckets:
-                if self._fits(b, t):
-                    self.slots.admit(*pack_rows([], b, t, empty))
-        self.slots.release([])
-        for _ in range(2):  # the second call sees the first one's output shardings
-            np.asarray(self.slots.step()[0])
+        """Compiles every shape a request can need (prompt logprobs; each admit bucket, and
+        the step, release and resizes of each slot count), so that no request compiles
+        anything."""
+        self.scorer.warm_token_logprobs(self.max_seq_len, TOP_LOGPROBS)
+        shapes = [(b, t) for t in self._prompt_buckets() for b in self._row_buckets]
+        self.slots.warmup([(b, t) for b, t in shapes if self._fits(b, t)])
 
     # ------------------------------------------------------------------ public API
     def check(self, request: Request) -> None:
@@ -317,7 +346,8 @@ class Engine:
                 self._admit(out)
                 queued = None
                 if self._used:
-                    queued = (*self.slots.step(), tuple(self._slot), self._lp_slots > 0)
+                    snapshot = tuple(self._slot[: self.slots.size])
+                    queued = (*self.slots.step(), snapshot, self._lp_slots > 0)
                     self.stats["steps"] += 1
                 if inflight is not None:
                     step = self._collect(*inflight)
@@ -349,19 +379,19 @@ class Engine:
 
     def _admit(self, out: list) -> None:
         """Moves queued requests into free slots (first come, first served), then prefills
-        all of their rows in as few admit calls as PREFILL_TOKENS allows."""
-        if not self._pending:
-            return
-        free = [s for s in range(self.max_batch) if self._slot[s] is None]
-        rows = []  # (slot, request, choice)
-        while True:
+        all of their rows in as few admit calls as PREFILL_TOKENS allows. The slots are
+        resized first to the smallest size that holds every choice (or shrunk, with nothing
+        queued, once fewer are in use)."""
+        taken = []  # (handle, choices to run)
+        free = self.max_batch - self._used
+        while self._pending:
             with self._lock:
                 if not self._pending:
                     break
                 h = self._pending[0]
                 r = h.request
                 need = 0 if r.max_tokens == 0 else sum(not x for x in h.cancelled)
-                if need > len(free):
+                if need > free:
                     break
                 self._pending.popleft()
             if not any(not x for x in h.cancelled):
@@ -369,7 +399,7 @@ class Engine:
                 continue
             if r.prompt_logprobs:
                 try:
-                    out.append((h, self.slots.prompt_logprobs(r.prompt, self._multiple)))
+                    out.append((h, self._prompt_logprobs(r.prompt)))
                 except Exception as e:  # noqa: BLE001 - this request fails, not the server
                     log.exception("prompt logprobs failed")
                     self._finish_all(h, "error", out, f"{type(e).__name__}: {e}")
@@ -377,32 +407,66 @@ class Engine:
             if r.max_tokens == 0:
                 self._finish_all(h, "length", out)
                 continue
+            choices = []
             for c in range(r.n):
                 if h.cancelled[c]:
                     self._finish(h, c, "cancelled", out)
-                    continue
-                s = free.pop(0)
+                else:
+                    choices.append(c)
+            taken.append((h, choices))
+            free -= len(choices)
+        self._fit(self._used + sum(len(c) for _, c in taken))
+        if not taken:
+            return
+        free_slots = [s for s in range(self.slots.size) if self._slot[s] is None]
+        rows = []  # (slot, request, choice)
+        for h, choices in taken:
+            for c in choices:
+                s = free_slots.pop(0)
                 self._slot[s] = (h, c)
                 h.slots[c] = s
                 self._used += 1
-                self._lp_slots += r.logprobs is not None
-                rows.append((s, r, c))
-        if not rows:
-            return
+                self._lp_slots += h.request.logprobs is not None
+                rows.append((s, h.request, c))
         self.stats["peak_active"] = max(self.stats["peak_active"], self._used)
         rows.sort(key=lambda row: len(row[1].prompt))  # similar lengths share a call
         for chunk, b, t in self._chunks(rows):
             self.slots.admit(*pack_rows(chunk, b, t, self.max_batch))
             self.stats["admit_calls"] += 1
 
+    def _fit(self, count: int) -> None:
+        """Resizes the slots to the smallest size holding `count` choices, when that is not
+        the size now; the choices in use move to the front, in slot order."""
+        size = next(b for b in self.slots.sizes if b >= count)
+        if size == self.slots.size:
+            return
+        order = [s for s in range(self.slots.size) if self._slot[s] is not None]
+        self.slots.resize(size, order)
+        moved = [self._slot[s] for s in order]
+        self._slot = [None] * self.max_batch
+        for new, entry in enumerate(moved):
+            self._slot[new] = entry
+            h, c = entry
+            h.slots[c] = new
+        self.stats["resizes"] += 1
+
+    def _prompt_logprobs(self, ids: list[int]) -> PromptLogprobs:
+        """Each prompt token's logprob and top alternatives (waits for the result)."""
+        got = self.scorer.token_logprobs(ids, TOP_LOGPROBS)
+        top = [tuple(zip(i.tolist(), lp.tolist())) for i, lp in zip(got.top_ids, got.top_logprobs)]
+        return PromptLogprobs((None, *got.logprobs.tolist()), ((), *top))
+
     def _collect(self, out_dev: Any, lp_dev: Any, snapshot: tuple, want_lp: bool) -> tuple:
         """Reads a call's outputs; frees the slots of choices that ended there."""
         out = np.asarray(out_dev)  # [k, B, 2]; the next call is already queued behind it
         for s in np.flatnonzero((out[:, :, 1] >= LAST).any(axis=0)).tolist():
             entry = snapshot[s]
-            if entry is not None and self._slot[s] is entry:
-                h, c = entry
-                self._free(s)
+            if entry is None:
+                continue
+            h, c = entry
+            now = h.slots[c]  # where the choice is now (a resize may have moved it)
+            if now is not None and self._slot[now] is entry:
+                self._free(now)
                 h.finished[c] = True
                 ended = out[:, s, 1][out[:, s, 1] >= LAST][0]
                 self.stats["stop" if ended == STOP else "length"] += 1

@@ -1,24 +1,30 @@
-"""The engine's device side: one KV cache of `max_batch` slots and every slot's decode state,
+"""The engine's device side: one KV cache of `size` slots and every slot's decode state,
 advanced by jitted calls that never wait for the host.
 
-Each slot's state lives on device as [B] arrays (next input token, position, tokens made,
-budget, seed, choice index, sampling settings, stop ids [B, STOP_SLOTS], active), so one decode
-step of all slots is one call whose inputs are its own previous outputs: the host can queue
-step k+1 before it has read step k's tokens, and reads one [B, 2] int32 array per step.
+Each slot's state lives on device as [size] arrays (next input token, position, tokens made,
+budget, seed, choice index, sampling settings, stop ids [size, STOP_SLOTS], active), so one
+decode step of all slots is one call whose inputs are its own previous outputs: the host can
+queue step k+1 before it has read step k's tokens, and reads one [size, 2] int32 array a step.
+
+The slot count follows the load: `size` is one of a few buckets (`slot_buckets`: 1, 2, 4, ...
+up to max_batch, times the mesh's batch axes), each compiled once, and the engine `resize`s
+between them as choices come and go, so one client's step is a batch-1 step.
 
   step     all slots, `decode_chunk` steps (a fixed-trip scan, as in Sampler): one token
            each a step (each row its own sampling settings and key), stop ids and exhausted
            budgets detected on device. Returns (token, status) per row:
            IDLE, TOKEN, LAST (the token ends the choice: length) or STOP (a stop id, not
            emitted).
-  admit    b new prompts at once: prefill [b, t] (rows and length bucketed) into a fresh
-           cache, scatter it into their slots, write their state rows. Rows padded to the
-           bucket carry slot index B and are dropped by the scatters.
+  admit    b new prompts at once: prefill [b, t] (rows and length bucketed, whatever `size`)
+           into a fresh cache, then scatter it into their slots and write their state rows
+           (`insert`, compiled per size). Rows padded to the bucket carry slot index
+           max_batch and are dropped by the scatters.
+  resize   a new cache and state of another bucket's size holding the given slots' rows, in
+           the given order (the engine keeps the choices in use at the front).
   release  deactivates slots (cancelled on the host).
-  prompt_logprobs   the prompt's own token logprobs (echo + logprobs), the full forward pass.
 
 Randomness: choice c draws its token at step s with fold_in(fold_in(key(seed), c), s), as row c
-of `Llama3.generate` does offline, so output does not depend on the slot or the batch.
+of `Llama3.generate` does offline, so output depends neither on the slot nor on the size.
 """
 
 from __future__ import annotations
@@ -31,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.inference.sampler import Sampler, bucket, sample_tokens
+from llama_jax.inference.sampler import Sampler, sample_tokens
 from llama_jax.model import sharding
 from llama_jax.model.transformer import cache_logical_axes
-from llama_jax.serve.requests import STOP_SLOTS, TOP_LOGPROBS, PromptLogprobs
+from llama_jax.serve.requests import STOP_SLOTS, TOP_LOGPROBS
 
 IDLE, TOKEN, LAST, STOP = 0, 1, 2, 3  # per-row status of a step
-PROMPT_LOGITS_BYTES = 1 << 28  # float32 logits per prompt-logprob pass are kept under this
 # Columns of the int32 rows `admit` takes (then the stop ids); flags: 1 greedy, 2 logprobs.
 # Its float rows: temperature, top_p, min_p.
 INT_COLUMNS = ("slot", "tokens", "positions", "max_tokens", "seeds", "choice", "top_k", "flags")
@@ -62,18 +67,44 @@ def _state_zeros(b: int) -> dict:
     }
 
 
+def slot_buckets(max_batch: int, multiple: int) -> tuple[int, ...]:
+    """The slot counts a step is compiled for: multiple * 2^i below max_batch, and max_batch
+    (a multiple of `multiple`, the mesh's data * fsdp)."""
+    out, b = [], multiple
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return (*out, max_batch)
+
+
 class Slots:
-    """The KV cache and slot state on the sampler's mesh, and the jitted calls on them."""
+    """The KV cache and slot state on the sampler's mesh, and the jitted calls on them.
+
+    Attributes:
+      size: slots on device now (one of `sizes`); slot indices are 0..size-1.
+      sizes: the buckets `size` takes (ascending, the last is max_batch).
+      steps_by_size: `step` calls per size so far (the record of what ran, for tests and
+        benchmarks).
+      trace_counts: how often each jitted function was traced (= compiled).
+    """
 
     def __init__(
-        self, sampler: Sampler, max_batch: int, max_seq_len: int, decode_chunk: int | None = None
+        self,
+        sampler: Sampler,
+        max_batch: int,
+        max_seq_len: int,
+        decode_chunk: int | None = None,
+        sizes: Sequence[int] | None = None,
     ):
-        """Args: the sampler (model, mesh), slots, positions per slot, and decode steps per
-        `step` call (None: the sampler's decode_chunk)."""
+        """Args: the sampler (model, mesh), slots, positions per slot, decode steps per
+        `step` call (None: the sampler's decode_chunk), and the sizes (None: `slot_buckets`;
+        the engine checks a given list)."""
         self.sampler = s = sampler
         self.decode_chunk = int(decode_chunk or sampler.decode_chunk)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.vocab_size = sampler.config.vocab_size
+        self.sizes = tuple(sizes or slot_buckets(max_batch, sampler.batch_multiple))
+        self.size = self.sizes[0]
+        self.steps_by_size: collections.Counter[int] = collections.Counter()
         self.trace_counts: collections.Counter[str] = collections.Counter()
         axes = cache_logical_axes(sampler.config)
         is_axes = lambda a: isinstance(a, tuple) and all(isinstance(x, str) for x in a)  # noqa: E731
@@ -92,21 +123,29 @@ class Slots:
             out_shardings=(cache_sh, state_sh, None, None),
             compiler_options=s.compiler_options or None,  # the sampler's decode options
         )
-        self._admit_jit = jax.jit(
-            self._admit_fn, donate_argnums=(1, 2), out_shardings=(cache_sh, state_sh)
+        self._prefill_jit = jax.jit(self._prefill_fn)
+        self._insert_jit = jax.jit(
+            self._insert_fn, donate_argnums=(0, 1), out_shardings=(cache_sh, state_sh)
+        )
+        # Not donated: a cache of another size cannot reuse the old buffer (it is freed as
+        # soon as the call returns; a resize holds both for its duration).
+        self._resize_jit = jax.jit(
+            self._resize_fn, static_argnames="size", out_shardings=(cache_sh, state_sh)
         )
         self._release_jit = jax.jit(self._release_fn, donate_argnums=(0,), out_shardings=state_sh)
-        self._prompt_jit = jax.jit(self._prompt_fn, static_argnames="width")
         self._new_jit = jax.jit(
-            lambda: (s.new_cache(max_batch, max_seq_len), _state_zeros(max_batch)),
+            lambda size: (s.new_cache(size, max_seq_len), _state_zeros(size)),
+            static_argnums=0,
             out_shardings=(cache_sh, state_sh),
         )
         self.reset()
 
     def reset(self) -> None:
-        """A zeroed cache and all slots idle (at start, and after a failed call)."""
+        """A zeroed cache and all slots idle, at the smallest size (at start, and after a
+        failed call)."""
+        self.size = self.sizes[0]
         with self.sampler.context():
-            self.cache, self.state = self._new_jit()
+            self.cache, self.state = self._new_jit(self.size)
 
     # ------------------------------------------------------------------ jitted functions
     def _step_fn(self, params, cache, state):
@@ -178,28 +217,18 @@ class Slots:
         lp = jax.lax.cond(jnp.any(st["want_lp"] & active), logprobs, lambda: none)
         return cache, state, jnp.stack([tok, status], axis=1), lp
 
-    def _admit_fn(self, params, cache, state, tokens, ints, floats):
-        """Prefills tokens [b, t] (each row a prompt minus its last token, right-padded) and
-        puts row i into slot ints[i, 0] with the state of ints/floats' row i."""
-        self.trace_counts["admit"] += 1
+    def _prefill_fn(self, params, tokens, ints, floats):
+        """Prefills tokens [b, t] (each row a prompt minus its last token, right-padded):
+        (their cache [b, ..., t, ...], their state rows from ints/floats)."""
+        self.trace_counts["prefill"] += 1
         s = self.sampler
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         # Logits at one position only: the prefill is for the cache (the first token comes
         # from the decode step of the prompt's last token).
         _, new = s.apply(params, tokens, positions, s.new_cache(b, t), jnp.zeros((b, 1), int))
-        slots = ints[:, 0]
-
-        def put(big, small, b_axis, s_axis):
-            index = [slice(None)] * big.ndim
-            index[b_axis], index[s_axis] = slots, slice(0, t)
-            return big.at[tuple(index)].set(small.astype(big.dtype), mode="drop")
-
-        cache = jax.tree.map(put, cache, new, self._batch_axis, self._length_axis)
-        cache = jax.lax.with_sharding_constraint(cache, s.cache_shardings())
         rows = {name: ints[:, i] for i, name in enumerate(INT_COLUMNS)}
         flags = rows.pop("flags")
-        del rows["slot"]
         rows.update(
             seeds=jax.lax.bitcast_convert_type(rows["seeds"], jnp.uint32),
             greedy=(flags & 1) != 0,
@@ -211,7 +240,42 @@ class Slots:
             min_p=floats[:, 2],
             stops=ints[:, len(INT_COLUMNS) :],
         )
+        return new, rows
+
+    def _insert_fn(self, cache, state, new, rows):
+        """Puts row i of the prefilled cache `new` and of `rows` into slot rows["slot"][i]
+        (an index past the cache: dropped)."""
+        self.trace_counts["insert"] += 1
+        slots = rows["slot"]
+        t = jax.tree.leaves(new)[0].shape[jax.tree.leaves(self._length_axis)[0]]
+
+        def put(big, small, b_axis, s_axis):
+            index = [slice(None)] * big.ndim
+            index[b_axis], index[s_axis] = slots, slice(0, t)
+            return big.at[tuple(index)].set(small.astype(big.dtype), mode="drop")
+
+        cache = jax.tree.map(put, cache, new, self._batch_axis, self._length_axis)
+        cache = jax.lax.with_sharding_constraint(cache, self.sampler.cache_shardings())
         state = {k: v.at[slots].set(rows[k].astype(v.dtype), mode="drop") for k, v in state.items()}
+        return cache, state
+
+    def _resize_fn(self, cache, state, order, *, size):
+        """A cache and state of `size` rows: row i is row order[i] of the old ones (an index
+        past them: an empty, idle row)."""
+        self.trace_counts["resize"] += 1
+        old = state["active"].shape[0]
+        valid = order < old
+
+        def take(a, axis):
+            return jnp.take(a, order, axis=axis, mode="fill", fill_value=0)
+
+        cache = jax.tree.map(take, cache, self._batch_axis)
+        cache = jax.lax.with_sharding_constraint(cache, self.sampler.cache_shardings())
+        idle = _state_zeros(size)
+        state = {
+            k: jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), take(v, 0), idle[k])
+            for k, v in state.items()
+        }
         return cache, state
 
     def _release_fn(self, state, mask):
@@ -223,19 +287,6 @@ class Slots:
             want_lp=state["want_lp"] & ~mask,
         )
 
-    def _prompt_fn(self, params, tokens, start, *, width):
-        """Logprobs of tokens[:, p + 1] given tokens[:, :p + 1] for p in start..start+width-1,
-        and the top alternatives there (the full forward pass, as `Sampler.score` runs it)."""
-        self.trace_counts["prompt_logprobs"] += 1
-        b, t = tokens.shape
-        at = jnp.minimum(start + jnp.arange(width), t - 1)
-        at_rows = jnp.broadcast_to(at, (b, width))
-        logits, _ = self.sampler.apply(params, tokens, None, None, at_rows)
-        logp = jax.nn.log_softmax(logits[0], axis=-1)  # [W, V]
-        target = tokens[0, jnp.minimum(at + 1, t - 1)]
-        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-        return jnp.take_along_axis(logp, target[:, None], -1)[:, 0], top_ids, top_lp
-
     # ------------------------------------------------------------------ host entry points
     def step(self) -> tuple[Array, tuple[Array, Array, Array]]:
         """Queues `decode_chunk` (k) decode steps of every slot; returns their ([k, B, 2]
@@ -246,47 +297,62 @@ class Slots:
         s = self.sampler
         with s.context():
             self.cache, self.state, out, lp = self._step_jit(s.params, self.cache, self.state)
+        self.steps_by_size[self.size] += 1
         return out, lp
 
     def admit(self, tokens: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> None:
-        """Queues the prefill + insert of `tokens` [b, t] (see `pack_rows`)."""
+        """Queues the prefill + insert of `tokens` [b, t] (see `pack_rows`) into slots < size."""
         s = self.sampler
         with s.context():
-            self.cache, self.state = self._admit_jit(
-                s.params, self.cache, self.state, s.put(tokens), s.put(ints), s.put(floats)
-            )
+            new, rows = self._prefill_jit(s.params, s.put(tokens), s.put(ints), s.put(floats))
+            self.cache, self.state = self._insert_jit(self.cache, self.state, new, rows)
+
+    def resize(self, size: int, order: Sequence[int]) -> None:
+        """Queues the move to `size` slots (one of `sizes`): new slot i holds old slot
+        order[i] (len(order) <= size; the other new slots are idle). Moves one bucket at a
+        time (a compiled resize per pair of neighbouring sizes, not per pair of sizes)."""
+        if size not in self.sizes or len(order) > min(size, self.size):
+            raise ValueError(f"resize to {size} slots with {len(order)} rows; valid: {self.sizes}")
+        here, there = self.sizes.index(self.size), self.sizes.index(size)
+        step = 1 if there > here else -1
+        for i in range(here + step, there + step, step):
+            hop = self.sizes[i]
+            full = np.full((hop,), self.max_batch, np.int32)  # past every size: an idle row
+            full[: len(order)] = order
+            s = self.sampler
+            with s.context():
+                self.cache, self.state = self._resize_jit(
+                    self.cache, self.state, s.put(full), size=hop
+                )
+            self.size = hop
+            order = range(len(order))  # after the first hop the rows are in place
+
+    def warmup(self, admit_shapes: Sequence[tuple[int, int]]) -> None:
+        """Compiles every call the engine can make: the step, release and neighbouring
+        resizes of each size, the prefill of each admit shape (rows, prompt bucket) and its
+        insert into each size that can take that many rows (at least half the row bucket: the
+        engine pads a call's rows at most 2x). Leaves the slots reset."""
+        self.reset()
+        for size in self.sizes:
+            self.resize(size, [])  # up one size (a no-op at the first)
+            for rows, t in admit_shapes:
+                if size >= min(rows, max(self.sizes[0], rows // 2)):
+                    self.admit(*pack_rows([], rows, t, self.max_batch))
+            self.release([])
+            for _ in range(2):  # the second call sees the first one's output shardings
+                np.asarray(self.step()[0])
+        for size in reversed(self.sizes):
+            self.resize(size, [])  # down one size
+        self.reset()
+        self.steps_by_size.clear()
 
     def release(self, slots: Sequence[int]) -> None:
         """Queues the deactivation of `slots`."""
-        mask = np.zeros(self.max_batch, bool)
+        mask = np.zeros(self.size, bool)
         mask[list(slots)] = True
         s = self.sampler
         with s.context():
             self.state = self._release_jit(self.state, s.put(mask))
-
-    def prompt_width(self, t: int) -> int:
-        """Positions per prompt-logprob pass for a bucket of t: the logits stay in budget."""
-        w = max(1, min(t, PROMPT_LOGITS_BYTES // (self.vocab_size * 4)))
-        return 1 << (w.bit_length() - 1) if w < t else t
-
-    def prompt_logprobs(self, ids: Sequence[int], rows: int) -> PromptLogprobs:
-        """Each prompt token's logprob and top alternatives (waits for the result)."""
-        n = len(ids)
-        t = bucket(n, self.max_seq_len)
-        tokens = np.zeros((rows, t), np.int32)
-        tokens[0, :n] = ids
-        width = self.prompt_width(t)
-        s = self.sampler
-        lps, tops = [None], []
-        with s.context():
-            dev = s.put(tokens)
-            for start in range(0, max(n - 1, 0), width):
-                lp, ids_, tlp = self._prompt_jit(s.params, dev, np.int32(start), width=width)
-                lp, ids_, tlp = np.asarray(lp), np.asarray(ids_), np.asarray(tlp)
-                k = min(width, n - 1 - start)
-                lps += lp[:k].tolist()
-                tops += [tuple(zip(ids_[i].tolist(), tlp[i].tolist())) for i in range(k)]
-        return PromptLogprobs(tuple(lps), ((),) + tuple(tops))
 
 
 Array = jax.Array
