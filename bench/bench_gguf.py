@@ -212,9 +212,15 @@ def hf_step_bytes(model) -> int:
     for _, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LlamaRMSNorm":
             total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-        elif hasattr(m, "_packed_params"):  # torch.ao dynamic quantized Linear
+        elif hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+            # a torch.ao dynamic quantized Linear (not its LinearPackedParams child)
             w = m.weight()
-            total += w.numel() * w.element_size() + w.q_per_channel_scales().numel() * 8
+            per_channel = w.qscheme() in (
+                torch.per_channel_affine,
+                torch.per_channel_affine_float_qparams,
+            )  # quantize_dynamic's default is one scale per tensor
+            scales = w.q_per_channel_scales().numel() if per_channel else 1
+            total += w.numel() * w.element_size() + scales * 8
     return total
 
 
