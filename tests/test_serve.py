@@ -231,6 +231,18 @@ def test_sixteen_concurrent_requests_each_equal_their_offline_result(model, serv
     assert max(peak, server.engine.stats["peak_active"]) > 1  # they did share the batch
 
 
+def _collect(ids: list, done: threading.Semaphore):
+    """An engine listener: appends each token id to `ids`, releases `done` when finished."""
+
+    def on_event(event):
+        if isinstance(event, Token):
+            ids.append(event.id)
+        elif isinstance(event, Finished):
+            done.release()
+
+    return on_event
+
+
 def test_requests_queued_together_share_one_prefill_and_equal_their_offline_results(model, server):
     engine = server.engine
     rng = np.random.RandomState(1)
@@ -239,20 +251,11 @@ def test_requests_queued_together_share_one_prefill_and_equal_their_offline_resu
     got = [[] for _ in prompts]
     done = threading.Semaphore(0)
 
-    def listener(i):
-        def on_event(event):
-            if isinstance(event, Token):
-                got[i].append(event.id)
-            elif isinstance(event, Finished):
-                done.release()
-
-        return on_event
-
     calls = engine.stats["admit_calls"]
     with engine._lock:  # the engine thread sees all 16 at once
         for i, p in enumerate(prompts):
             request = Request(p, 6, settings[i % 2], seed=i)
-            engine.submit(request, listener(i))
+            engine.submit(request, _collect(got[i], done))
     for _ in prompts:
         assert done.acquire(timeout=300)
     # 16 rows of at most 32 tokens: one bucketed prefill call for all of them.
@@ -281,18 +284,10 @@ def test_one_client_steps_one_slot_and_gets_the_tokens_it_gets_beside_others(mod
         got = {i: [] for i in indices}
         done = threading.Semaphore(0)
 
-        def listener(i):
-            def on_event(event):
-                if isinstance(event, Token):
-                    got[i].append(event.id)
-                elif isinstance(event, Finished):
-                    done.release()
-
-            return on_event
-
         with engine._lock:  # the engine thread sees them all at once
             for i in indices:
-                engine.submit(Request(prompts[i], 9 + i, settings[i % 2], seed=i), listener(i))
+                request = Request(prompts[i], 9 + i, settings[i % 2], seed=i)
+                engine.submit(request, _collect(got[i], done))
         for _ in indices:
             assert done.acquire(timeout=300)
         return got, engine.steps_by_size - before
