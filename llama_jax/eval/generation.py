@@ -18,7 +18,7 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llama_jax.eval.requests import Metric, mean_stderr
+from llama_jax.eval.requests import Metric, encode_prompt, mean_stderr
 from llama_jax.inference.sampler import SamplingParams
 from llama_jax.inference.text_stream import generate_text
 
@@ -35,7 +35,8 @@ def generate_until(
     batch_size: int = 32,
     progress: Callable[[int, int], Any] | None = None,
 ) -> tuple[list[str], int]:
-    """Continuations of text prompts (BOS prepended) or token prompts, cut before a stop string.
+    """Continuations of text prompts (BOS prepended if the model's tokenizer adds it) or token
+    prompts, cut before a stop string.
 
     Returns:
       (texts in prompt order, number of prompts truncated on the left to fit the window)
@@ -43,10 +44,7 @@ def generate_until(
     limit = sampler.config.max_seq_len
     if not 0 < max_new_tokens < limit:
         raise ValueError(f"max_new_tokens={max_new_tokens}; valid: 1 to {limit - 1}")
-    ids = [
-        tokenizer.encode(p, bos=True, allowed_special="all") if isinstance(p, str) else list(p)
-        for p in prompts
-    ]
+    ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     room = limit - max_new_tokens
     truncated = sum(len(p) > room for p in ids)
     stops = tokenizer.stop_ids if stop_ids is None else stop_ids

@@ -73,9 +73,12 @@ def _as_bool(value: Any) -> bool:
 def hf_adds_bos(model_path: str | None, tokenizer: Any) -> bool:
     """Whether the Hugging Face tokenizer of `model_path` would prepend BOS to plain text.
 
-    A tokenizer.json says so in its post-processor; a tiktoken / SentencePiece file is a Llama
-    tokenizer, whose Hugging Face form does prepend it.
+    A tokenizer.json says so in its post-processor; a GGUF in `add_bos_token` (transformers
+    reads it from there); a tiktoken / SentencePiece file is a Llama tokenizer, whose Hugging
+    Face form does prepend it.
     """
+    if hasattr(tokenizer, "add_bos_token"):  # a GGUF's tokenizer (SmolLM2's: False)
+        return bool(tokenizer.add_bos_token)
     path = os.path.join(model_path or "", "tokenizer.json")
     if model_path and os.path.isfile(path) and tokenizer.path.name == "tokenizer.json":
         import tokenizers

@@ -12,10 +12,23 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the model's text starts with BOS: as its GGUF states (`add_bos_token`;
+    SmolLM2's does not, its id 1 is `<|im_start|>`), else yes (the Llama tokenizers), as
+    transformers' tokenizer of the same model encodes it, and so lm-eval's `hf` backend."""
+    return bool(getattr(tokenizer, "add_bos_token", True))
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A text prompt's ids (BOS first if `adds_bos`; special-token text as the token)."""
+    return tokenizer.encode(text, bos=adds_bos(tokenizer), allowed_special="all")
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of a request, as lm-eval splits them.
 
-    BOS is prepended to the context; trailing spaces of the context move to the continuation;
+    BOS is prepended to the context if the model's tokenizer adds it (`adds_bos`); trailing
+    spaces of the context move to the continuation;
     the continuation's ids are those of `context + continuation` after the context's ids (so a
     word boundary is tokenised as in running text). An empty context is just BOS.
     """
@@ -26,8 +39,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    whole = tokenizer.encode(context + continuation, bos=True)
-    ctx = tokenizer.encode(context, bos=True)
+    bos = adds_bos(tokenizer)
+    whole = tokenizer.encode(context + continuation, bos=bos)
+    ctx = tokenizer.encode(context, bos=bos)
     return ctx, whole[len(ctx) :]
 
 
