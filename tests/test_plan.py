@@ -346,8 +346,9 @@ def test_plan_h100_compiles_both_steps():
     assert r["details"]["bytes_accessed_per_chip"] is None  # no cost analysis without a GPU
     assert r["flops_per_step"] > 0 and 0 < r["mfu_bound"] <= 1.0
     assert r["collectives"].get("all-gather", 0) > 0
-    with pytest.raises(ValueError, match="splash.*TPU kernel"):
-        plan.plan(tiny(**{"model.attention_impl": "splash"}), "h100-8")
+    for impl, why in [("splash", "TPU kernel"), ("cudnn", "without a GPU")]:
+        with pytest.raises(ValueError, match=f"'{impl}' .*{why}.*attention_impl=xla"):
+            plan.plan(tiny(**{"model.attention_impl": impl}), "h100-8")
 
 
 @needs_cuda_plugin

@@ -336,6 +336,24 @@ def _compile(lowered):
         raise DoesNotFit(required, available, text.splitlines()[0]) from None
 
 
+def check_gpu_attention(impl: str, topology: str) -> None:
+    """One line for the attention kernels a GPU plan cannot compile (before any work)."""
+    if impl == "splash":
+        raise ValueError(
+            f"attention_impl='splash' is a TPU kernel; plan {topology} with "
+            "--config.model.attention_impl=xla"
+        )
+    if impl == "cudnn":
+        # jax's cuDNN attention asks the installed cuDNN library for its version and the
+        # running GPU for its compute capability while it traces: neither exists here.
+        raise ValueError(
+            f"attention_impl='cudnn' cannot be compiled without a GPU (jax asks the cuDNN "
+            f"library and the running GPU while tracing); plan {topology} with "
+            "--config.model.attention_impl=xla: XLA's attention keeps the [T, T] scores, so "
+            "its memory is an upper bound for cuDNN's flash attention"
+        )
+
+
 def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) -> dict[str, Any]:
     """Compiles `c`'s train and eval steps for `topology`; returns the report (see module doc).
 
@@ -345,11 +363,8 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
       DoesNotFit: the compiler ran out of HBM (its numbers are in the exception).
     """
     chip, topo, chips = parse_topology(topology)
-    if chip.kind == "GPU" and c.model.attention_impl == "splash":
-        raise ValueError(
-            f"attention_impl='splash' is a TPU kernel; for {topology} use "
-            "--config.model.attention_impl=cudnn (bfloat16) or xla"
-        )
+    if chip.kind == "GPU":
+        check_gpu_attention(c.model.attention_impl, topology)
     devices = chip_devices(chip, topo)
     if len(devices) != chips:
         raise ValueError(f"topology {topo} has {len(devices)} devices, expected {chips} chips")
