@@ -20,10 +20,12 @@ sizes are what nvidia-smi reports for each card.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import re
+import sys
 
 GiB = 1024**3
 MiB = 1024**2
@@ -145,7 +147,23 @@ def _own_c_api():
     path = cuda_plugin.library_path()
     if path is None:
         raise ImportError(GPU_HINT)
-    return xla_client.load_pjrt_plugin_dynamically("cuda", path)
+    with _quiet_stderr():  # its CUDA stub logs "Could not find cuda drivers": none are needed
+        return xla_client.load_pjrt_plugin_dynamically("cuda", path)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 (where C++ logs go before absl is set up) to /dev/null; a failed
+    load still raises its Python exception with the message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @functools.lru_cache(maxsize=8)
