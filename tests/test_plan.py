@@ -342,7 +342,7 @@ def test_plan_h100_compiles_both_steps():
     assert r["per_chip_bytes"]["params"] == _hand_param_bytes(8)
     assert r["per_chip_bytes"]["optimizer"] >= 2 * r["per_chip_bytes"]["params"]
     assert r["fits"] and 0 < r["per_chip_bytes"]["total"] < r["hbm_bytes_per_chip"]
-    assert r["eval"]["total"] > r["eval"]["params"] > 0
+    assert r["eval"]["total"] > r["eval"]["params"] > 0 and r["eval"]["fits"]
     assert r["details"]["bytes_accessed_per_chip"] is None  # no cost analysis without a GPU
     assert r["flops_per_step"] > 0 and 0 < r["mfu_bound"] <= 1.0
     assert r["collectives"].get("all-gather", 0) > 0
@@ -354,9 +354,10 @@ def test_plan_h100_compiles_both_steps():
 @needs_cuda_plugin
 @pytest.mark.skipif(cuda_plugin.has_driver(), reason="this host has an NVIDIA driver")
 def test_cuda_plugin_stays_out_of_cpu_runs():
-    """With the plugin installed and JAX_PLATFORMS unset, a CPU run of llama_jax is as without
-    it: CPU backend, nothing on stderr (no driver lines, no plugin traceback), and jax never
-    imports the plugin's kernels."""
+    """With the plugin installed and JAX_PLATFORMS unset, a CPU run of llama_jax (what `llama3`
+    imports) is as without it: CPU backend, no CUDA driver lines or plugin traceback on stderr
+    (libtpu, where installed, still logs its own TPU probe), and jax never imports the plugin's
+    kernels."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     script = (
         "import llama_jax.cli, sys, jax, jax.numpy as jnp\n"
@@ -367,6 +368,7 @@ def test_cuda_plugin_stays_out_of_cpu_runs():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
+    for noise in ("cuda", "plugin", "traceback"):
+        assert noise not in done.stderr.lower(), done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "cpu 3.0" and lines[1].startswith("None jax's CUDA PJRT plugin, kept asleep")

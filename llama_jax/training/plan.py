@@ -405,6 +405,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
             "temporaries": m["temporaries"],
             "total": m["arguments"] + m["outputs"] + m["temporaries"],
         }
+        eval_report["fits"] = eval_report["total"] <= chip.hbm_bytes
     return {
         "topology": topology,
         "chips": chips,
@@ -480,7 +481,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"                  temporaries {gib(b['temporaries'])}",
         f"                  total       {gib(b['total'])}  of {gib(hbm).strip()} HBM "
         f"({b['total'] / hbm:.0%}{usable}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  eval step       total       {gib(r['eval']['total']) if r['eval'] else '-'}",
+        f"  eval step       total       {gib(r['eval']['total'])}: "
+        + ("fits" if r["eval"]["fits"] else "DOES NOT FIT (its batch is not accumulated)")
+        if r["eval"]
+        else "  eval step       -",
         f"  FLOPs / step    {r['flops_per_step']:.3e} (matmuls in the step, remat included; "
         f"{d['flops_per_chip']:.3e} per chip, model {d['model_flops_per_chip']:.3e})",
         f"  bytes / chip    {accessed:.3e} accessed (compiler; loop bodies once: a lower bound)"
