@@ -17,6 +17,9 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama_jax_tests_xla_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# llama_jax before jax: an installed CUDA plugin (the gpu-plan extra) stays out of the CPU tests
+# as it does out of CPU runs (llama_jax/cuda_plugin.py).
+import llama_jax  # noqa: E402, F401, I001
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
