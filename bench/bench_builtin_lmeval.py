@@ -29,9 +29,10 @@ depends on the tokenizer and lm-eval does not report it: shown as n/a.
 
 Perplexity: both sides score with a window of `--ppl_window` tokens (llama_jax: the scorer's
 window; lm-eval: `max_length`), since 8,192-token windows cost minutes per document on a CPU;
-and only the first `--ppl_docs` documents (The Comedy of Errors, whole, ~25k tokens).
+and only the first `--ppl_docs` documents (The Comedy of Errors), cut to their first
+`--ppl_chars` characters (the same text on both sides; 0 keeps them whole, ~25k tokens).
 
-  nice -n 19 python bench/bench_builtin_lmeval.py                   # ~15 min on 2 CPUs
+  nice -n 19 python bench/bench_builtin_lmeval.py                   # ~10-15 min on 2 CPUs
   nice -n 19 python bench/bench_builtin_lmeval.py --tasks sentiment_zh --limit 8
 """
 
