@@ -59,6 +59,10 @@ setup(
         # `llama3 plan`: compile for a TPU topology from any host. jax's own extra pins the
         # libtpu built for that jax (jax 0.10.2 -> libtpu 0.0.42.*); on a TPU VM it is the runtime.
         "tpu": ["jax[tpu]>=0.10"],
+        # `llama3 plan --topology h100-8`: compile for GPUs from any host. jax's own extra pins
+        # its CUDA plugin (jax-cuda12-plugin + jax-cuda12-pjrt, ~500 MB) without NVIDIA's
+        # libraries; no GPU needed. Kept asleep in CPU runs (llama_jax/cuda_plugin.py).
+        "gpu-plan": ["jax[cuda12-local]>=0.10"],
         # `llama3 serve`: the OpenAI-compatible HTTP server.
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },

@@ -15,8 +15,15 @@ TPU plan (`llama3 plan --config experiments/llama3_1_8b.py --topology v5p-64
 (32 chips, 16 rows of 8192 per chip) it does NOT fit: 127.31 GiB of temporaries against 95.74
 (exit 2). The target is the v5p-128 (64 chips, 8 rows per chip; not compiled yet). MFU bound
 73.4% on any slice (compute term: remat full does 8 N + 16 L T N H for 6 N + 12 L T N H of model
-FLOPs); train state 2.81 GiB per chip on the v5p-64, 0.35 GiB on a v6e-256 (whose compile
-passed 10 min on a loaded 2-core host and was stopped).
+FLOPs); train state 2.81 GiB per chip on the v5p-64. On a v6e-256 (2 rows per chip) it fits:
+11.58 GiB per chip of 32 (params 0.12, AdamW 0.24, temporaries 11.23; eval step 1.44), roofline
+1.41 s per step (compiled in 686 s). A v5e-8 holds the train state (11.22 GiB of 16) but not the
+step: 237.37 GiB per chip needed (exit 2; 64 rows of 8192 per chip), nor with 64 microbatches of
+one row (23.76 GiB). GPU plan (`:gpu --topology h100-64 --config.model.attention_impl=xla
+--config.grad_accum_steps=8`, eight 8-GPU hosts, XLA's attention standing in for cuDNN's as an
+upper bound): the train step fits in 26.56 GiB of the 59.74 jax gives XLA on an H100, MFU bound
+80.0%; the eval step (8 rows of 8192 per GPU, not accumulated) would need 97.15 GiB with XLA's
+attention, nothing like that with cuDNN's flash attention.
 """
 
 from llama_jax.training.experiment import base_config, model_config_dict

@@ -12,11 +12,18 @@ budget for 1.24B parameters is ~25B tokens, so raise num_steps for a fully train
 TPU plan (`llama3 plan`, libtpu 0.0.42.1; bench/RESULTS.md "llama3 plan"): targets a v5e-8 with
 `--config.model.attention_impl=splash --config.grad_accum_steps=8`. As written (no
 accumulation, 32 rows of 2048 per chip) it does NOT fit: 56.12 GiB of temporaries against 15.75
-(exit 2, the compiler's figure). With grad_accum_steps=8: train state 1.73 GiB per chip of 16,
-MFU bound 92.5% (compute term: the splash backward's extra work); whether the step's
-temporaries fit was not settled (its compile passed 10 min on a loaded 2-core host and was
-stopped). On a v5p-64 (mesh (1,-1,1)) it fits: 15.90 GiB of 95 per chip, MFU bound 92.5%
+(exit 2, the compiler's figure). With grad_accum_steps=8 (and `--config.mesh_shape='(1,-1,1)'`)
+it fits: 12.52 GiB per chip of 16 (params 0.58, AdamW 1.15, temporaries 10.79; eval step 6.56),
+MFU bound 92.5% (compute term: the splash backward's extra work; roofline 2.96 s per step;
+compiled in 517 s). On a v5p-64 (mesh (1,-1,1)) it fits: 15.90 GiB of 95 per chip, MFU bound 92.5%
 (roofline 317 ms per step; compiled in 626 s); on a v6e-256: 3.53 GiB of 32, bound 92.5%.
+
+GPU plan (`llama3 plan --topology h100-8 --config.model.attention_impl=xla`, jax's CUDA plugin:
+cuDNN attention cannot be traced without a GPU; XLA's attention keeps its [T, T] scores, so
+its memory is an upper bound for cuDNN's): as written it needs 564 GiB per GPU (32 rows, the
+scores kept by remat dots), which says nothing of cuDNN; with `--config.grad_accum_steps=16` it
+fits in 38.35 GiB of the 59.74 jax gives XLA on an H100 (grad_accum 8 with remat full: 9.32
+GiB, MFU bound 83.0%; grad_accum 8 on an h200-8: 73.28 of 105.30).
 
 Variants: `runlocal` shrinks the model and data to a few CPU steps (checks the wiring).
 """

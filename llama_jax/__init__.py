@@ -2,8 +2,13 @@
 
 __version__ = "0.1.0"
 
-from llama_jax.api import Llama3
-from llama_jax.inference.sampling_params import SamplingParams
-from llama_jax.model.config import ModelConfig, get_config
+# Before anything imports jax: an installed CUDA plugin stays out of CPU-only runs.
+from llama_jax import cuda_plugin
+
+cuda_plugin.keep_asleep()
+
+from llama_jax.api import Llama3  # noqa: E402
+from llama_jax.inference.sampling_params import SamplingParams  # noqa: E402
+from llama_jax.model.config import ModelConfig, get_config  # noqa: E402
 
 __all__ = ["Llama3", "ModelConfig", "SamplingParams", "get_config"]

@@ -202,16 +202,22 @@ def _shortcuts_given(args: argparse.Namespace) -> list[str]:
 def _plan(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="llama3 plan",
-        description="Compile an experiment's train and eval steps for a TPU topology on this "
-        "host (no TPU, weights or data needed): per-chip memory vs HBM, FLOPs, roofline, MFU "
-        "bound, collectives. Exit 0 fits, 2 does not fit, 1 error. Overrides: --config.KEY=VALUE.",
+        description="Compile an experiment's train and eval steps for a TPU or GPU topology on "
+        "this host (no TPU, GPU, weights or data needed): per-chip memory vs HBM, FLOPs, "
+        "roofline, MFU bound, collectives. Exit 0 fits, 2 does not fit, 1 error. "
+        "Overrides: --config.KEY=VALUE.",
     )
     p.add_argument("--config", required=True, help="experiments/NAME.py[:VARIANT]")
-    p.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...")
+    p.add_argument(
+        "--topology",
+        required=True,
+        help="v4-8, v5e-16, v5p-64, v6e-256, v5e:4x4, ...; h100-8, a100-8, h200-8",
+    )
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     args, rest = p.parse_known_args(argv)
     if not os.environ.get("JAX_PLATFORMS"):
-        # The host compiles for the TPU devices libtpu describes; JAX itself runs on the CPU
+        # The host compiles for the TPU / GPU devices libtpu / the CUDA plugin describe; JAX
+        # itself runs on the CPU
         # (no search for a TPU to run on, even on a TPU VM).
         jax.config.update("jax_platforms", "cpu")
     plan.parse_topology(args.topology)  # a bad name fails before the config is loaded
@@ -414,7 +420,7 @@ COMMANDS = {
     "chat": (_chat, "interactive chat in the model's chat format"),
     "serve": (_serve, "OpenAI-compatible HTTP server with continuous batching"),
     "eval": (_eval, "evaluate on built-in or lm-eval tasks (perplexity, choice, generation)"),
-    "plan": (_plan, "compile an experiment for a TPU topology: memory, FLOPs, MFU bound"),
+    "plan": (_plan, "compile an experiment for a TPU or GPU topology: memory, FLOPs, MFU bound"),
 }
 
 

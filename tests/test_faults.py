@@ -273,11 +273,13 @@ def guarded_server(corpus):
     params = nn.unbox(init_params(config, jax.random.key(0)))
     model = Llama3(config=config, params=params, dtype="float32", tokenizer=tok)
     engine = Engine(model.sampler(), max_batch=1, max_seq_len=64, max_queue=8)
-    engine.warmup()
     engine.start()
     app = ServeApp(engine, tok, "tiny", api_key=None)
     limits = dict(header_timeout=1.0, body_timeout=2.0, max_connections=32)
     with ServerThread(app, **limits) as srv:
+        # No full warm-up (every bucket, minutes on a loaded CPU): these tests send one
+        # request shape, compiled here so that no test's deadline includes a compile.
+        assert _complete(srv, timeout=600).status_code == 200
         yield srv
     engine.close()
 

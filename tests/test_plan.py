@@ -1,18 +1,23 @@
 """`llama3 plan` (plan.py): the trainer's real steps compiled for compile-only TPU devices.
 
 Needs libtpu (`pip install llama_jax[tpu]`) for the compiling tests; they skip without it.
-Topology parsing and the missing-libtpu message are checked everywhere.
+Topology parsing and the missing-libtpu message are checked everywhere. The GPU targets
+(`h100-8`, at the end) need jax's CUDA plugin (`pip install llama_jax[gpu-plan]`), no GPU.
 """
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
+from jaxlib import xla_client
 
-from llama_jax import cli
+from llama_jax import cli, cuda_plugin
 from llama_jax.model.config import get_config
-from llama_jax.training import experiment, plan
+from llama_jax.training import experiment, plan, plan_gpu
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -61,7 +66,7 @@ def test_topology_names(name, libtpu_name, chips):
     assert chip.hbm_bytes > 0 and chip.peak_flops > 0
 
 
-@pytest.mark.parametrize("name", ["v5e-3", "h100-8", "v5e:4y4", "v4-7", "tpu"])
+@pytest.mark.parametrize("name", ["v5e-3", "b200-8", "v5e:4y4", "v4-7", "tpu", "h100-12"])
 def test_bad_topology_names(name):
     with pytest.raises(ValueError, match="topology|slice"):
         plan.parse_topology(name)
@@ -292,3 +297,78 @@ def test_json_keys(reports):
         "eval",
     }
     assert set(r["per_chip_bytes"]) == {"params", "optimizer", "temporaries", "total"}
+
+
+# ----------------------------------------------------------------------------- GPU targets
+HAS_CUDA_PLUGIN = cuda_plugin.library_path() is not None
+CUDA_SKIP = "jax's CUDA plugin is not installed (pip install llama_jax[gpu-plan])"
+needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason=CUDA_SKIP)
+
+
+@pytest.mark.parametrize(
+    "name, topology, chips",
+    [("h100-8", "1x1x8", 8), ("a100-4", "1x1x4", 4), ("h200-16", "1x2x8", 16)],
+)
+def test_gpu_topology_names(name, topology, chips):
+    chip, topo, n = plan.parse_topology(name)
+    assert (chip.kind, topo, n) == ("GPU", topology, chips)
+    spec = plan_gpu.GPUS[name.split("-")[0]]
+    # jax's allocator gives XLA 75% of the card unless told otherwise.
+    assert chip.hbm_bytes == int(spec.memory_bytes * plan_gpu.memory_fraction())
+
+
+def test_without_cuda_plugin_one_line(monkeypatch, capsys):
+    """No CUDA plugin: exit 1 and one line naming the extra, before any config work."""
+    monkeypatch.setattr(cuda_plugin, "library_path", lambda: None)
+    monkeypatch.setattr(xla_client, "pjrt_plugin_loaded", lambda name: False)
+    plan_gpu.gpu_devices.cache_clear()
+    rc = cli.main(
+        ["plan", "--config", "experiments/llama3_2_1b.py:runlocal", "--topology", "h100-8"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["error: " + plan_gpu.GPU_HINT]
+    plan_gpu.gpu_devices.cache_clear()
+
+
+@needs_cuda_plugin
+def test_plan_h100_compiles_both_steps():
+    """The tiny experiment on 8 compile-only H100s: XLA's GPU compiler builds both steps; FSDP
+    over 8 GPUs holds an eighth of every matrix plus the replicated norms per GPU."""
+    with DEFAULT_PRECISION():
+        r = plan.plan(tiny(), "h100-8")
+    devices = plan_gpu.gpu_devices(plan_gpu.GPUS["h100"], "1x1x8")
+    assert {d.device_kind for d in devices} == {"NVIDIA H100 80GB HBM3"}  # our target config
+    assert r["chips"] == 8 and r["details"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert r["per_chip_bytes"]["params"] == _hand_param_bytes(8)
+    assert r["per_chip_bytes"]["optimizer"] >= 2 * r["per_chip_bytes"]["params"]
+    assert r["fits"] and 0 < r["per_chip_bytes"]["total"] < r["hbm_bytes_per_chip"]
+    assert r["eval"]["total"] > r["eval"]["params"] > 0 and r["eval"]["fits"]
+    assert r["details"]["bytes_accessed_per_chip"] is None  # no cost analysis without a GPU
+    assert r["flops_per_step"] > 0 and 0 < r["mfu_bound"] <= 1.0
+    assert r["collectives"].get("all-gather", 0) > 0
+    for impl, why in [("splash", "TPU kernel"), ("cudnn", "without a GPU")]:
+        with pytest.raises(ValueError, match=f"'{impl}' .*{why}.*attention_impl=xla"):
+            plan.plan(tiny(**{"model.attention_impl": impl}), "h100-8")
+
+
+@needs_cuda_plugin
+@pytest.mark.skipif(cuda_plugin.has_driver(), reason="this host has an NVIDIA driver")
+def test_cuda_plugin_stays_out_of_cpu_runs():
+    """With the plugin installed and JAX_PLATFORMS unset, a CPU run of llama_jax (what `llama3`
+    imports) is as without it: CPU backend, no CUDA driver lines or plugin traceback on stderr
+    (libtpu, where installed, still logs its own TPU probe), and jax never imports the plugin's
+    kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = (
+        "import llama_jax.cli, sys, jax, jax.numpy as jnp\n"
+        "print(jax.default_backend(), float(jnp.ones(3).sum()))\n"
+        "print(sys.modules['jax_cuda12_plugin'], sys.modules['jax_plugins.xla_cuda12'].__doc__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    for noise in ("cuda", "plugin", "traceback"):
+        assert noise not in done.stderr.lower(), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "cpu 3.0" and lines[1].startswith("None jax's CUDA PJRT plugin, kept asleep")

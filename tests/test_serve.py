@@ -493,10 +493,12 @@ def test_server_on_eight_devices_equals_one_device(model):
     assert {d for leaf in jax.tree.leaves(engine.slots.cache) for d in leaf.devices()} == set(
         jax.devices()
     )
-    engine.warmup()
+    # No warm-up (the module's server checks that warm-up leaves nothing to compile): this
+    # compiles only the shapes these requests use.
     prompts = ["Once upon a time", "x", "The cat sat on the mat and", "Hello"]
     app = ServeApp(engine, sharded.tokenizer, NAME)
-    with compiles_on_engine_thread(engine) as late, ServerThread(app) as srv:
+    engine.start()
+    with ServerThread(app) as srv:
 
         async def run():
             client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
@@ -515,7 +517,6 @@ def test_server_on_eight_devices_equals_one_device(model):
 
         *texts, chat = asyncio.run(run())
     engine.close()
-    assert late == []
     assert [t.choices[0].text for t in texts] == model.generate(prompts, max_new_tokens=10)
     want = model.chat(
         [{"role": "user", "content": "Hi there"}], max_new_tokens=8, temperature=0.8, seed=4

@@ -104,10 +104,9 @@ class LoadedModel:
         self.config: ModelConfig = config
         self.mesh = mesh
         self.param_shardings = self._param_shardings(config, mesh)
-        cast = jnp.dtype(config.param_dtype)
-        self.params = jax.device_put(
-            jax.tree.map(lambda a: np.asarray(a).astype(cast), params), self.param_shardings
-        )
+        leaves, treedef = jax.tree.flatten(params)
+        params = None  # so that _place can free each host leaf once it is placed
+        self.params = self._place(leaves, treedef, jnp.dtype(config.param_dtype))
         self._tokenizer = tokenizer
         if tokenizer is not None and self._chat_template is not None:
             tokenizer.use_chat_settings(self._chat_template)
@@ -117,6 +116,19 @@ class LoadedModel:
         """Loads a llama_jax, Hugging Face, Meta or run directory, in its own dtype unless
         `dtype` says otherwise (see `__init__`)."""
         return cls(model_path=path, dtype=dtype, **kwargs)
+
+    def _place(self, leaves: list, treedef: Any, cast: np.dtype) -> Any:
+        """The params' `leaves` cast to `cast` and placed with `param_shardings`, one at a
+        time: each host leaf is dropped from `leaves` once it is on the device, so a load peaks
+        near one copy of the model (plus a leaf) rather than three (host tree, its cast, device
+        tree). Leaves the caller still holds are not freed, of course."""
+        placed = []
+        for i, sh in enumerate(treedef.flatten_up_to(self.param_shardings)):
+            host = np.asarray(leaves[i]).astype(cast, copy=False)  # no copy when already cast
+            leaves[i] = None
+            placed.append(jax.device_put(host, sh).block_until_ready())  # then host can go
+            del host
+        return jax.tree.unflatten(treedef, placed)
 
     @staticmethod
     def _param_shardings(config: ModelConfig, mesh: Mesh) -> Any:

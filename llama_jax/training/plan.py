@@ -1,15 +1,19 @@
-"""`llama3 plan`: compile an experiment's real train and eval steps for a TPU topology, from a CPU.
+"""`llama3 plan`: compile an experiment's real train and eval steps for a TPU or GPU topology,
+from a CPU.
 
 No weights and no data: the train state, the frozen base (LoRA) and a batch are abstract
 (`jax.ShapeDtypeStruct` with their `NamedSharding`s) on the compile-only devices libtpu
-describes for a topology (`jax.experimental.topologies`), over the experiment's own mesh. The
+describes for a topology (`jax.experimental.topologies`), or jax's CUDA plugin for a described
+GPU (`h100-8`: plan_gpu.py), over the experiment's own mesh. The
 steps are the trainer's (`trainer.jit_steps`: optimizer, schedule, remat, chunked loss, gradient
 accumulation, LoRA), so what compiles here is what `llama3 train` runs on that slice.
 
 The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / bytes
-(`cost_analysis`, of the per-chip SPMD program), and its HLO shows the collectives. From them:
+(`cost_analysis`, of the per-chip SPMD program; the GPU compiler gives no cost analysis), and
+its HLO shows the collectives. From them:
 
-  fits            arguments + outputs - donated aliases + temporaries <= the chip's HBM
+  fits            arguments + outputs - donated aliases + temporaries <= the chip's HBM (on a
+                  GPU the share jax's allocator takes: 75% unless XLA_CLIENT_MEM_FRACTION says)
   FLOPs           counted in the step's jaxpr (`dot_flops`): 2 * M * N * K of every matmul, a
                   scan's body times its length, a shard_map body times its shards, a Pallas
                   kernel's body times its grid; remat's recomputation is in the jaxpr, so this
@@ -25,7 +29,7 @@ The TPU compiler then reports per-chip memory (`memory_analysis`) and FLOPs / by
                   LoRA, whose frozen base takes no weight gradients) / (roofline * peak)
 
 Exit status: 0 fits, 2 compiles but does not fit (one line: by how much, which knob helps),
-1 on an error (bad config, unknown topology, libtpu missing).
+1 on an error (bad config, unknown topology, libtpu or the CUDA plugin missing).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from llama_jax.model import sharding
 from llama_jax.model.config import ModelConfig
-from llama_jax.training import experiment, finetune
+from llama_jax.training import experiment, finetune, plan_gpu
 from llama_jax.training import trainer as train
 
 GiB = 1024**3
@@ -57,7 +61,8 @@ GiB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation's per-chip limits (bf16 dense peak; HBM capacity and bandwidth)."""
+    """One TPU generation's or GPU's per-chip limits (bf16 dense peak; HBM capacity, what a
+    step may use of it, and bandwidth)."""
 
     name: str
     hbm_bytes: int
@@ -65,6 +70,13 @@ class Chip:
     hbm_bytes_per_s: float
     cores_per_chip: int  # TensorCores a chip counts for in the `vXX-N` slice names
     source: str
+    kind: str = "TPU"
+
+
+def gpu_chip(spec: plan_gpu.GpuSpec) -> Chip:
+    """A GPU as a plan chip: its HBM is the share jax's allocator gives XLA."""
+    usable = int(spec.memory_bytes * plan_gpu.memory_fraction())
+    return Chip(spec.name, usable, spec.peak_flops, spec.hbm_bytes_per_s, 1, spec.source, "GPU")
 
 
 # Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/<gen>), per chip.
@@ -102,12 +114,19 @@ TPU_HINT = "llama3 plan needs libtpu: pip install llama_jax[tpu]"
 
 
 def parse_topology(name: str) -> tuple[Chip, str, int]:
-    """`v5e-16` (slice name: chips for v5e/v6e, TensorCores for v4/v5p) or `v5e:4x4` ->
-    (chip, libtpu topology string, number of chips)."""
-    valid = f"valid: {', '.join(f'{g}-N' for g in CHIPS)} or GEN:AxB[xC], e.g. v5e-16, v5e:4x4"
+    """`v5e-16` (slice name: chips for v5e/v6e, TensorCores for v4/v5p), `v5e:4x4`, or
+    `h100-8` (GPUs: a100, h100, h200) -> (chip, libtpu or CUDA topology string, chips)."""
+    gpu = plan_gpu.parse_gpu_topology(name)
+    if gpu is not None:
+        spec, topo, n = gpu
+        return gpu_chip(spec), topo, n
+    valid = (
+        f"valid: {', '.join(f'{g}-N' for g in CHIPS)} or GEN:AxB[xC], e.g. v5e-16, v5e:4x4; "
+        f"GPUs: {', '.join(f'{g}-N' for g in plan_gpu.GPUS)}, e.g. h100-8"
+    )
     m = re.fullmatch(r"(v\d+[a-z]*)([-:])(.+)", name.strip().lower())
     if not m or m.group(1) not in CHIPS:
-        raise ValueError(f"unknown TPU topology {name!r}; {valid}")
+        raise ValueError(f"unknown topology {name!r}; {valid}")
     chip, sep, rest = CHIPS[m.group(1)], m.group(2), m.group(3)
     three_d = chip.cores_per_chip == 2
     if sep == ":":
@@ -141,6 +160,14 @@ def topology_devices(topology: str) -> tuple:
     from jax.experimental import topologies
 
     return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+
+
+def chip_devices(chip: Chip, topology: str) -> tuple:
+    """The compile-only devices of a parsed topology (ImportError without libtpu / the CUDA
+    plugin, naming the extra to install)."""
+    if chip.kind == "GPU":
+        return plan_gpu.gpu_devices(plan_gpu.GPUS[chip.name], topology)
+    return topology_devices(topology)
 
 
 # ----------------------------------------------------------------------------- abstract step
@@ -271,9 +298,13 @@ def _memory(compiled) -> dict[str, int]:
     return {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp}
 
 
-def _cost(compiled) -> dict[str, float]:
+def _cost(compiled) -> dict[str, float | None]:
+    """The compiler's FLOPs and bytes accessed; None each where it has no cost analysis
+    (the GPU compiler without a device)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:
+        return {"flops": None, "bytes": None}
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0))}
 
 
@@ -305,6 +336,24 @@ def _compile(lowered):
         raise DoesNotFit(required, available, text.splitlines()[0]) from None
 
 
+def check_gpu_attention(impl: str, topology: str) -> None:
+    """One line for the attention kernels a GPU plan cannot compile (before any work)."""
+    if impl == "splash":
+        raise ValueError(
+            f"attention_impl='splash' is a TPU kernel; plan {topology} with "
+            "--config.model.attention_impl=xla"
+        )
+    if impl == "cudnn":
+        # jax's cuDNN attention asks the installed cuDNN library for its version and the
+        # running GPU for its compute capability while it traces: neither exists here.
+        raise ValueError(
+            f"attention_impl='cudnn' cannot be compiled without a GPU (jax asks the cuDNN "
+            f"library and the running GPU while tracing); plan {topology} with "
+            "--config.model.attention_impl=xla: XLA's attention keeps the [T, T] scores, so "
+            "its memory is an upper bound for cuDNN's flash attention"
+        )
+
+
 def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) -> dict[str, Any]:
     """Compiles `c`'s train and eval steps for `topology`; returns the report (see module doc).
 
@@ -314,9 +363,11 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
       DoesNotFit: the compiler ran out of HBM (its numbers are in the exception).
     """
     chip, topo, chips = parse_topology(topology)
-    devices = topology_devices(topo)
+    if chip.kind == "GPU":
+        check_gpu_attention(c.model.attention_impl, topology)
+    devices = chip_devices(chip, topo)
     if len(devices) != chips:
-        raise ValueError(f"libtpu's {topo} has {len(devices)} devices, expected {chips} chips")
+        raise ValueError(f"topology {topo} has {len(devices)} devices, expected {chips} chips")
     steps = build_steps(c, devices)
     mesh, cfg = steps.mesh, steps.model_cfg
     # The sharded train state alone is exact (shard shapes) and needs no compile: a config whose
@@ -345,7 +396,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
         per_token -= 2.0 * cfg.matmul_param_count()
     model_flops = per_token * tokens / chips  # per chip
     flops = step_flops / chips  # per chip: the batch and the weights split over every chip
-    roofline = max(flops / chip.peak_flops, cost["bytes"] / chip.hbm_bytes_per_s)
+    roofline = max(flops / chip.peak_flops, (cost["bytes"] or 0.0) / chip.hbm_bytes_per_s)
     eval_report = None
     if with_eval:
         m = _memory(eval_c)
@@ -354,6 +405,7 @@ def plan(c: ml_collections.ConfigDict, topology: str, with_eval: bool = True) ->
             "temporaries": m["temporaries"],
             "total": m["arguments"] + m["outputs"] + m["temporaries"],
         }
+        eval_report["fits"] = eval_report["total"] <= chip.hbm_bytes
     return {
         "topology": topology,
         "chips": chips,
@@ -417,18 +469,27 @@ def format_report(r: dict[str, Any]) -> str:
     hbm = r["hbm_bytes_per_chip"]
     gib = lambda x: f"{x / GiB:8.2f} GiB"
     mesh = ", ".join(f"{k}={v}" for k, v in d["mesh"].items())
+    chip = d["chip"]
+    usable = ""
+    if chip["kind"] == "GPU":
+        usable = f", jax's share: XLA_CLIENT_MEM_FRACTION={plan_gpu.memory_fraction():g}"
+    accessed = d["bytes_accessed_per_chip"]
     rows = [
-        f"{r['topology']}: {r['chips']} x TPU {d['chip']['name']} chips, mesh {mesh}",
+        f"{r['topology']}: {r['chips']} x {chip['kind']} {chip['name']} chips, mesh {mesh}",
         f"  per chip        params      {gib(b['params'])}",
         f"                  optimizer   {gib(b['optimizer'])}",
         f"                  temporaries {gib(b['temporaries'])}",
         f"                  total       {gib(b['total'])}  of {gib(hbm).strip()} HBM "
-        f"({b['total'] / hbm:.0%}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  eval step       total       {gib(r['eval']['total']) if r['eval'] else '-'}",
+        f"({b['total'] / hbm:.0%}{usable}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"  eval step       total       {gib(r['eval']['total'])}: "
+        + ("fits" if r["eval"]["fits"] else "DOES NOT FIT (its batch is not accumulated)")
+        if r["eval"]
+        else "  eval step       -",
         f"  FLOPs / step    {r['flops_per_step']:.3e} (matmuls in the step, remat included; "
         f"{d['flops_per_chip']:.3e} per chip, model {d['model_flops_per_chip']:.3e})",
-        f"  bytes / chip    {d['bytes_accessed_per_chip']:.3e} accessed (compiler; loop bodies "
-        "once: a lower bound)",
+        f"  bytes / chip    {accessed:.3e} accessed (compiler; loop bodies once: a lower bound)"
+        if accessed is not None
+        else "  bytes / chip    - (no cost analysis from this compiler: compute term only)",
         f"  roofline        {r['roofline_step_seconds'] * 1e3:.1f} ms / step "
         f"(peak {d['chip']['peak_flops'] / 1e12:.0f} TFLOP/s, "
         f"{d['chip']['hbm_bytes_per_s'] / 1e9:.0f} GB/s; {d['chip']['source']})",
