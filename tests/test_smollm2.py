@@ -236,8 +236,15 @@ def test_openai_chat_completions_equal_llama3_chat(model):
             got = client.chat.completions.create(
                 model="smollm2", messages=FRANCE, max_tokens=NEW, temperature=0
             )
+            text = client.completions.create(
+                model="smollm2", prompt=PROMPTS[0], max_tokens=8, temperature=0
+            )
     finally:
         engine.close()
+    # A plain prompt starts as transformers' tokenizer starts it: SmolLM2 adds no BOS (its id 1
+    # is <|im_start|>), in /v1/completions as in Llama3.generate.
+    assert text.usage.prompt_tokens == len(smol.hf_tokenizer().encode(PROMPTS[0]))
+    assert text.choices[0].text == model.generate(PROMPTS[0], max_new_tokens=8)
     want = model.chat(FRANCE, max_new_tokens=NEW)
     assert got.choices[0].message.content == want
     assert got.choices[0].finish_reason == "stop"

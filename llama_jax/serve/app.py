@@ -222,9 +222,10 @@ class ServeApp:
                 "prompt",
             )
         out = []
+        bos = bool(getattr(tok, "add_bos_token", True))  # as Llama3.generate: SmolLM2's GGUF: no
         for i, p in enumerate(prompt):
             if isinstance(p, str):
-                out.append((tok.encode(p, bos=True), p))
+                out.append((tok.encode(p, bos=bos), p))
             elif isinstance(p, list) and p and all(is_int(t) for t in p):
                 outside = [t for t in p if not 0 <= t < self.engine.vocab_size]
                 if outside:
