@@ -22,6 +22,7 @@ from llama_jax.model.quantize import as_qweights, int8_dense, quantize_params
 from llama_jax.model.sharding import LOGICAL_RULES
 from llama_jax.model.transformer import Transformer
 from llama_jax.tokenizer import DIRECTORY_FILES
+from llama_jax.tokenizer.base import adds_bos
 
 
 class Llama3(LoadedModel):
@@ -86,8 +87,7 @@ class Llama3(LoadedModel):
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ValueError(f"prompt {i} is a {type(p).__name__}; generate takes strs")
-        # A GGUF tokenizer says whether its model wants BOS (SmolLM2's does not).
-        bos = bool(getattr(self.tokenizer, "add_bos_token", True))
+        bos = adds_bos(self.tokenizer)  # a GGUF says (SmolLM2's: no)
         return [self.tokenizer.encode(p, bos=bos) for p in prompts]
 
     def _default_stop_ids(self) -> tuple[int, ...]:

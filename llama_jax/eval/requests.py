@@ -11,12 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the model's text starts with BOS: as its GGUF states (`add_bos_token`;
-    SmolLM2's does not, its id 1 is `<|im_start|>`), else yes (the Llama tokenizers), as
-    transformers' tokenizer of the same model encodes it, and so lm-eval's `hf` backend."""
-    return bool(getattr(tokenizer, "add_bos_token", True))
+from llama_jax.tokenizer.base import adds_bos
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -48,6 +48,7 @@ from llama_jax.serve.protocol import (
 )
 from llama_jax.serve.requests import TOP_LOGPROBS, Request
 from llama_jax.serve.responses import Deferred, Job, Stream, sse
+from llama_jax.tokenizer.base import adds_bos
 
 
 class ServeApp:
@@ -222,7 +223,7 @@ class ServeApp:
                 "prompt",
             )
         out = []
-        bos = bool(getattr(tok, "add_bos_token", True))  # as Llama3.generate: SmolLM2's GGUF: no
+        bos = adds_bos(tok)  # as Llama3.generate (SmolLM2's GGUF: no BOS)
         for i, p in enumerate(prompt):
             if isinstance(p, str):
                 out.append((tok.encode(p, bos=bos), p))

@@ -100,6 +100,14 @@ def split_long_text(
     return pieces
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the model's plain text starts with BOS: as its GGUF states (`add_bos_token`;
+    SmolLM2's does not, its id 1 is `<|im_start|>`), else yes (the Llama tokenizers), as
+    transformers' tokenizer of the same model encodes it. The one rule for generate, serve
+    and eval."""
+    return bool(getattr(tokenizer, "add_bos_token", True))
+
+
 def _without_surrogates(text: str) -> str:
     # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD the same way.
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
