@@ -127,7 +127,6 @@ class LoadedModel:
             host = np.asarray(leaves[i]).astype(cast, copy=False)  # no copy when already cast
             leaves[i] = None
             placed.append(jax.device_put(host, sh).block_until_ready())  # then host can go
-            del host
         return jax.tree.unflatten(treedef, placed)
 
     @staticmethod
