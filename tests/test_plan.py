@@ -15,11 +15,11 @@ import jax
 import pytest
 from jaxlib import xla_client
 
-from llama_jax import cli, cuda_plugin
+from llama_jax import cli, cuda_plugin, tpu_plugin
 from llama_jax.model.config import get_config
 from llama_jax.training import experiment, plan, plan_gpu
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_LIBTPU = tpu_plugin.installed()
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason="libtpu is not installed (pip install llama_jax[tpu])"
 )
@@ -76,7 +76,7 @@ def test_without_libtpu_one_line(monkeypatch, capsys):
     """No libtpu: exit 1 and one line naming the extra to install."""
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        plan.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
+        importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
     )
     plan.topology_devices.cache_clear()
     rc = cli.main(
@@ -355,9 +355,8 @@ def test_plan_h100_compiles_both_steps():
 @pytest.mark.skipif(cuda_plugin.has_driver(), reason="this host has an NVIDIA driver")
 def test_cuda_plugin_stays_out_of_cpu_runs():
     """With the plugin installed and JAX_PLATFORMS unset, a CPU run of llama_jax (what `llama3`
-    imports) is as without it: CPU backend, no CUDA driver lines or plugin traceback on stderr
-    (libtpu, where installed, still logs its own TPU probe), and jax never imports the plugin's
-    kernels."""
+    imports) is as without it: CPU backend, no CUDA driver lines or plugin traceback on stderr,
+    and jax never imports the plugin's kernels."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     script = (
         "import llama_jax.cli, sys, jax, jax.numpy as jnp\n"
@@ -372,3 +371,48 @@ def test_cuda_plugin_stays_out_of_cpu_runs():
         assert noise not in done.stderr.lower(), done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "cpu 3.0" and lines[1].startswith("None jax's CUDA PJRT plugin, kept asleep")
+
+
+@needs_libtpu
+@pytest.mark.skipif(tpu_plugin.has_tpu(), reason="this host has a TPU")
+def test_libtpu_stays_out_of_cpu_runs():
+    """With libtpu installed (the tpu extra, for `plan`) and JAX_PLATFORMS unset, `llama3`'s
+    CPU runs do not probe for a TPU: no libtpu lines on stderr (the README demo printed its
+    accelerator-type warnings, an E0000 TPU_WORKER_HOSTNAMES error and a "Source Location
+    Trace" in every command), and `plan` still compiles for TPU chips in the same process."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = (
+        "import llama_jax.cli, os, jax, jax.numpy as jnp\n"
+        "print(jax.default_backend(), float(jnp.ones(3).sum()), os.environ['JAX_PLATFORMS'])\n"
+        "from llama_jax.training import plan\n"
+        "chip, topology, _ = plan.parse_topology('v5e-4')\n"
+        "print(plan.chip_devices(chip, topology)[0].device_kind)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    for noise in ("tpu", "e0000", "source location", "traceback"):
+        assert noise not in done.stderr.lower(), done.stderr
+    assert done.stdout.splitlines() == ["cpu 3.0 cpu", "TPU v5 lite"]
+
+
+@pytest.mark.parametrize(
+    "env, tpu, driver, chosen",
+    [
+        ({}, False, False, "cpu"),  # libtpu for plan only: CPU without the probe
+        ({"JAX_PLATFORMS": "tpu,cpu"}, False, False, "tpu,cpu"),  # the user's choice stands
+        ({"JAX_FORCE_TPU_INIT": "1"}, False, False, None),  # jax's own override
+        ({}, True, False, None),  # a TPU VM: jax finds its TPU
+        ({}, False, True, None),  # a GPU host: left to jax
+    ],
+)
+def test_libtpu_keep_asleep_decides(monkeypatch, env, tpu, driver, chosen):
+    for k in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(tpu_plugin, "installed", lambda: True)
+    monkeypatch.setattr(tpu_plugin, "has_tpu", lambda: tpu)
+    assert tpu_plugin.keep_asleep(gpu_host=driver) == (chosen == "cpu" and not env)
+    assert os.environ.get("JAX_PLATFORMS") == chosen

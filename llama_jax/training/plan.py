@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -51,6 +50,7 @@ import ml_collections
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
+from llama_jax import tpu_plugin
 from llama_jax.model import sharding
 from llama_jax.model.config import ModelConfig
 from llama_jax.training import experiment, finetune, plan_gpu
@@ -149,13 +149,20 @@ def parse_topology(name: str) -> tuple[Chip, str, int]:
 @functools.lru_cache(maxsize=8)
 def topology_devices(topology: str) -> tuple:
     """The compile-only TPU devices of a libtpu topology string (ImportError without libtpu)."""
-    if importlib.util.find_spec("libtpu") is None:
+    if not tpu_plugin.installed():
         raise ImportError(TPU_HINT)
     # Compile-only devices hold no chip: several processes may load libtpu at once (pytest
     # workers, a plan beside a test run) without its one-process lockfile refusing them.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")  # libtpu's INFO/WARNING lines
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    if not tpu_plugin.has_tpu():
+        # Off a TPU VM libtpu's start-up asks the VM's metadata for the host bounds and worker
+        # hostnames and prints "Failed to find host bounds", an E0000 "unexpected worker
+        # hostname" error and a trace when there are none. Compile-only devices run on no
+        # host: the topology name alone sets the chips and hosts that are compiled for.
+        os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # Deferred: only `plan` needs the topology API (it loads libtpu).
     from jax.experimental import topologies
 
