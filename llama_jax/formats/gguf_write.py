@@ -25,6 +25,7 @@ from llama_jax.formats.gguf import gguf_name, permute_qk
 from llama_jax.formats.hf import params_to_tensors
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import rope_inv_freq
+from llama_jax.tokenizer.base import adds_bos
 from llama_jax.tokenizer.hf_json import _bytes_to_unicode
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -142,7 +143,7 @@ def tokenizer_metadata(tok: Any) -> dict[str, Any]:
         bos=tok.bos_id,
         eos=tok.eos_id,
         pad=tok.pad_id,
-        add_bos=bool(getattr(tok, "add_bos_token", fmt != "huggingface")),
+        add_bos=adds_bos(tok),
         chat_template=getattr(tok, "chat_template", None),
     )
     return meta

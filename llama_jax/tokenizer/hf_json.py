@@ -43,6 +43,11 @@ class HuggingFaceTokenizer(Tokenizer):
             self._tok.model, tokenizers.models.BPE
         )
         super().__init__(path, special)
+        # The file's post-processor says whether plain text starts with BOS (Llama 3's
+        # template does; SmolLM2's adds nothing): transformers' tokenizer of the same file
+        # prepends exactly what `encode(add_special_tokens=True)` does here.
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        self.add_bos_token = bool(probe) and probe[0] == self.bos_id
 
     @property
     def vocab_size(self) -> int:
