@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
@@ -182,7 +183,10 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=200, help="calls per per-token cost")
     p.add_argument("--no_http", action="store_true")
+    p.add_argument("--decode_chunks", default="1", help="engines side by side, one per "
+                   "decode_chunk (decode steps per device call), e.g. 1,4")  # fmt: skip
     args = p.parse_args()
+    chunks = [int(k) for k in args.decode_chunks.split(",")]
     MODELS_LEN[0] = args.max_seq_len
     config = dataclasses.replace(MODELS[args.model], max_seq_len=args.max_seq_len)
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; load average "
@@ -196,37 +200,47 @@ def main():
     sampler = model.sampler()
     n = args.max_tokens
     ref = model.generate_ids([prompt], max_new_tokens=n, temperature=0)[0]  # compiles
-    engine = Engine(sampler, SLOTS, args.max_seq_len)  # no warm-up: compiles on first use
-    timeline = _Timeline(engine)
-    engine.start()
-    got = _engine_request(engine, timeline, prompt, n)["ids"]  # compiles
-    assert got == ref, (got, ref)
+    engines, timelines = {}, {}
+    for k in chunks:  # no warm-up: each compiles on first use
+        engines[k] = Engine(sampler, SLOTS, args.max_seq_len, decode_chunk=k)
+        timelines[k] = _Timeline(engines[k])
+        engines[k].start()
+        got = _engine_request(engines[k], timelines[k], prompt, n)["ids"]  # compiles
+        assert got == ref, (k, got, ref)
     rows = collections.defaultdict(list)
-    with ServerThread(ServeApp(engine, model.tokenizer, "bench")) as srv:
+    with contextlib.ExitStack() as stack:
+        servers = {
+            k: stack.enter_context(ServerThread(ServeApp(e, model.tokenizer, "bench")))
+            for k, e in engines.items()
+        }
         if not args.no_http:
-            _clients(srv.url, [prompt], n, 1, 0)
+            for srv in servers.values():
+                _clients(srv.url, [prompt], n, 1, 0)
         for _ in range(args.rounds):
             t = time.perf_counter()
             model.generate_ids([prompt], max_new_tokens=n, temperature=0)
             rows["generate"].append(time.perf_counter() - t)
-            for k, v in _engine_request(engine, timeline, prompt, n).items():
-                if k != "ids":
-                    rows[f"engine {k}"].append(v)
-            if not args.no_http:
-                lat = _clients(srv.url, [prompt] * 4, n, 1, 0)[2]
-                rows["http, streamed (client's latency)"].append(float(np.median(lat)))
+            for k, engine in engines.items():
+                tag = f"[k={k}] " if len(chunks) > 1 else ""
+                for key, v in _engine_request(engine, timelines[k], prompt, n).items():
+                    if key != "ids":
+                        rows[f"{tag}engine {key}"].append(v)
+                if not args.no_http:
+                    lat = _clients(servers[k].url, [prompt] * 4, n, 1, 0)[2]
+                    rows[f"{tag}http, streamed (client's latency)"].append(float(np.median(lat)))
     print(f"\nper request, medians of {args.rounds} interleaved rounds (ms):")
     gen = np.median(rows["generate"])
     for k, v in rows.items():
         m = np.median(v)
         extra = ""
-        if k in ("generate", "engine total") or k.startswith("http"):
+        if k == "generate" or k.endswith("engine total") or "http" in k:
             extra = f"   {n / m:6.1f} tok/s  {gen / m:4.2f}x generate"
-        if k == "engine steps":
-            print(f"  {k:<40} {m:8.0f}")
+        if k.endswith("engine steps"):
+            print(f"  {k:<46} {m:8.0f}")
             continue
-        print(f"  {k:<40} {m * 1e3:8.2f}{extra}")
-    engine.close()
+        print(f"  {k:<46} {m * 1e3:8.2f}{extra}")
+    for engine in engines.values():
+        engine.close()
     print("\ncompiled per-token costs (ms), means over --reps calls:")
     for k, v in _per_token_costs(model, sampler, prompt, n, args.reps).items():
         print(f"  {k:<50} {v:7.3f}")
