@@ -8,7 +8,8 @@ Errors and A Lover's Complaint held out), then a 10.4M-parameter Llama 3 (8 laye
     llama3 train --config experiments/shakespeare_tiny.py --model_path runs/shakespeare
 
 Hardware: 2 CPU cores, float32: ~1,750 tokens/s, so 250 steps of 16 x 256 tokens (1.0M
-tokens, ~0.8 epoch) take ~10 minutes. Expected (measured): validation loss 5.06 nats per token
+tokens, ~0.8 epoch) take ~10 minutes (~700 tokens/s, ~23 minutes, on a host with half the
+matmul speed: README). Expected (measured): validation loss 5.06 nats per token
 (perplexity 158) on the three held-out works; samples have the shape of a play (speaker names,
 short verse lines) with loosely English words. `scripts/demo.sh` took 11 min 48 s end to end.
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: install, build the Shakespeare dataset, train its tokenizer,
-# train a small Llama on the CPU, sample from it, then evaluate it. ~15 minutes on 2 CPU cores.
+# train a small Llama on the CPU, sample from it, then evaluate it. 12-30 minutes on 2 CPU cores
+# (measured; the README says on what).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
