@@ -33,6 +33,12 @@ Each section is a function that adds rows (`Table.run`): a new check is one more
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import argparse
 import dataclasses
 import functools

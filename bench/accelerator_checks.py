@@ -3,6 +3,12 @@ TPU compile of splash attention (libtpu's compile-only devices)."""
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import time
 
 

@@ -18,6 +18,12 @@ run on the same mesh (the goal is >= 20x). Never asserts on time.
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import argparse
 import os
 import tempfile

@@ -25,6 +25,12 @@ Sizes: `50m` is bench_train.py's ~57M model (vocab 32000, d 512, 8 layers, 8 / 2
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import argparse
 import json
 import os

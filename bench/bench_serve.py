@@ -39,6 +39,12 @@ Goal: one client >= 0.9x generate; 16 clients (buckets) >= 1.0x 16 clients (all 
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import argparse
 import collections
 import contextlib

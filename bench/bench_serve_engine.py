@@ -20,6 +20,12 @@ engine's step at one slot, the Sampler's `decode_step`, and generate's on-device
 
 from __future__ import annotations
 
+# Before jax: an installed libtpu / CUDA plugin (the tpu and gpu-plan extras) stays out of
+# CPU runs, as in `llama3` (llama_jax/tpu_plugin.py, cuda_plugin.py).
+import llama_jax  # noqa: F401
+
+# isort: split
+
 import argparse
 import collections
 import contextlib
