@@ -99,12 +99,16 @@ class _IdTokenizer:
         return self.decode_bytes(ids).decode()
 
 
+CLIENT_CPUS: list[int] = []  # --client_cpus: the clients' CPUs (this process keeps the others)
+CLIENT_SHARE: list[float] = []  # the clients' CPU seconds / wall seconds, one per call
+
+
 def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
     """(tokens/s, TTFTs [R], latencies [R]), measured by serve_clients.py in its own process:
     the clients' own Python (SSE parsing) does not take the server's GIL, as remote clients'
-    would not."""
+    would not. The share of a CPU the clients used is appended to CLIENT_SHARE."""
     job = dict(url=url, prompts=prompts, max_tokens=max_tokens, concurrency=concurrency,
-               ramp=ramp, stream=stream)  # fmt: skip
+               ramp=ramp, stream=stream, cpus=CLIENT_CPUS)  # fmt: skip
     script = os.path.join(os.path.dirname(__file__), "serve_clients.py")
     done = subprocess.run(
         [sys.executable, script], input=json.dumps(job), capture_output=True, text=True,
@@ -113,6 +117,7 @@ def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
     if done.returncode:
         sys.exit(f"error: the clients failed:\n{done.stderr}")
     out = json.loads(done.stdout)
+    CLIENT_SHARE.append(out["cpu_s"] / out["wall_s"])
     return out["rate"], np.array(out["ttfts"]), np.array(out["latencies"])
 
 
@@ -155,8 +160,8 @@ def vs_generate(args) -> None:
     """One client through the server next to `Llama3.generate`, 16 clients, with and without
     slot buckets (see the module docstring)."""
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    table = []
+          f"load average {os.getloadavg()[0]:.1f}{_placement()}", flush=True)  # fmt: skip
+    table, shares = [], collections.defaultdict(list)
     for name in args.models.split(","):
         config = dataclasses.replace(MODELS[name], max_seq_len=args.max_seq_len)
         max_tokens = args.max_tokens or 64
@@ -174,8 +179,8 @@ def vs_generate(args) -> None:
             engine = Engine(model.sampler(), SLOTS, args.max_seq_len, slot_buckets=buckets)
             t = time.perf_counter()
             engine.warmup()
-            print(f"  warm-up, {label} {engine.slots.sizes}: {time.perf_counter() - t:.1f} s",
-                  flush=True)  # fmt: skip
+            print(f"  warm-up, {label} {engine.slots.sizes}: {time.perf_counter() - t:.1f} s; "
+                  f"steps a call by size {engine.slots.chunks}", flush=True)  # fmt: skip
             engine.start()
             engines[label] = engine
         rates = collections.defaultdict(list)
@@ -192,9 +197,11 @@ def vs_generate(args) -> None:
                     rates[f"1 client, {label}"].append(_clients(url, one, max_tokens, 1, 0)[0])
                     ran = engines[label].steps_by_size - steps
                     if label == "buckets":
+                        shares[name, "streamed"].append(CLIENT_SHARE[-1])
                         rates["1 client, buckets, no stream"].append(
                             _clients(url, one, max_tokens, 1, 0, stream=False)[0]
                         )
+                        shares[name, "not streamed"].append(CLIENT_SHARE[-1])
                     rates[f"16 clients, {label}"].append(
                         _clients(url, many, max_tokens, SLOTS, 0)[0]
                     )
@@ -220,7 +227,32 @@ def vs_generate(args) -> None:
             f"{one_n / g:10.2f}  {one_a:20.1f}  {one_a / g:10.2f}  {many_b:10.1f}  "
             f"{many_a:14.1f}  {many_b / many_a:11.2f}"
         )
+    print("the one client's share of a CPU (its CPU seconds / wall seconds, medians): " + ", ".join(
+        f"{m} {kind} {np.median(v):.2f}" for (m, kind), v in shares.items()
+    ))  # fmt: skip
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def _placement() -> str:
+    if not CLIENT_CPUS:
+        return "; clients and server share every CPU"
+    mine = sorted(os.sched_getaffinity(0))
+    return f"; server and generate on CPUs {mine}, clients on {CLIENT_CPUS}"
+
+
+def _pin_clients(spec: str) -> None:
+    """--client_cpus: the clients run on these CPUs and this process (server, engine and
+    `generate`) on the rest, as a client on another machine would leave the server's CPUs alone.
+    Before jax starts its backend, so XLA sizes its thread pool to the CPUs it keeps."""
+    have = sorted(os.sched_getaffinity(0))
+    try:
+        cpus = sorted({int(c) for c in spec.split(",")})
+    except ValueError:
+        sys.exit(f"error: --client_cpus {spec!r}; valid: a comma list of CPU ids from {have}")
+    if not set(cpus) < set(have):
+        sys.exit(f"error: --client_cpus {spec!r}; valid: some, not all, of the CPU ids {have}")
+    CLIENT_CPUS[:] = cpus
+    os.sched_setaffinity(0, set(have) - set(cpus))
 
 
 def main():
@@ -241,7 +273,11 @@ def main():
     p.add_argument("--models", default="demo,50M", help="--vs_generate's models")
     p.add_argument("--single", type=int, default=12, help="--vs_generate: one client's requests")
     p.add_argument("--rounds", type=int, default=2, help="--vs_generate: interleaved rounds")
+    p.add_argument("--client_cpus", default=None, help="comma list of CPU ids for the clients; "
+                   "the server and generate keep the others (a remote client)")  # fmt: skip
     args = p.parse_args()
+    if args.client_cpus is not None:
+        _pin_clients(args.client_cpus)
     if args.vs_generate:
         bad = [m for m in args.models.split(",") if m not in MODELS]
         if bad:

@@ -227,8 +227,12 @@ def main():
     n = args.max_tokens
     ref = model.generate_ids([prompt], max_new_tokens=n, temperature=0)[0]  # compiles
     engines, timelines = {}, {}
-    for k in chunks:  # no warm-up: each compiles on first use
+    for k in chunks:
         engines[k] = Engine(sampler, SLOTS, args.max_seq_len, decode_chunk=k)
+        # Each size's step compiled and timed as `llama3 serve`'s warm-up does (which decides
+        # the one-slot steps a call: serve/slots.py LONE_CHUNK); prefills compile on first use.
+        engines[k].slots.warmup([])
+        print(f"decode_chunk {k}: steps a call by slot count {engines[k].slots.chunks}")
         timelines[k] = _Timeline(engines[k])
         engines[k].start()
         got = _engine_request(engines[k], timelines[k], prompt, n)["ids"]  # compiles

@@ -1,11 +1,14 @@
 """The clients of bench_serve.py, in a process of their own (so their Python does not share
 the server's GIL). Reads one JSON job on stdin {url, prompts, max_tokens, concurrency, ramp},
-and optionally "stream" (default true), writes {rate, ttfts, latencies} on stdout."""
+and optionally "stream" (default true) and "cpus" (CPU ids to run on), writes {rate, ttfts,
+latencies, cpu_s, wall_s} on stdout (cpu_s: this process's CPU seconds while the clients
+ran)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -42,16 +45,24 @@ async def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
             latencies.append(time.perf_counter() - t)
             counts.append(n)
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     await client.close()
     assert sum(counts) == len(prompts) * max_tokens, "a request ended early"
-    return {"rate": sum(counts) / wall, "ttfts": ttfts, "latencies": latencies}
+    return {
+        "rate": sum(counts) / wall,
+        "ttfts": ttfts,
+        "latencies": latencies,
+        "cpu_s": cpu,
+        "wall_s": wall,
+    }
 
 
 def main():
     job = json.load(sys.stdin)
+    if job.get("cpus"):
+        os.sched_setaffinity(0, job["cpus"])
     out = asyncio.run(
         _clients(
             job["url"],

@@ -124,23 +124,13 @@ def test_compiled_loop_makes_k_steps_per_iteration(sampler):
     assert mem.alias_size_in_bytes >= cache_bytes, (mem.alias_size_in_bytes, cache_bytes)
 
 
-def test_serve_engine_with_chunks_equals_offline_generation(sampler):
-    """The engine at decode_chunk 3: each request (own budget, own stop ids, greedy or
-    sampled, logprobs on one) gets the tokens and end reason of offline generation."""
+def _serve(engine, jobs):
+    """Runs (prompt, budget, sampling, stop ids, logprobs) jobs through a started `engine`, all
+    submitted at once; returns each one's tokens and end reason."""
     import threading
 
-    from llama_jax.serve.engine import Engine, Finished, Request, Token
+    from llama_jax.serve.engine import Finished, Request, Token
 
-    full = _run(sampler, 1, BUDGET)
-    sp = SamplingParams(temperature=1.0)
-    # (prompt, budget, sampling, stop ids): stops met at different steps of different chunks.
-    jobs = [
-        (PROMPTS[0], 13, SamplingParams(), frozenset({full[0][4]})),
-        (PROMPTS[1], 7, SamplingParams(), frozenset({full[1][1]})),
-        (PROMPTS[2], 10, sp, frozenset()),
-        (PROMPTS[3], 5, SamplingParams(), frozenset()),
-    ]
-    engine = Engine(sampler, max_batch=4, max_seq_len=32, decode_chunk=3)
     got, ends = [[] for _ in jobs], [None] * len(jobs)
     done = threading.Semaphore(0)
 
@@ -154,17 +144,69 @@ def test_serve_engine_with_chunks_equals_offline_generation(sampler):
 
         return on_event
 
+    for i, (p, m, s, stops, lp) in enumerate(jobs):
+        engine.submit(Request(p, m, s, seed=9, stop_ids=stops, logprobs=lp), listener(i))
+    for _ in jobs:
+        assert done.acquire(timeout=300)
+    return got, ends
+
+
+def test_serve_engine_with_chunks_equals_offline_generation(sampler):
+    """The engine at decode_chunk 3: each request (own budget, own stop ids, greedy or
+    sampled, logprobs on one) gets the tokens and end reason of offline generation."""
+    from llama_jax.serve.engine import Engine
+
+    full = _run(sampler, 1, BUDGET)
+    sp = SamplingParams(temperature=1.0)
+    # (prompt, budget, sampling, stop ids, logprobs): stops met at different steps of
+    # different chunks.
+    jobs = [
+        (PROMPTS[0], 13, SamplingParams(), frozenset({full[0][4]}), 2),
+        (PROMPTS[1], 7, SamplingParams(), frozenset({full[1][1]}), None),
+        (PROMPTS[2], 10, sp, frozenset(), None),
+        (PROMPTS[3], 5, SamplingParams(), frozenset(), None),
+    ]
+    engine = Engine(sampler, max_batch=4, max_seq_len=32, decode_chunk=3)
     engine.start()
     try:
-        for i, (p, m, s, stops) in enumerate(jobs):
-            lp = 2 if i == 0 else None
-            engine.submit(Request(p, m, s, seed=9, stop_ids=stops, logprobs=lp), listener(i))
-        for _ in jobs:
-            assert done.acquire(timeout=300)
+        got, ends = _serve(engine, jobs)
     finally:
         engine.close()
-    for i, (p, m, s, stops) in enumerate(jobs):
+    for i, (p, m, s, stops, _) in enumerate(jobs):
         want = sampler.generate_ids([p], m, s, seed=9, stop_ids=stops)[0]
         assert got[i] == want, i
         assert ends[i] == ("length" if len(want) == m else "stop"), i
     assert ends[0] == ends[1] == "stop"  # mid-chunk stops were met
+
+
+@pytest.mark.parametrize("call_s, k", [(float("inf"), 8), (0.0, 1)], ids=["cheap", "dear"])
+def test_one_slot_steps_lone_chunk_a_call_when_its_step_is_cheap(sampler, monkeypatch, call_s, k):
+    """Warm-up times the one-slot step: a lone choice's calls make as many steps as fit in
+    LONE_CALL_S (here all LONE_CHUNK, or none but decode_chunk's 1); the other sizes keep
+    decode_chunk 1. Tokens and ends are offline generation's either way."""
+    from llama_jax.serve import slots
+    from llama_jax.serve.engine import Engine
+
+    assert slots.LONE_CHUNK == 8
+    monkeypatch.setattr(slots, "LONE_CALL_S", call_s)
+    engine = Engine(sampler, max_batch=4, max_seq_len=32)  # sizes 1, 2, 4
+    engine.slots.warmup([])  # each size's step (the engine's warmup adds every prefill)
+    assert engine.slots.chunks == {1: k, 2: 1, 4: 1}
+    full = _run(sampler, 1, BUDGET)
+    engine.start()
+    try:
+        # Alone: the admit gives the first token, then 12 steps in calls of k (the last call's
+        # steps past the budget are masked).
+        got, ends = _serve(engine, [(PROMPTS[0], BUDGET, SamplingParams(), frozenset(), None)])
+        assert got[0] == full[0] and ends == ["length"]
+        assert engine.steps_by_size == {1: -(-12 // k)}
+        # Two at once (2 slots, one step a call), the second alone after the first ends and
+        # stopping inside a call of k.
+        jobs = [
+            (PROMPTS[1], 3, SamplingParams(), frozenset(), None),
+            (PROMPTS[3], BUDGET, SamplingParams(), frozenset({full[3][6]}), None),
+        ]
+        got, ends = _serve(engine, jobs)
+    finally:
+        engine.close()
+    assert got == [full[1][:3], _cut([full[3]], {full[3][6]})[0]] and ends == ["length", "stop"]

@@ -97,6 +97,8 @@ class Engine:
             delivered together; admissions and cancellations take effect between calls).
             None: the sampler's (1 on CPU; more on a GPU, where a call's fixed cost is
             amortised over k tokens for at most k - 1 steps of extra admission latency).
+            `warmup` may raise it at the smallest slot count, where one cheap step's fixed
+            cost on the host matters most (serve/slots.py, LONE_CHUNK).
           slot_buckets: the slot counts the decode step is compiled for, ascending, each a
             multiple of the mesh's data*fsdp, the last = max_batch; the step runs on the
             smallest that holds the choices in use. None: 1, 2, 4, ... (times data*fsdp) and
@@ -156,7 +158,7 @@ class Engine:
         # step its budget allows: once every choice in use is there, no further call is
         # queued (a step past the end would cost a whole step of the next request's latency).
         self._ends = [0] * max_batch
-        self._stepped = 0  # decode steps queued so far (decode_chunk per call)
+        self._stepped = 0  # decode steps queued so far (Slots.chunk per call)
         self._used = 0  # slots holding a choice (the host's view)
         self._lp_slots = 0  # of those, choices that want logprobs
         self._lock = threading.Condition()
@@ -356,7 +358,7 @@ class Engine:
                 if self._used and self._steps_left():
                     snapshot = tuple(self._slot[: self.slots.size])
                     queued.append((*self.slots.step(), snapshot, self._lp_slots > 0))
-                    self._stepped += self.slots.decode_chunk
+                    self._stepped += self.slots.chunk
                     self.stats["steps"] += 1
                 if inflight is not None:
                     step = self._collect(inflight)

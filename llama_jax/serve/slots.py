@@ -10,11 +10,12 @@ The slot count follows the load: `size` is one of a few buckets (`slot_buckets`:
 up to max_batch, times the mesh's batch axes), each compiled once, and the engine `resize`s
 between them as choices come and go, so one client's step is a batch-1 step.
 
-  step     all slots, `decode_chunk` steps (a fixed-trip scan, as in Sampler): one token
+  step     all slots, `chunk` steps (a fixed-trip scan, as in Sampler): one token
            each a step (each row its own sampling settings and key), stop ids and exhausted
            budgets detected on device. Returns (token, status) per row:
            IDLE, TOKEN, LAST (the token ends the choice: length) or STOP (a stop id, not
-           emitted).
+           emitted). `chunk` is the decode_chunk, except at the smallest size of several,
+           where `warmup` may raise it to LONE_CHUNK (see there).
   admit    b new prompts at once: prefill [b, t] (rows and length bucketed, whatever `size`)
            into a fresh cache, picking each row's first token from the prefill's logits (as
            `Llama3.generate` does, so a request costs no decode step for it), then scatter
@@ -32,6 +33,7 @@ of `Llama3.generate` does offline, so output depends neither on the slot nor on 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +50,14 @@ IDLE, TOKEN, LAST, STOP = 0, 1, 2, 3  # per-row status of a step
 # Columns of the int32 rows `admit` takes (then the stop ids); flags: 1 greedy, 2 logprobs.
 # Its float rows: temperature, top_p, min_p.
 INT_COLUMNS = ("slot", "tokens", "positions", "max_tokens", "seeds", "choice", "top_k", "flags")
+# The smallest size's steps per call when its step is cheap (the engine's lightest load: one
+# client). A call's fixed cost on the host (dispatch, the read, the hand-over of its events,
+# ~0.5-1 ms on a CPU) is then a large share of a step of a small model, which `generate`'s
+# on-device loop does not pay; k steps a call pay it once. The price: a request that arrives
+# meanwhile waits for the call in flight, so k is at most LONE_CHUNK and a call at most
+# ~LONE_CALL_S (bench/RESULTS.md, "one client": the demo model's step, ~2 ms, gets 8; a 50M's,
+# ~7 ms, 5; a step over LONE_CALL_S / 2, decode_chunk).
+LONE_CHUNK, LONE_CALL_S = 8, 0.04
 
 
 def _state_zeros(b: int) -> dict:
@@ -106,6 +116,7 @@ class Slots:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.sizes = tuple(sizes or slot_buckets(max_batch, sampler.batch_multiple))
         self.size = self.sizes[0]
+        self.chunks = dict.fromkeys(self.sizes, self.decode_chunk)  # steps per call, by size
         self.steps_by_size: collections.Counter[int] = collections.Counter()
         self.trace_counts: collections.Counter[str] = collections.Counter()
         axes = cache_logical_axes(sampler.config)
@@ -121,6 +132,7 @@ class Slots:
         # sees a new input sharding (a recompile) after the first.
         self._step_jit = jax.jit(
             self._step_fn,
+            static_argnames="k",
             donate_argnums=(1, 2),
             out_shardings=(cache_sh, state_sh, None, None),
             compiler_options=s.compiler_options or None,  # the sampler's decode options
@@ -150,17 +162,20 @@ class Slots:
             self.cache, self.state = self._new_jit(self.size)
 
     # ------------------------------------------------------------------ jitted functions
-    def _step_fn(self, params, cache, state):
-        """decode_chunk steps of every slot in a fixed-trip scan; outputs stacked [k, ...]."""
+    @property
+    def chunk(self) -> int:
+        """Decode steps a `step` call makes at the current size."""
+        return self.chunks[self.size]
+
+    def _step_fn(self, params, cache, state, k):
+        """k steps of every slot in a fixed-trip scan; outputs stacked [k, ...]."""
         self.trace_counts["step"] += 1
 
         def one(carry, _):
             cache, state, out, lp = self._one_step(params, *carry)
             return (cache, state), (out, lp)
 
-        (cache, state), (out, lp) = jax.lax.scan(
-            one, (cache, state), None, length=self.decode_chunk
-        )
+        (cache, state), (out, lp) = jax.lax.scan(one, (cache, state), None, length=k)
         return cache, state, out, lp
 
     def _one_step(self, params, cache, state):
@@ -300,14 +315,16 @@ class Slots:
 
     # ------------------------------------------------------------------ host entry points
     def step(self) -> tuple[Array, tuple[Array, Array, Array]]:
-        """Queues `decode_chunk` (k) decode steps of every slot; returns their ([k, B, 2]
+        """Queues `chunk` (k) decode steps of every slot; returns their ([k, B, 2]
         (token, status), [k, ...] logprob arrays) still on device (reading them waits).
 
         A row that ends at step i is IDLE in the steps after it, so a choice's events are those
         of its rows up to its end, whatever k is."""
         s = self.sampler
         with s.context():
-            self.cache, self.state, out, lp = self._step_jit(s.params, self.cache, self.state)
+            self.cache, self.state, out, lp = self._step_jit(
+                s.params, self.cache, self.state, k=self.chunk
+            )
         self.steps_by_size[self.size] += 1
         return out, lp
 
@@ -349,7 +366,10 @@ class Slots:
         """Compiles every call the engine can make: the step, release and neighbouring
         resizes of each size, the prefill of each admit shape (rows, prompt bucket) and its
         insert into each size that can take that many rows (at least half the row bucket: the
-        engine pads a call's rows at most 2x). Leaves the slots reset."""
+        engine pads a call's rows at most 2x). Leaves the slots reset.
+
+        With several sizes, the smallest one's step is timed and its calls make as many steps
+        as fit in LONE_CALL_S, LONE_CHUNK at most (that program compiled here too)."""
         self.reset()
         for size in self.sizes:
             self.resize(size, [])  # up one size (a no-op at the first)
@@ -358,7 +378,14 @@ class Slots:
                     self.admit(*pack_rows([], rows, t, self.max_batch))
             self.release([])
             for _ in range(2):  # the second call sees the first one's output shardings
+                start = time.perf_counter()
                 np.asarray(self.step()[0])
+            per_step = (time.perf_counter() - start) / self.chunk
+            k = int(min(LONE_CHUNK, LONE_CALL_S / max(per_step, 1e-9)))
+            if size == self.sizes[0] < self.sizes[-1] and k > self.chunk:
+                self.chunks[size] = k
+                for _ in range(2):
+                    np.asarray(self.step()[0])
         for size in reversed(self.sizes):
             self.resize(size, [])  # down one size
         self.reset()
