@@ -232,7 +232,10 @@ def main():
         # Each size's step compiled and timed as `llama3 serve`'s warm-up does (which decides
         # the one-slot steps a call: serve/slots.py LONE_CHUNK); prefills compile on first use.
         engines[k].slots.warmup([])
-        print(f"decode_chunk {k}: steps a call by slot count {engines[k].slots.chunks}")
+        print(
+            f"decode_chunk {k}: steps a call by slot count {engines[k].slots.chunks}, "
+            f"cache prefixes {engines[k].slots.spans}"
+        )
         timelines[k] = _Timeline(engines[k])
         engines[k].start()
         got = _engine_request(engines[k], timelines[k], prompt, n)["ids"]  # compiles

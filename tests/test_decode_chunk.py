@@ -5,6 +5,7 @@ decode steps per iteration (read from the optimised HLO)."""
 
 from __future__ import annotations
 
+import collections
 import re
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ PROMPTS = [np.random.RandomState(0).randint(3, 256, n).tolist() for n in (4, 9, 
 
 @pytest.fixture(scope="module")
 def sampler():
-    config = get_config("tiny", n_heads=4, n_kv_heads=2, max_seq_len=64)
+    config = get_config("tiny", n_heads=4, n_kv_heads=2, max_seq_len=128)
     params = jax.jit(lambda k: nn.unbox(init_params(config, k)))(jax.random.key(0))
     return Llama3(config=config, params=params, dtype="float32").sampler(decode_chunk=1)
 
@@ -182,16 +183,19 @@ def test_serve_engine_with_chunks_equals_offline_generation(sampler):
 @pytest.mark.parametrize("call_s, k", [(float("inf"), 8), (0.0, 1)], ids=["cheap", "dear"])
 def test_one_slot_steps_lone_chunk_a_call_when_its_step_is_cheap(sampler, monkeypatch, call_s, k):
     """Warm-up times the one-slot step: a lone choice's calls make as many steps as fit in
-    LONE_CALL_S (here all LONE_CHUNK, or none but decode_chunk's 1); the other sizes keep
-    decode_chunk 1. Tokens and ends are offline generation's either way."""
+    LONE_CALL_S (here all LONE_CHUNK, or none but decode_chunk's 1), on the cache prefix its
+    request can reach; the other sizes keep decode_chunk 1 and the whole cache. Tokens and
+    ends are offline generation's either way."""
     from llama_jax.serve import slots
     from llama_jax.serve.engine import Engine
 
     assert slots.LONE_CHUNK == 8
     monkeypatch.setattr(slots, "LONE_CALL_S", call_s)
-    engine = Engine(sampler, max_batch=4, max_seq_len=32)  # sizes 1, 2, 4
+    assert slots.SPANS[:2] == (64, 128)
+    engine = Engine(sampler, max_batch=4, max_seq_len=128)  # sizes 1, 2, 4
     engine.slots.warmup([])  # each size's step (the engine's warmup adds every prefill)
     assert engine.slots.chunks == {1: k, 2: 1, 4: 1}
+    assert engine.slots.spans == ({1: (64,)} if k > 1 else {})
     full = _run(sampler, 1, BUDGET)
     engine.start()
     try:
@@ -200,6 +204,8 @@ def test_one_slot_steps_lone_chunk_a_call_when_its_step_is_cheap(sampler, monkey
         got, ends = _serve(engine, [(PROMPTS[0], BUDGET, SamplingParams(), frozenset(), None)])
         assert got[0] == full[0] and ends == ["length"]
         assert engine.steps_by_size == {1: -(-12 // k)}
+        # 4 + 13 positions: a 64-position prefix of the 128 when the calls are lone-chunk ones.
+        assert engine.slots.calls_by_span == {64 if k > 1 else 128: -(-12 // k)}
         # Two at once (2 slots, one step a call), the second alone after the first ends and
         # stopping inside a call of k.
         jobs = [
@@ -207,6 +213,14 @@ def test_one_slot_steps_lone_chunk_a_call_when_its_step_is_cheap(sampler, monkey
             (PROMPTS[3], BUDGET, SamplingParams(), frozenset({full[3][6]}), None),
         ]
         got, ends = _serve(engine, jobs)
+        assert got == [full[1][:3], _cut([full[3]], {full[3][6]})[0]]
+        assert ends == ["length", "stop"]
+        # A long request alone reads the whole cache: 100 prompt + 20 new positions > 64.
+        long_prompt = np.random.RandomState(1).randint(3, 256, 100).tolist()
+        want = sampler.generate_ids([long_prompt], 20, SamplingParams())[0]
+        before = collections.Counter(engine.slots.calls_by_span)
+        got, ends = _serve(engine, [(long_prompt, 20, SamplingParams(), frozenset(), None)])
+        assert got == [want] and ends == ["length"]
+        assert set(engine.slots.calls_by_span - before) == {128}
     finally:
         engine.close()
-    assert got == [full[1][:3], _cut([full[3]], {full[3][6]})[0]] and ends == ["length", "stop"]

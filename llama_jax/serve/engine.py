@@ -357,7 +357,12 @@ class Engine:
                 queued = self._admit(out)  # their first tokens, then the step's
                 if self._used and self._steps_left():
                     snapshot = tuple(self._slot[: self.slots.size])
-                    queued.append((*self.slots.step(), snapshot, self._lp_slots > 0))
+                    reach = max(
+                        len(e[0].request.prompt) + e[0].request.max_tokens
+                        for e in snapshot
+                        if e is not None
+                    )
+                    queued.append((*self.slots.step(reach), snapshot, self._lp_slots > 0))
                     self._stepped += self.slots.chunk
                     self.stats["steps"] += 1
                 if inflight is not None:

@@ -15,7 +15,9 @@ between them as choices come and go, so one client's step is a batch-1 step.
            budgets detected on device. Returns (token, status) per row:
            IDLE, TOKEN, LAST (the token ends the choice: length) or STOP (a stop id, not
            emitted). `chunk` is the decode_chunk, except at the smallest size of several,
-           where `warmup` may raise it to LONE_CHUNK (see there).
+           where `warmup` may raise it to LONE_CHUNK (see there). There a call may also
+           attend a prefix `span` of the cache (the smallest of SPANS that holds every
+           position its choices can reach), as `generate` sizes its cache to the request.
   admit    b new prompts at once: prefill [b, t] (rows and length bucketed, whatever `size`)
            into a fresh cache, picking each row's first token from the prefill's logits (as
            `Llama3.generate` does, so a request costs no decode step for it), then scatter
@@ -58,6 +60,11 @@ INT_COLUMNS = ("slot", "tokens", "positions", "max_tokens", "seeds", "choice", "
 # ~LONE_CALL_S (bench/RESULTS.md, "one client": the demo model's step, ~2 ms, gets 8; a 50M's,
 # ~7 ms, 5; a step over LONE_CALL_S / 2, decode_chunk).
 LONE_CHUNK, LONE_CALL_S = 8, 0.04
+# Cache prefixes a lone-chunk call may attend (below max_seq_len; the full cache otherwise). A
+# call slices the prefix once, makes its k steps on it and writes it back once: with k > 1 that
+# reads less than k steps over the whole cache when the request is short (the README demo's
+# step: 3.8 ms over 512 positions, 2.6 ms over 256).
+SPANS = tuple(64 * 2**i for i in range(16))
 
 
 def _state_zeros(b: int) -> dict:
@@ -117,7 +124,9 @@ class Slots:
         self.sizes = tuple(sizes or slot_buckets(max_batch, sampler.batch_multiple))
         self.size = self.sizes[0]
         self.chunks = dict.fromkeys(self.sizes, self.decode_chunk)  # steps per call, by size
+        self.spans: dict[int, tuple[int, ...]] = {}  # cache prefixes compiled, by size
         self.steps_by_size: collections.Counter[int] = collections.Counter()
+        self.calls_by_span: collections.Counter[int] = collections.Counter()  # positions read
         self.trace_counts: collections.Counter[str] = collections.Counter()
         axes = cache_logical_axes(sampler.config)
         is_axes = lambda a: isinstance(a, tuple) and all(isinstance(x, str) for x in a)  # noqa: E731
@@ -132,7 +141,7 @@ class Slots:
         # sees a new input sharding (a recompile) after the first.
         self._step_jit = jax.jit(
             self._step_fn,
-            static_argnames="k",
+            static_argnames=("k", "span"),
             donate_argnums=(1, 2),
             out_shardings=(cache_sh, state_sh, None, None),
             compiler_options=s.compiler_options or None,  # the sampler's decode options
@@ -167,15 +176,28 @@ class Slots:
         """Decode steps a `step` call makes at the current size."""
         return self.chunks[self.size]
 
-    def _step_fn(self, params, cache, state, k):
-        """k steps of every slot in a fixed-trip scan; outputs stacked [k, ...]."""
+    def _step_fn(self, params, cache, state, k, span):
+        """k steps of every slot in a fixed-trip scan (on the cache's first `span` positions,
+        when given); outputs stacked [k, ...]."""
         self.trace_counts["step"] += 1
+        full = cache
+        if span is not None:
+            cache = jax.tree.map(
+                lambda c, ax: jax.lax.slice_in_dim(c, 0, span, axis=ax), cache, self._length_axis
+            )
 
         def one(carry, _):
             cache, state, out, lp = self._one_step(params, *carry)
             return (cache, state), (out, lp)
 
         (cache, state), (out, lp) = jax.lax.scan(one, (cache, state), None, length=k)
+        if span is not None:
+            cache = jax.tree.map(
+                lambda f, c, ax: jax.lax.dynamic_update_slice_in_dim(f, c, 0, axis=ax),
+                full,
+                cache,
+                self._length_axis,
+            )
         return cache, state, out, lp
 
     def _one_step(self, params, cache, state):
@@ -314,18 +336,24 @@ class Slots:
         )
 
     # ------------------------------------------------------------------ host entry points
-    def step(self) -> tuple[Array, tuple[Array, Array, Array]]:
-        """Queues `chunk` (k) decode steps of every slot; returns their ([k, B, 2]
+    def step(self, reach: int | None = None) -> tuple[Array, tuple[Array, Array, Array]]:
+        """Queues `chunk` (k) decode steps of every slot; `reach` (optional) bounds the
+        positions its choices can write or read (prompt + max_tokens), so the call may attend
+        a prefix of the cache (`spans`). Returns their ([k, B, 2]
         (token, status), [k, ...] logprob arrays) still on device (reading them waits).
 
         A row that ends at step i is IDLE in the steps after it, so a choice's events are those
         of its rows up to its end, whatever k is."""
         s = self.sampler
         with s.context():
+            span = None
+            if reach is not None:
+                span = next((n for n in self.spans.get(self.size, ()) if n >= reach), None)
             self.cache, self.state, out, lp = self._step_jit(
-                s.params, self.cache, self.state, k=self.chunk
+                s.params, self.cache, self.state, k=self.chunk, span=span
             )
         self.steps_by_size[self.size] += 1
+        self.calls_by_span[span or self.max_seq_len] += 1
         return out, lp
 
     def admit(
@@ -369,7 +397,8 @@ class Slots:
         engine pads a call's rows at most 2x). Leaves the slots reset.
 
         With several sizes, the smallest one's step is timed and its calls make as many steps
-        as fit in LONE_CALL_S, LONE_CHUNK at most (that program compiled here too)."""
+        as fit in LONE_CALL_S, LONE_CHUNK at most (that program compiled here too, for the full
+        cache and each of SPANS below it)."""
         self.reset()
         for size in self.sizes:
             self.resize(size, [])  # up one size (a no-op at the first)
@@ -384,12 +413,15 @@ class Slots:
             k = int(min(LONE_CHUNK, LONE_CALL_S / max(per_step, 1e-9)))
             if size == self.sizes[0] < self.sizes[-1] and k > self.chunk:
                 self.chunks[size] = k
-                for _ in range(2):
-                    np.asarray(self.step()[0])
+                self.spans[size] = tuple(n for n in SPANS if n < self.max_seq_len)
+                for reach in (*self.spans[size], None):
+                    for _ in range(2):
+                        np.asarray(self.step(reach)[0])
         for size in reversed(self.sizes):
             self.resize(size, [])  # down one size
         self.reset()
         self.steps_by_size.clear()
+        self.calls_by_span.clear()
 
     def release(self, slots: Sequence[int]) -> None:
         """Queues the deactivation of `slots`."""
