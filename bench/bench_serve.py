@@ -31,7 +31,11 @@ next to `Llama3.generate` on the same prompts, one at a time (greedy, same max_t
 concurrent clients' total tok/s (all 16 start at once, then closed-loop); each served row for
 the engine as it is (the step on the smallest slot bucket that holds the choices in use) and
 with `slot_buckets=(16,)` (every step on all 16 slots: the engine before buckets), the two
-engines side by side in one run, rounds interleaved, medians printed.
+engines side by side in one run, rounds interleaved, medians printed. The one-client rows
+are timed with the official `openai` client and, for the engine as it is, with the lightest
+client (plain httpx, SSE lines parsed by hand): the difference is the client's own Python,
+which here shares the server's two cores. `--client_cpus` puts the clients on CPUs of their
+own; each run prints the clients' share of a CPU.
 
   python bench/bench_serve.py --vs_generate                       # demo and 50M
 Goal: one client >= 0.9x generate; 16 clients (buckets) >= 1.0x 16 clients (all slots).
@@ -103,12 +107,12 @@ CLIENT_CPUS: list[int] = []  # --client_cpus: the clients' CPUs (this process ke
 CLIENT_SHARE: list[float] = []  # the clients' CPU seconds / wall seconds, one per call
 
 
-def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True):
+def _clients(url, prompts, max_tokens, concurrency, ramp, stream=True, client="openai"):
     """(tokens/s, TTFTs [R], latencies [R]), measured by serve_clients.py in its own process:
     the clients' own Python (SSE parsing) does not take the server's GIL, as remote clients'
     would not. The share of a CPU the clients used is appended to CLIENT_SHARE."""
     job = dict(url=url, prompts=prompts, max_tokens=max_tokens, concurrency=concurrency,
-               ramp=ramp, stream=stream, cpus=CLIENT_CPUS)  # fmt: skip
+               ramp=ramp, stream=stream, cpus=CLIENT_CPUS, client=client)  # fmt: skip
     script = os.path.join(os.path.dirname(__file__), "serve_clients.py")
     done = subprocess.run(
         [sys.executable, script], input=json.dumps(job), capture_output=True, text=True,
@@ -202,6 +206,10 @@ def vs_generate(args) -> None:
                             _clients(url, one, max_tokens, 1, 0, stream=False)[0]
                         )
                         shares[name, "not streamed"].append(CLIENT_SHARE[-1])
+                        for stream in (True, False):  # the lightest client: plain httpx
+                            rate = _clients(url, one, max_tokens, 1, 0, stream, "httpx")[0]
+                            rates[f"1 client, buckets, httpx{'' if stream else ', no stream'}"
+                                  ].append(rate)  # fmt: skip
                     rates[f"16 clients, {label}"].append(
                         _clients(url, many, max_tokens, SLOTS, 0)[0]
                     )
@@ -215,7 +223,8 @@ def vs_generate(args) -> None:
         table.append((name, med))
 
     print(f"\nmedians of {args.rounds} interleaved rounds, tok/s (1 client: {args.single} "
-          f"requests one after another, streaming; 16 clients: {3 * SLOTS} requests)")  # fmt: skip
+          f"requests one after another, streaming; 16 clients: {3 * SLOTS} requests; the "
+          "openai client)")  # fmt: skip
     print("model  generate  1 client  x generate  (not streamed)  x generate  "
           "1 client (all slots)  x generate  16 clients  16 (all slots)  x all slots")  # fmt: skip
     for name, m in table:
@@ -227,6 +236,14 @@ def vs_generate(args) -> None:
             f"{one_n / g:10.2f}  {one_a:20.1f}  {one_a / g:10.2f}  {many_b:10.1f}  "
             f"{many_a:14.1f}  {many_b / many_a:11.2f}"
         )
+    for name, m in table:
+        g, a, b = (
+            m["generate"],
+            m["1 client, buckets, httpx"],
+            m["1 client, buckets, httpx, no stream"],
+        )
+        print(f"{name:>5}  one light client (plain httpx): streamed {a:.1f} ({a / g:.2f}x "
+              f"generate), not streamed {b:.1f} ({b / g:.2f}x)")  # fmt: skip
     print("the one client's share of a CPU (its CPU seconds / wall seconds, medians): " + ", ".join(
         f"{m} {kind} {np.median(v):.2f}" for (m, kind), v in shares.items()
     ))  # fmt: skip
