@@ -164,24 +164,6 @@ def _per_token_costs(model, sampler, prompt, max_tokens, reps) -> dict:
     return out
 
 
-def _plain_http(url: str, prompt, max_tokens: int, stream: bool, requests: int) -> float:
-    """Median latency (s) of `requests` completions one after another through httpx."""
-    import httpx
-
-    body = {"model": "bench", "prompt": list(prompt), "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream}  # fmt: skip
-    lat = []
-    with httpx.Client(base_url=url, timeout=600) as client:
-        for _ in range(requests + 1):  # the first opens the connection
-            t = time.perf_counter()
-            with client.stream("POST", "/v1/completions", json=body) as r:
-                for _ in r.iter_bytes():
-                    pass
-                assert r.status_code == 200, r.status_code
-            lat.append(time.perf_counter() - t)
-    return float(np.median(lat[1:]))
-
-
 MODELS_LEN = [64]
 
 
@@ -207,8 +189,8 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=200, help="calls per per-token cost")
     p.add_argument("--no_http", action="store_true")
-    p.add_argument("--plain_http", action="store_true", help="also a plain httpx client in "
-                   "this process (no openai client's own Python), streamed and not")  # fmt: skip
+    p.add_argument("--plain_http", action="store_true", help="also the lightest client (plain "
+                   "httpx in its own process, serve_clients.py), streamed and not")  # fmt: skip
     p.add_argument("--decode_chunks", default="1", help="engines side by side, one per "
                    "decode_chunk (decode steps per device call), e.g. 1,4")  # fmt: skip
     args = p.parse_args()
@@ -263,9 +245,9 @@ def main():
                     rows[f"{tag}http, streamed (client's latency)"].append(float(np.median(lat)))
                 if args.plain_http:
                     for stream in (False, True):
-                        lat = _plain_http(servers[k].url, prompt, n, stream, 4)
+                        lat = _clients(servers[k].url, [prompt] * 4, n, 1, 0, stream, "httpx")[2]
                         name = f"{tag}plain httpx, {'streamed' if stream else 'not streamed'}"
-                        rows[name].append(lat)
+                        rows[name].append(float(np.median(lat)))
     print(f"\nper request, medians of {args.rounds} interleaved rounds (ms):")
     gen = np.median(rows["generate"])
     for k, v in rows.items():
