@@ -58,7 +58,7 @@ INT_COLUMNS = ("slot", "tokens", "positions", "max_tokens", "seeds", "choice", "
 # on-device loop does not pay; k steps a call pay it once. The price: a request that arrives
 # meanwhile waits for the call in flight, so k is at most LONE_CHUNK and a call at most
 # ~LONE_CALL_S (bench/RESULTS.md, "one client": the demo model's step, ~2 ms, gets 8; a 50M's,
-# ~7 ms, 5; a step over LONE_CALL_S / 2, decode_chunk).
+# ~7-10 ms, 3-4; a step over LONE_CALL_S / 2, decode_chunk).
 LONE_CHUNK, LONE_CALL_S = 8, 0.04
 # Cache prefixes a lone-chunk call may attend (below max_seq_len; the full cache otherwise). A
 # call slices the prefix once, makes its k steps on it and writes it back once: with k > 1 that
